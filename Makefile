@@ -1,0 +1,29 @@
+# The commands the README names. `make test` and `make demo` create .venv when no virtual
+# environment is active, and install the project into it.
+PY ?= python3
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+BIN := $(VENV)/bin
+PROMPT ?= a purple triangle moving up on a white background
+
+.PHONY: install demo test test-fast protos lint train eval bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
+
+demo: install
+	$(BIN)/videomesh demo "$(PROMPT)" --out clip.mp4
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+protos:
+	$(BIN)/python scripts/gen_protos.py
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

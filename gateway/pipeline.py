@@ -1,0 +1,304 @@
+"""One job through the mesh: encode → denoise → upscale (→ QC and MP4 in parallel) → store.
+
+Frames flow stage to stage in chunks: every upscaled frame goes to the ffmpeg pipe and to
+the streaming QC call as soon as it arrives. Every downstream call carries the job's
+remaining deadline and is registered with the job's control, so cancelling the job
+cancels the in-flight RPC and the denoiser stops at its next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from gateway.media import Mp4Writer
+from gateway.storage import Storage
+from videomesh import codec
+from videomesh.client import channel
+from videomesh.errors import Cancelled, DeadlineExceeded, from_rpc_error
+from videomesh.v1 import (
+    common_pb2,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    gateway_pb2,
+    qc_pb2,
+    qc_pb2_grpc,
+    upscaler_pb2,
+    upscaler_pb2_grpc,
+)
+
+# share of the whole job's progress bar per stage: (start %, end %)
+PROGRESS = {
+    common_pb2.STAGE_TEXT_ENCODING: (0.0, 3.0),
+    common_pb2.STAGE_DENOISING: (3.0, 75.0),
+    common_pb2.STAGE_UPSCALING: (75.0, 95.0),
+    common_pb2.STAGE_QUALITY_CHECK: (95.0, 97.0),
+    common_pb2.STAGE_MUXING: (97.0, 98.0),
+    common_pb2.STAGE_STORING: (98.0, 100.0),
+}
+QC_FRAMES_PER_CHUNK = 4
+
+
+class Downstreams:
+    """Stubs for the four internal services, on channels with the retry policy."""
+
+    def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4):
+        self.addresses = {"encoder": encoder, "denoiser": denoiser, "upscaler": upscaler, "qc": qc}
+        self.channels = {
+            "encoder": channel(encoder, services=["videomesh.v1.TextEncoder"], retries=retries),
+            "denoiser": channel(denoiser, services=["videomesh.v1.Denoiser"], retries=retries),
+            "upscaler": channel(upscaler, services=["videomesh.v1.Upscaler"], retries=retries),
+            "qc": channel(qc, services=["videomesh.v1.QualityCheck"], retries=retries),
+        }
+        self.encoder = encoder_pb2_grpc.TextEncoderStub(self.channels["encoder"])
+        self.denoiser = denoiser_pb2_grpc.DenoiserStub(self.channels["denoiser"])
+        self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
+        self.qc = qc_pb2_grpc.QualityCheckStub(self.channels["qc"])
+
+    def close(self) -> None:
+        for ch in self.channels.values():
+            ch.close()
+
+
+@dataclass
+class JobControl:
+    """What a running job needs from the scheduler: cancellation, deadline, progress reporting."""
+
+    report: Callable[[int, int, int, float], None]  # (stage, step, total, percent)
+    stage: Callable[[int], None]
+    deadline: float | None = None  # time.monotonic() deadline
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _calls: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def track(self, call) -> None:
+        with self._lock:
+            self._calls.append(call)
+        if self.cancelled.is_set():
+            call.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._lock:
+            calls = list(self._calls)
+        for c in calls:
+            c.cancel()
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the job's deadline passed")
+        return left
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled("cancelled")
+        self.remaining()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A normalised spec turned into what each stage needs."""
+
+    prompt: str
+    negative: str
+    base_frames: int
+    base_width: int
+    base_height: int
+    base_fps: float
+    width: int
+    height: int
+    fps: float
+    frames: int
+    seed: int
+    steps: int
+    guidance: float
+    encoder_model: str
+    expect_motion: bool = True
+
+
+@dataclass
+class Outcome:
+    result: gateway_pb2.VideoResult
+    quality: common_pb2.QualityReport
+    seconds: dict[str, float]
+
+
+class Pipeline:
+    def __init__(self, downstreams: Downstreams, storage: Storage, work_dir: Path):
+        self.ds = downstreams
+        self.storage = storage
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, job_id: str, object_key: str, plan: Plan, ctl: JobControl) -> Outcome:
+        secs: dict[str, float] = {}
+        try:
+            return self._run(job_id, object_key, plan, ctl, secs)
+        except grpc.RpcError as err:
+            if ctl.cancelled.is_set():
+                raise Cancelled("cancelled") from None
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"deadline exceeded in a downstream call: {err.details()}") from None
+            raise from_rpc_error(err) from None
+
+    def _run(self, job_id: str, object_key: str, plan: Plan, ctl: JobControl, secs: dict) -> Outcome:
+        # 1. text
+        t0 = time.perf_counter()
+        ctl.check()
+        ctl.stage(common_pb2.STAGE_TEXT_ENCODING)
+        enc = self.ds.encoder.Encode(encoder_pb2.EncodeRequest(texts=[plan.prompt, plan.negative]), timeout=ctl.remaining())
+        emb = codec.to_numpy(enc.embeddings, name="embeddings")
+        mask = codec.to_numpy(enc.mask, name="mask")
+        secs["encode"] = time.perf_counter() - t0
+
+        # 2. denoise
+        t0 = time.perf_counter()
+        ctl.check()
+        ctl.stage(common_pb2.STAGE_DENOISING)
+        req = denoiser_pb2.DenoiseRequest(
+            request_id=job_id,
+            text_embeddings=codec.to_proto(emb[:1]),
+            text_mask=codec.to_proto(mask[:1]),
+            negative_embeddings=codec.to_proto(emb[1:]),
+            negative_mask=codec.to_proto(mask[1:]),
+            num_frames=plan.base_frames,
+            height=plan.base_height,
+            width=plan.base_width,
+            seed=plan.seed,
+            num_steps=plan.steps,
+            guidance_scale=plan.guidance,
+            encoder_model=enc.model,
+        )
+        call = self.ds.denoiser.Denoise(req, timeout=ctl.remaining())
+        ctl.track(call)
+        asm = codec.FrameAssembler(field="denoiser.frames")
+        base: list[np.ndarray] = []
+        lo, hi = PROGRESS[common_pb2.STAGE_DENOISING]
+        for ev in call:
+            kind = ev.WhichOneof("event")
+            if kind == "progress":
+                p = ev.progress
+                ctl.report(common_pb2.STAGE_DENOISING, p.step, p.total, lo + (hi - lo) * p.step / max(1, p.total))
+            elif kind == "frames":
+                base.extend(asm.add(ev.frames))
+        ctl.check()
+        if len(base) != plan.base_frames:
+            raise RuntimeError(f"denoiser returned {len(base)} frames, expected {plan.base_frames}")
+        secs["denoise"] = time.perf_counter() - t0
+
+        # 3. upscale, with QC and MP4 encoding fed frame by frame
+        t0 = time.perf_counter()
+        ctl.stage(common_pb2.STAGE_UPSCALING)
+        base_arr = np.stack(base)
+        up_requests = [
+            upscaler_pb2.UpscaleRequest(
+                settings=upscaler_pb2.UpscaleSettings(
+                    input_frames=plan.base_frames,
+                    input_fps=plan.base_fps,
+                    output_width=plan.width,
+                    output_height=plan.height,
+                    output_frames=plan.frames,
+                    output_fps=plan.fps,
+                )
+            ),
+            *(upscaler_pb2.UpscaleRequest(frames=c) for c in codec.frame_chunks(base_arr)),
+        ]
+        up_call = self.ds.upscaler.Upscale(iter(up_requests), timeout=ctl.remaining())
+        ctl.track(up_call)
+
+        qc_q: queue.Queue = queue.Queue(maxsize=8)
+        end = object()
+
+        def qc_requests():
+            yield qc_pb2.InspectRequest(
+                settings=qc_pb2.InspectSettings(fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames)
+            )
+            while (item := qc_q.get()) is not end:
+                yield qc_pb2.InspectRequest(frames=item)
+
+        qc_future = self.ds.qc.Inspect.future(qc_requests(), timeout=ctl.remaining())
+        ctl.track(qc_future)
+
+        tmp = Path(tempfile.mkstemp(suffix=".mp4", dir=self.work_dir)[1])
+        writer = Mp4Writer(tmp, width=plan.width, height=plan.height, fps=plan.fps)
+        try:
+            up_asm = codec.FrameAssembler(field="upscaler.frames")
+            pending: list[np.ndarray] = []
+            n_out = 0
+            lo, hi = PROGRESS[common_pb2.STAGE_UPSCALING]
+            try:
+                for chunk in up_call:
+                    for frame in up_asm.add(chunk):
+                        writer.write(frame)
+                        pending.append(frame)
+                        n_out += 1
+                        if len(pending) == QC_FRAMES_PER_CHUNK:
+                            self._put(qc_q, next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))), ctl)
+                            pending = []
+                    ctl.report(common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames)
+                if pending:
+                    for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
+                        self._put(qc_q, c, ctl)
+            finally:
+                qc_q.put(end)
+            if n_out != plan.frames:
+                raise RuntimeError(f"upscaler returned {n_out} frames, expected {plan.frames}")
+            secs["upscale"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_QUALITY_CHECK)
+            report = qc_future.result()
+            secs["qc"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_MUXING)
+            writer.close()
+            secs["mux"] = time.perf_counter() - t0
+            ctl.check()
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_STORING)
+            stored = self.storage.put_file(object_key, tmp, metadata={"video-id": job_id})
+            secs["store"] = time.perf_counter() - t0
+        except BaseException:
+            writer.abort()
+            qc_future.cancel()
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        result = gateway_pb2.VideoResult(
+            uri=stored.uri,
+            url=stored.url,
+            sha256=stored.sha256,
+            md5=stored.md5,
+            size_bytes=stored.size,
+            width=plan.width,
+            height=plan.height,
+            num_frames=plan.frames,
+            fps=plan.fps,
+            duration_seconds=plan.frames / plan.fps,
+            content_type="video/mp4",
+        )
+        return Outcome(result=result, quality=report, seconds=secs)
+
+    @staticmethod
+    def _put(q: queue.Queue, item, ctl: JobControl) -> None:
+        while True:
+            try:
+                q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                ctl.check()

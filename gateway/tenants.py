@@ -1,0 +1,108 @@
+"""Tenants and API keys. Keys are random, shown once, and stored only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from videomesh.errors import InvalidArgument, NotFound, Unauthenticated
+
+KEY_PREFIX = "vm_"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    tier: str = "free"
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class TenantDirectory:
+    """File-backed (JSON, written atomically) or in-memory when path is None."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._tenants: dict[str, Tenant] = {}
+        self._keys: dict[str, dict] = {}  # hash -> {"tenant": name, "revoked": bool, "id": short id}
+        if self.path and self.path.exists():
+            data = json.loads(self.path.read_text())
+            self._tenants = {t["name"]: Tenant(**t) for t in data.get("tenants", [])}
+            self._keys = data.get("keys", {})
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tenants": [asdict(t) for t in self._tenants.values()], "keys": self._keys}, indent=1))
+        tmp.chmod(0o600)
+        tmp.replace(self.path)
+
+    def reload(self) -> None:
+        if self.path and self.path.exists():
+            with self._lock:
+                data = json.loads(self.path.read_text())
+                self._tenants = {t["name"]: Tenant(**t) for t in data.get("tenants", [])}
+                self._keys = data.get("keys", {})
+
+    def add(self, name: str, tier: str = "free") -> str:
+        """Create (or update the tier of) a tenant and issue a new key; returns the key."""
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise InvalidArgument(f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name")
+        with self._lock:
+            self._tenants[name] = Tenant(name, tier)
+            key = KEY_PREFIX + secrets.token_urlsafe(24)
+            self._keys[_hash(key)] = {"tenant": name, "revoked": False, "id": _hash(key)[:8]}
+            self._save()
+            return key
+
+    def list(self) -> list[tuple[Tenant, list[dict]]]:
+        with self._lock:
+            return [(t, [k for k in self._keys.values() if k["tenant"] == t.name]) for t in self._tenants.values()]
+
+    def revoke(self, name: str) -> int:
+        """Revoke every key of a tenant; returns how many."""
+        with self._lock:
+            if name not in self._tenants:
+                raise NotFound(f"tenant {name!r} not found")
+            n = 0
+            for k in self._keys.values():
+                if k["tenant"] == name and not k["revoked"]:
+                    k["revoked"] = True
+                    n += 1
+            self._save()
+            return n
+
+    def rotate(self, name: str) -> str:
+        """Revoke the tenant's keys and issue a fresh one."""
+        tier = self._tenants[name].tier if name in self._tenants else None
+        if tier is None:
+            raise NotFound(f"tenant {name!r} not found")
+        self.revoke(name)
+        return self.add(name, tier)
+
+    def authenticate(self, key: str | None) -> Tenant:
+        if not key:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
+        with self._lock:
+            rec = self._keys.get(_hash(key))
+            if rec is None or rec["revoked"]:
+                raise Unauthenticated("invalid or revoked API key")
+            return self._tenants[rec["tenant"]]
+
+
+def key_from_metadata(metadata) -> str | None:
+    for k, v in metadata or ():
+        if k == "authorization":
+            return v[7:].strip() if v.lower().startswith("bearer ") else v.strip()
+        if k == "x-api-key":
+            return v.strip()
+    return None

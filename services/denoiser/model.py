@@ -1,0 +1,300 @@
+"""The spatiotemporal mixture-of-experts U-Net of the embedded default model.
+
+Layout follows Wan2.2-A14B at toy scale: two experts with the same architecture, a
+high-noise expert for the early (t >= boundary) steps that lays out the scene and the
+motion, and a low-noise expert for the late steps that refines detail. Each expert is a
+U-Net over (B, T, C, H, W) pixel frames with factorised spatial and temporal layers.
+
+Two conditioning paths are there for motion, the hard part of text-to-video at this scale:
+- a per-frame embedding (frame position ⊕ pooled text → MLP) modulates every ResBlock per
+  frame, so "moving left" can change what frame t looks like, not just the whole clip;
+- coordinate channels on the input, so convolutions can tie that modulation to a place
+  in the frame (where the object should be at time t).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: int = 3  # pixel space, RGB in [-1, 1]
+    base: int = 64
+    mults: tuple[int, ...] = (1, 2, 2)
+    attn: tuple[bool, ...] = (False, True, True)  # spatial/temporal/cross attention per level
+    heads: int = 4
+    text_dim: int = 128
+    emb_dim: int = 256
+    max_frames: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of the MODELS registry: the experts, what they generate, how to sample."""
+
+    name: str
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    encoder: str = "default"  # key into services.encoder.model.TEXT_ENCODERS
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    fps: float = 4.0
+    boundary: float = 0.875  # t >= boundary -> high-noise expert (Wan2.2 T2V uses 0.875)
+    steps: int = 20
+    shift: float = 1.0
+    guidance_high: float = 5.0
+    guidance_low: float = 4.0
+    max_steps: int = 100
+    languages: tuple[str, ...] = ("en", "zh", "ja")
+
+
+MODELS = {
+    "tiny": ModelConfig(
+        name="tiny",
+        unet=UNetConfig(base=16, mults=(1, 2), attn=(False, True), heads=2, text_dim=32, emb_dim=32, max_frames=8),
+        encoder="tiny",
+        frames=4,
+        height=16,
+        width=16,
+        steps=4,
+    ),
+    "default": ModelConfig(name="default"),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled to 0..1000 as in DiT): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _groups(c: int) -> int:
+    return min(32, c // 4) if c >= 8 else 1
+
+
+class ResBlock(nn.Module):
+    """Spatial 3x3 convs per frame, per-frame FiLM, then a temporal conv across frames."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(_groups(cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.tnorm = nn.GroupNorm(_groups(cout), cout)
+        self.tconv = nn.Conv1d(cout, cout, 3, padding=1)
+        # zero-init so each block starts as identity-plus-spatial; temporal mixing is learned
+        nn.init.zeros_(self.tconv.weight)
+        nn.init.zeros_(self.tconv.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
+        # x: (B*T, C, H, W); emb: (B*T, E)
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(emb)).chunk(2, dim=-1)
+        h = self.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        h = self.conv2(F.silu(h))
+        bt, c, hh, ww = h.shape
+        # (B*T, C, H, W) -> (B*H*W, C, T)
+        t = self.tnorm(h).reshape(bt // frames, frames, c, hh, ww).permute(0, 3, 4, 2, 1).reshape(-1, c, frames)
+        t = self.tconv(F.silu(t))
+        # (B*H*W, C, T) -> (B*T, C, H, W)
+        t = t.reshape(bt // frames, hh, ww, c, frames).permute(0, 4, 3, 1, 2).reshape(bt, c, hh, ww)
+        return self.skip(x) + h + t
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
+    # (N, Lq, C), (N, Lk, C) -> (N, Lq, C), multi-head with the fused SDPA kernel
+    n, lq, c = q.shape
+    lk = k.shape[1]
+    q = q.reshape(n, lq, heads, c // heads).transpose(1, 2)
+    k = k.reshape(n, lk, heads, c // heads).transpose(1, 2)
+    v = v.reshape(n, lk, heads, c // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(n, lq, c)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bt, c, h, w = x.shape
+        s = self.norm(x).flatten(2).transpose(1, 2)  # (B*T, C, H, W) -> (B*T, H*W, C)
+        q, k, v = self.qkv(s).chunk(3, dim=-1)
+        o = self.out(_attend(q, k, v, self.heads))
+        return x + o.transpose(1, 2).reshape(bt, c, h, w)
+
+
+class TemporalAttention(nn.Module):
+    """Attention across frames at each pixel, with learned frame positions."""
+
+    def __init__(self, c: int, heads: int, max_frames: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.pos = nn.Parameter(torch.zeros(max_frames, c))
+        nn.init.normal_(self.pos, std=0.02)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        bt, c, h, w = x.shape
+        # (B*T, C, H, W) -> (B*H*W, T, C)
+        s = self.norm(x).reshape(bt // frames, frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(-1, frames, c)
+        s = s + self.pos[:frames]
+        q, k, v = self.qkv(s).chunk(3, dim=-1)
+        o = self.out(_attend(q, k, v, self.heads))
+        # (B*H*W, T, C) -> (B*T, C, H, W)
+        o = o.reshape(bt // frames, h, w, frames, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
+        return x + o
+
+
+class CrossAttention(nn.Module):
+    """Pixels attend to the text tokens (the same tokens for every frame)."""
+
+    def __init__(self, c: int, text_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.q = nn.Linear(c, c)
+        self.kv = nn.Linear(text_dim, 2 * c)
+        self.out = nn.Linear(c, c)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, frames: int) -> torch.Tensor:
+        bt, c, h, w = x.shape
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2))  # (B*T, H*W, C)
+        k, v = self.kv(text).chunk(2, dim=-1)  # (B, L, C)
+        k = k.repeat_interleave(frames, dim=0)  # (B*T, L, C)
+        v = v.repeat_interleave(frames, dim=0)
+        m = mask.repeat_interleave(frames, dim=0)[:, None, None, :]  # (B*T, 1, 1, L)
+        o = self.out(_attend(q, k, v, self.heads, m))
+        return x + o.transpose(1, 2).reshape(bt, c, h, w)
+
+
+class Level(nn.Module):
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, attn: bool):
+        super().__init__()
+        self.res = ResBlock(cin, cout, cfg.emb_dim)
+        self.attn = attn
+        if attn:
+            self.spatial = SpatialAttention(cout, cfg.heads)
+            self.temporal = TemporalAttention(cout, cfg.heads, cfg.max_frames)
+            self.cross = CrossAttention(cout, cfg.text_dim, cfg.heads)
+
+    def forward(self, x, emb, text, mask, frames):
+        x = self.res(x, emb, frames)
+        if self.attn:
+            x = self.spatial(x)
+            x = self.temporal(x, frames)
+            x = self.cross(x, text, mask, frames)
+        return x
+
+
+class UNet(nn.Module):
+    """One expert: velocity prediction v(x_t, t, text) over (B, T, C, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        chans = [cfg.base * m for m in cfg.mults]
+        e = cfg.emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
+        self.text_proj = nn.Linear(cfg.text_dim, e)
+        self.frame_pos = nn.Parameter(torch.zeros(cfg.max_frames, e))
+        nn.init.normal_(self.frame_pos, std=0.02)
+        # frame position ⊕ pooled text -> per-frame modulation (the direct motion path)
+        self.frame_mlp = nn.Sequential(nn.Linear(2 * e, e), nn.SiLU(), nn.Linear(e, e))
+        self.stem = nn.Conv2d(cfg.channels + 2, chans[0], 3, padding=1)  # +2 coordinate channels
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        cin = chans[0]
+        for i, c in enumerate(chans):
+            self.down.append(Level(cin, c, cfg, cfg.attn[i]))
+            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chans) - 1 else nn.Identity())
+            cin = c
+        self.mid = Level(cin, cin, cfg, True)
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            self.up.append(Level(cin + chans[i], chans[i], cfg, cfg.attn[i]))
+            cin = chans[i]
+        self.norm_out = nn.GroupNorm(_groups(cin), cin)
+        self.conv_out = nn.Conv2d(cin, cfg.channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, frames, c, h, w = x.shape
+        if frames > self.cfg.max_frames:
+            raise ValueError(f"at most {self.cfg.max_frames} frames; got {frames}")
+        if h % (2 ** (len(self.cfg.mults) - 1)) or w % (2 ** (len(self.cfg.mults) - 1)):
+            raise ValueError(f"height and width must be multiples of {2 ** (len(self.cfg.mults) - 1)}; got {h}x{w}")
+        m = mask.to(text.dtype).unsqueeze(-1)
+        pooled = (text * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.emb_dim).to(x.dtype)) + self.text_proj(pooled)  # (B, E)
+        fpos = self.frame_pos[:frames].unsqueeze(0).expand(b, -1, -1)  # (B, T, E)
+        femb = self.frame_mlp(torch.cat([fpos, temb.unsqueeze(1).expand(-1, frames, -1)], dim=-1))
+        emb = (temb.unsqueeze(1) + femb).reshape(b * frames, -1)  # (B*T, E)
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b * frames, -1, -1, -1)
+        hcur = self.stem(torch.cat([x.reshape(b * frames, c, h, w), coords], dim=1))  # (B*T, C0, H, W)
+        skips = []
+        for level, ds in zip(self.down, self.downsample, strict=True):
+            hcur = level(hcur, emb, text, mask, frames)
+            skips.append(hcur)
+            hcur = ds(hcur)
+        hcur = self.mid(hcur, emb, text, mask, frames)
+        for level in self.up:
+            s = skips.pop()
+            if hcur.shape[-2:] != s.shape[-2:]:
+                hcur = F.interpolate(hcur, size=s.shape[-2:], mode="nearest")
+            hcur = level(torch.cat([hcur, s], dim=1), emb, text, mask, frames)
+        out = self.conv_out(F.silu(self.norm_out(hcur)))
+        return out.reshape(b, frames, c, h, w)
+
+
+class MoEDenoiser(nn.Module):
+    """Two experts split by timestep, as in Wan2.2-A14B: only one runs per step."""
+
+    # How the model may be split for placement: each entry is one shard (see executors).
+    _shard_modules = {"high_noise": "experts.high_noise", "low_noise": "experts.low_noise"}
+    _no_split_modules = ("UNet",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleDict({"high_noise": UNet(cfg.unet), "low_noise": UNet(cfg.unet)})
+
+    def expert_for(self, t: float) -> str:
+        return "high_noise" if t >= self.cfg.boundary else "low_noise"
+
+    def guidance_for(self, expert: str) -> float:
+        return self.cfg.guidance_high if expert == "high_noise" else self.cfg.guidance_low
+
+    def forward(self, x, t, text, mask, expert: str | None = None) -> torch.Tensor:
+        expert = expert or self.expert_for(float(t.flatten()[0]))
+        return self.experts[expert](x, t, text, mask)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

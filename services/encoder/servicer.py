@@ -1,0 +1,24 @@
+"""gRPC adapter for the text encoder."""
+
+from __future__ import annotations
+
+from services.encoder.encoder import TextEncoding
+from videomesh import codec
+from videomesh.v1 import encoder_pb2, encoder_pb2_grpc
+
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["TextEncoder"].full_name
+
+
+class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
+    def __init__(self, encoding: TextEncoding):
+        self.encoding = encoding
+
+    def Encode(self, request, context):
+        states, mask, langs = self.encoding.encode(list(request.texts))
+        return encoder_pb2.EncodeResponse(
+            embeddings=codec.to_proto(states), mask=codec.to_proto(mask), model=self.encoding.name, languages=langs
+        )
+
+
+def registration(servicer: TextEncoderServicer):
+    return (encoder_pb2_grpc.add_TextEncoderServicer_to_server, servicer, SERVICE_NAME)

@@ -1,0 +1,59 @@
+"""gRPC adapter for the upscaler: settings, then frame chunks in; frame chunks out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from services.upscaler.upscaler import SpatialUpscaler, UpscalePlan, upscale_stream
+from videomesh import codec
+from videomesh.errors import InvalidArgument
+from videomesh.v1 import upscaler_pb2, upscaler_pb2_grpc
+
+SERVICE_NAME = upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"].full_name
+# Output frames buffered into one reply chunk (each reply stays under the chunk limit).
+_FRAMES_PER_REPLY = 4
+
+
+class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
+    def __init__(self, spatial: SpatialUpscaler):
+        self.spatial = spatial
+
+    def Upscale(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("request") != "settings":
+            raise InvalidArgument("the first message must carry settings", field="settings")
+        s = first.settings
+        plan = UpscalePlan(
+            input_frames=s.input_frames,
+            input_fps=s.input_fps,
+            width=s.output_width,
+            height=s.output_height,
+            output_frames=s.output_frames or s.input_frames,
+            output_fps=s.output_fps or s.input_fps,
+        )
+        plan.validate()
+
+        def inputs() -> Iterator:
+            asm = codec.FrameAssembler()
+            for msg in request_iterator:
+                if msg.WhichOneof("request") != "frames":
+                    raise InvalidArgument("settings may only come first", field="settings")
+                yield from asm.add(msg.frames)
+            if asm.partial:
+                raise InvalidArgument("stream ended inside a frame", field="frames")
+
+        batch, start = [], 0
+        for frame in upscale_stream(plan, inputs(), self.spatial):
+            batch.append(frame)
+            if len(batch) == _FRAMES_PER_REPLY:
+                yield from codec.frame_chunks(np.stack(batch), start=start)
+                start += len(batch)
+                batch = []
+        if batch:
+            yield from codec.frame_chunks(np.stack(batch), start=start)
+
+
+def registration(servicer: UpscalerServicer):
+    return (upscaler_pb2_grpc.add_UpscalerServicer_to_server, servicer, SERVICE_NAME)

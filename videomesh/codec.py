@@ -1,0 +1,203 @@
+"""Tensor <-> proto conversion and frame chunking: the one codec every service uses.
+
+Tensors travel as {dtype, shape, raw little-endian row-major bytes} (KServe v2 style).
+bfloat16 has no numpy dtype, so it travels as its 16-bit pattern and is rebuilt with torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from videomesh.errors import InvalidArgument
+from videomesh.v1 import common_pb2 as pb
+
+# The largest message any hop sends or accepts. Chunks stay below MAX_CHUNK_BYTES so the
+# proto framing around them never pushes a message over the limit.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024 - 4096
+
+_NP_OF = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),  # bit pattern; see module docstring
+}
+# numpy dtype (native byte order) -> wire dtype. bf16 is not here: only torch tensors carry it.
+_DTYPE_OF = {np.dtype(v.str.lstrip("<|")): k for k, v in _NP_OF.items() if k != pb.DTYPE_BFLOAT16}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def to_proto(array, *, name: str = "tensor") -> pb.Tensor:
+    """Encode a numpy array or torch tensor (any dtype the model uses, bf16 included)."""
+    if not isinstance(array, np.ndarray):
+        torch = _torch()
+        if isinstance(array, torch.Tensor):
+            t = array.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                bits = t.view(torch.int16).numpy().view("<u2")
+                return pb.Tensor(dtype=pb.DTYPE_BFLOAT16, shape=list(t.shape), data=bits.tobytes())
+            array = t.numpy()
+        else:
+            array = np.asarray(array)
+    key = np.dtype(array.dtype).newbyteorder("=")
+    if key not in _DTYPE_OF:
+        raise InvalidArgument(f"{name}: unsupported dtype {array.dtype}", field=name)
+    code = _DTYPE_OF[key]
+    data = np.ascontiguousarray(array, dtype=_NP_OF[code]).tobytes()
+    return pb.Tensor(dtype=code, shape=list(array.shape), data=data)
+
+
+def _check(msg: pb.Tensor, name: str) -> np.dtype:
+    if msg.dtype not in _NP_OF:
+        raise InvalidArgument(f"{name}: dtype is unspecified or unknown ({msg.dtype})", field=f"{name}.dtype")
+    if any(d < 0 for d in msg.shape):
+        raise InvalidArgument(f"{name}: negative dimension in shape {list(msg.shape)}", field=f"{name}.shape")
+    dt = _NP_OF[msg.dtype]
+    expected = int(np.prod(msg.shape, dtype=np.int64)) * dt.itemsize
+    if len(msg.data) != expected:
+        raise InvalidArgument(
+            f"{name}: shape {list(msg.shape)} of {pb.DType.Name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}",
+            field=f"{name}.data",
+        )
+    return dt
+
+
+def to_numpy(msg: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+    """Decode to numpy. bf16 is widened to float32 (numpy has no bf16)."""
+    dt = _check(msg, name)
+    arr = np.frombuffer(msg.data, dtype=dt).reshape(tuple(msg.shape))
+    if msg.dtype == pb.DTYPE_BFLOAT16:
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+def to_torch(msg: pb.Tensor, *, name: str = "tensor"):
+    """Decode to a torch tensor, keeping bf16 as bf16."""
+    torch = _torch()
+    dt = _check(msg, name)
+    arr = np.frombuffer(msg.data, dtype=dt).reshape(tuple(msg.shape)).copy()
+    if msg.dtype == pb.DTYPE_BFLOAT16:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def expect(msg: pb.Tensor, *, name: str, dtypes: Iterable[int], ndim: int) -> None:
+    """Raise InvalidArgument unless msg has one of dtypes and ndim dimensions."""
+    allowed = list(dtypes)
+    if msg.dtype not in allowed:
+        names = ", ".join(pb.DType.Name(d) for d in allowed)
+        raise InvalidArgument(f"{name}: dtype must be one of {names}; got {pb.DType.Name(msg.dtype)}", field=f"{name}.dtype")
+    if len(msg.shape) != ndim:
+        raise InvalidArgument(f"{name}: expected {ndim} dimensions, got shape {list(msg.shape)}", field=f"{name}.shape")
+    _check(msg, name)
+
+
+# --- frames -------------------------------------------------------------------------------
+
+
+def frame_chunks(frames: np.ndarray, *, start: int = 0, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.FrameChunk]:
+    """Split (T, H, W, 3) uint8 frames into chunks of at most max_bytes of pixels.
+
+    Several whole frames share a chunk when they fit; a frame larger than max_bytes
+    (720p is 2.7 MB) is sent as bands of rows.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8; got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    frame_bytes = h * w * 3
+    if frame_bytes <= max_bytes:
+        per = max(1, max_bytes // frame_bytes)
+        for i in range(0, t, per):
+            yield pb.FrameChunk(frame_index=start + i, row_offset=0, frame_height=h, pixels=to_proto(frames[i : i + per]))
+    else:
+        rows = max(1, max_bytes // (w * 3))
+        for i in range(t):
+            for r in range(0, h, rows):
+                band = frames[i : i + 1, r : r + rows]
+                yield pb.FrameChunk(frame_index=start + i, row_offset=r, frame_height=h, pixels=to_proto(band))
+
+
+class FrameAssembler:
+    """Reassembles chunks into whole frames, in order, as soon as each frame is complete.
+
+    Rejects out-of-order, overlapping or malformed chunks with InvalidArgument, so a
+    receiver never silently produces a scrambled video.
+    """
+
+    def __init__(self, *, width: int | None = None, height: int | None = None, field: str = "frames"):
+        self.width = width
+        self.height = height
+        self.field = field
+        self.next_frame = 0
+        self._band: np.ndarray | None = None
+        self._band_rows = 0
+
+    def add(self, chunk: pb.FrameChunk) -> list[np.ndarray]:
+        """Feed one chunk; return the frames it completed (each (H, W, 3) uint8)."""
+        px = to_numpy(chunk.pixels, name=f"{self.field}.pixels")
+        if px.dtype != np.uint8 or px.ndim != 4 or px.shape[-1] != 3:
+            raise InvalidArgument(
+                f"{self.field}: pixels must be (n, rows, width, 3) uint8; got {list(px.shape)} {px.dtype}",
+                field=f"{self.field}.pixels",
+            )
+        n, rows, w, _ = px.shape
+        h = chunk.frame_height or rows
+        if self.width is None:
+            self.width, self.height = w, h
+        if w != self.width or h != self.height:
+            raise InvalidArgument(
+                f"{self.field}: frame size changed mid-stream: {w}x{h}, expected {self.width}x{self.height}",
+                field=f"{self.field}.pixels",
+            )
+        if chunk.frame_index != self.next_frame:
+            raise InvalidArgument(
+                f"{self.field}: chunk for frame {chunk.frame_index} arrived, expected frame {self.next_frame}",
+                field=f"{self.field}.frame_index",
+            )
+        if rows == h and chunk.row_offset == 0 and self._band is None:
+            self.next_frame += n
+            return list(px)
+        # a band of rows of a single frame
+        if n != 1 or chunk.row_offset != self._band_rows or chunk.row_offset + rows > h:
+            raise InvalidArgument(
+                f"{self.field}: bad row band (frame {chunk.frame_index}, rows {chunk.row_offset}+{rows} of {h})",
+                field=f"{self.field}.row_offset",
+            )
+        if self._band is None:
+            self._band = np.empty((h, w, 3), np.uint8)
+        self._band[chunk.row_offset : chunk.row_offset + rows] = px[0]
+        self._band_rows += rows
+        if self._band_rows < h:
+            return []
+        frame, self._band, self._band_rows = self._band, None, 0
+        self.next_frame += 1
+        return [frame]
+
+    @property
+    def partial(self) -> bool:
+        return self._band is not None
+
+
+def assemble(chunks: Iterable[pb.FrameChunk]) -> np.ndarray:
+    """Collect a whole chunk stream into one (T, H, W, 3) array (tests and small clips)."""
+    asm = FrameAssembler()
+    frames: list[np.ndarray] = []
+    for c in chunks:
+        frames.extend(asm.add(c))
+    if asm.partial:
+        raise InvalidArgument("frames: stream ended inside a frame", field="frames")
+    if not frames:
+        return np.zeros((0, asm.height or 0, asm.width or 0, 3), np.uint8)
+    return np.stack(frames)

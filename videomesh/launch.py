@@ -1,0 +1,222 @@
+"""Start-up of every service: settings -> server -> load model -> SERVING -> wait -> drain.
+
+`python -m services.encoder`, `videomesh serve encoder` and `videomesh up` all come here.
+`build(name, settings)` is separate from `main()` so tests run the same servers in-process
+on port 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from videomesh import config
+from videomesh.serving import Server, create_server
+
+log = logging.getLogger("videomesh.launch")
+NAMES = ("encoder", "denoiser", "upscaler", "qc", "gateway")
+
+
+def settings_class(name: str):
+    if name == "encoder":
+        from services.encoder.encoder import EncoderSettings
+
+        return EncoderSettings
+    if name == "denoiser":
+        from services.denoiser.engine import DenoiserSettings
+
+        return DenoiserSettings
+    if name == "upscaler":
+        from services.upscaler.upscaler import UpscalerSettings
+
+        return UpscalerSettings
+    if name == "qc":
+        from services.qc.settings import QCSettings
+
+        return QCSettings
+    if name == "gateway":
+        from gateway.gateway import GatewaySettings
+
+        return GatewaySettings
+    raise ValueError(f"unknown service {name!r}; one of {', '.join(NAMES)}")
+
+
+def load_settings(name: str, **overrides):
+    return config.load(settings_class(name), f"VIDEOMESH_{name.upper()}_", **overrides)
+
+
+def _threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[], None]]:
+    """-> (server, load, close). The server is not started; load() brings it to SERVING."""
+    if name == "encoder":
+        from services.encoder.encoder import TextEncoding
+        from services.encoder.servicer import TextEncoderServicer, registration
+
+        domain = TextEncoding(settings)
+        servicer = TextEncoderServicer(domain)
+        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+
+        def load():
+            _threads(settings.threads)
+            domain.load()
+
+        return server, load, lambda: None
+    if name == "denoiser":
+        from services.denoiser.engine import DenoiserEngine
+        from services.denoiser.servicer import DenoiserServicer, registration
+
+        engine = DenoiserEngine(settings)
+        servicer = DenoiserServicer(engine)
+        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+        server.servicer = servicer  # tests read servicer.active
+
+        def load():
+            _threads(settings.threads)
+            engine.load()
+
+        return server, load, lambda: None
+    if name == "upscaler":
+        from services.upscaler.servicer import UpscalerServicer, registration
+        from services.upscaler.upscaler import SpatialUpscaler
+
+        spatial = SpatialUpscaler(settings)
+        server = create_server([registration(UpscalerServicer(spatial))], host=settings.host, port=settings.port)
+        return server, spatial.load, lambda: None
+    if name == "qc":
+        from services.qc.servicer import QualityCheckServicer, registration
+
+        servicer = QualityCheckServicer(settings.thresholds())
+        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+        return server, lambda: None, lambda: None
+    if name == "gateway":
+        from gateway.gateway import VideoGateway
+        from gateway.servicer import VideoServiceServicer, registration
+        from gateway.tenants import TenantDirectory
+
+        gw = VideoGateway(settings)
+        tenants = TenantDirectory(Path(settings.data_dir) / "tenants.json")
+        server = create_server([registration(VideoServiceServicer(gw, tenants))], host=settings.host, port=settings.port)
+        server.gateway = gw
+        server.tenants = tenants
+        monitor = DownstreamMonitor(server, gw.downstreams.channels)
+
+        def load():
+            gw.load()
+            monitor.start()
+
+        def close():
+            monitor.stop()
+            gw.close()
+
+        return server, load, close
+    raise ValueError(f"unknown service {name!r}")
+
+
+class DownstreamMonitor:
+    """Mirrors each downstream's health into the gateway's own health service, so one
+    probe of the gateway (`videomesh health`) shows the whole mesh."""
+
+    NAMES = {
+        "encoder": "videomesh.v1.TextEncoder",
+        "denoiser": "videomesh.v1.Denoiser",
+        "upscaler": "videomesh.v1.Upscaler",
+        "qc": "videomesh.v1.QualityCheck",
+    }
+
+    def __init__(self, server: Server, channels: dict[str, grpc.Channel], interval: float = 1.0):
+        self.server = server
+        self.channels = channels
+        self.interval = interval
+        self._stop = threading.Event()
+        self.status: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="downstream-health", daemon=True)
+
+    def start(self) -> None:
+        self.poll()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll(self) -> None:
+        for key, svc in self.NAMES.items():
+            try:
+                resp = health_pb2_grpc.HealthStub(self.channels[key]).Check(
+                    health_pb2.HealthCheckRequest(service=svc), timeout=2
+                )
+                status = resp.status
+            except grpc.RpcError:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            self.status[key] = status
+            self.server.health.set(svc, status)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+
+def serve(name: str, settings, *, port_file: str | None = None, grace: float = 10.0) -> None:
+    server, load, close = build(name, settings)
+    server.start()
+    if port_file:
+        tmp = port_file + ".tmp"
+        Path(tmp).write_text(str(server.port))
+        os.replace(tmp, port_file)
+    log.info("%s listening on %s (NOT_SERVING until loaded)", name, server.address)
+    server.stop_on_signals(grace, on_stop=close)
+    load()
+    server.set_serving(True)
+    log.info("%s SERVING on %s", name, server.address)
+    server.wait()
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free port)")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    p.add_argument("--model", default=None, help="model name (encoder, denoiser)")
+    p.add_argument("--data-dir", default=None, help="gateway: where jobs, keys and videos live")
+    for d in ("encoder", "denoiser", "upscaler", "qc"):
+        p.add_argument(f"--{d}", default=None, help=f"gateway: address of the {d} service")
+    p.add_argument("--log-level", default=os.environ.get("VIDEOMESH_LOG_LEVEL", "INFO"))
+
+
+def overrides_from(name: str, args: argparse.Namespace) -> dict:
+    cls = settings_class(name)
+    fields = set(cls.__dataclass_fields__)
+    out = {}
+    for k in ("host", "port", "model", "encoder", "denoiser", "upscaler", "qc"):
+        v = getattr(args, k, None)
+        if v is not None and k in fields:
+            out[k] = v
+    if getattr(args, "data_dir", None) and "data_dir" in fields:
+        out["data_dir"] = Path(args.data_dir)
+    return out
+
+
+def main(name: str, argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog=f"videomesh serve {name}")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    settings = load_settings(name, **overrides_from(name, args))
+    serve(name, settings, port_file=args.port_file)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,175 @@
+"""create_server(): one way to stand up a videomesh gRPC server.
+
+Every server gets the standard health service (one status per service name, NOT_SERVING
+until the caller marks it ready), server reflection, explicit message-size limits, the
+error interceptor (domain errors -> rich status; anything else -> INTERNAL with a reference
+id, never a traceback), and a graceful stop: health NOT_SERVING first, then drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from videomesh.codec import MAX_MESSAGE_BYTES
+from videomesh.errors import VideomeshError, to_status
+
+log = logging.getLogger("videomesh.serving")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _abort(context: grpc.ServicerContext, err: BaseException, method: str):
+    if isinstance(err, VideomeshError):
+        context.abort_with_status(to_status(err))
+    ref = uuid.uuid4().hex[:12]
+    log.exception("unhandled error in %s (ref %s)", method, ref)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); see the server log")
+
+
+def _wrap_unary(fn: Callable, method: str) -> Callable:
+    def handler(request_or_iterator, context):
+        try:
+            return fn(request_or_iterator, context)
+        except Exception as err:  # noqa: BLE001 - the whole point is to map every error
+            if _is_abort(err):
+                raise
+            _abort(context, err, method)
+
+    return handler
+
+
+def _wrap_stream(fn: Callable, method: str) -> Callable:
+    def handler(request_or_iterator, context):
+        try:
+            yield from fn(request_or_iterator, context)
+        except Exception as err:  # noqa: BLE001
+            if _is_abort(err):
+                raise
+            _abort(context, err, method)
+
+    return handler
+
+
+def _is_abort(err: BaseException) -> bool:
+    # context.abort() signals by raising a bare Exception(); let it through untouched.
+    return type(err) is Exception and not err.args
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions raised by servicers to gRPC statuses (see errors.py)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
+        return handler
+
+
+@dataclass
+class Server:
+    """A started-or-startable server with its health servicer and bound port."""
+
+    grpc_server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: list[str]
+    host: str = "127.0.0.1"
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> Server:
+        self.grpc_server.start()
+        return self
+
+    def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.service_names:
+            self.health.set(name, status)
+        self.health.set("", status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Health NOT_SERVING first (load balancers stop sending), then drain for `grace` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.set_serving(False)
+        self.grpc_server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+    def stop_on_signals(self, grace: float = 5.0, on_stop: Callable[[], None] | None = None) -> None:
+        """SIGTERM/SIGINT -> graceful stop (call from the main thread)."""
+
+        def _handler(signum, _frame):
+            log.info("signal %s: draining", signum)
+
+            def _stop():
+                if on_stop:
+                    on_stop()
+                self.stop(grace)
+
+            threading.Thread(target=_stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+
+def create_server(
+    registrations: Iterable[tuple[Callable, object, str]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int = 32,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
+) -> Server:
+    """Build a server (not started) for the given (add_XServicer_to_server, servicer, full_name) triples.
+
+    Binds host:port (port 0 = a free port). Health starts NOT_SERVING for every service;
+    call `server.set_serving()` once models are loaded.
+    """
+    registrations = list(registrations)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+    names = []
+    for add, servicer, name in registrations:
+        add(servicer, server)
+        names.append(name)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    return Server(grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host)
