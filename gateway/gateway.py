@@ -93,12 +93,16 @@ class _Queued:
 
 
 class VideoGateway:
-    def __init__(self, settings: GatewaySettings, *, store: JobStore | None = None, storage: Storage | None = None):
+    def __init__(
+        self, settings: GatewaySettings, *, store: JobStore | None = None, storage: Storage | None = None
+    ):
         self.settings = settings
         self.store = store or MemoryJobStore()
         data = Path(settings.data_dir)
         self.storage = storage or LocalStorage(data / "videos")
-        self.downstreams = Downstreams(settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries)
+        self.downstreams = Downstreams(
+            settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries
+        )
         self.pipeline = Pipeline(self.downstreams, self.storage, data / "work")
         self.model: denoiser_pb2.ModelInfo | None = None
         self._heap: list[_Queued] = []
@@ -120,7 +124,9 @@ class VideoGateway:
                 break
             except grpc.RpcError as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"denoiser at {self.settings.denoiser} not reachable: {err.details()}") from err
+                    raise RuntimeError(
+                        f"denoiser at {self.settings.denoiser} not reachable: {err.details()}"
+                    ) from err
                 time.sleep(0.5)
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
@@ -150,40 +156,76 @@ class VideoGateway:
         if not prompt:
             violations.append(("spec.prompt", "prompt is empty; describe the video you want"))
         elif len(spec.prompt) > MAX_PROMPT_CHARS:
-            violations.append(("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"))
+            violations.append(
+                ("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+            )
         if len(spec.negative_prompt) > MAX_PROMPT_CHARS:
-            violations.append(("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters"))
+            violations.append(
+                ("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters")
+            )
         if len(spec.style) > 100:
             violations.append(("spec.style", "style is longer than 100 characters"))
         if spec.width < 0 or spec.height < 0:
             violations.append(("spec.width", f"size must be positive; got {spec.width}x{spec.height}"))
         elif spec.width or spec.height:
             if f"{spec.width}x{spec.height}" not in s.sizes:
-                violations.append(("spec.width", f"size {spec.width}x{spec.height} is not offered; choose one of {', '.join(s.sizes)}"))
+                violations.append(
+                    (
+                        "spec.width",
+                        f"size {spec.width}x{spec.height} is not offered; choose one of {', '.join(s.sizes)}",
+                    )
+                )
         else:
             out.width, out.height = _size(s.default_size)
         if spec.fps < 0 or not math.isfinite(spec.fps):
             violations.append(("spec.fps", f"fps must be positive; got {spec.fps}"))
         elif spec.fps and spec.fps not in s.fps_choices:
-            violations.append(("spec.fps", f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}"))
+            violations.append(
+                (
+                    "spec.fps",
+                    f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}",
+                )
+            )
         elif not spec.fps:
             out.fps = s.default_fps
         model_duration = m.frame_counts[0] / m.fps
         if spec.duration_seconds < 0 or not math.isfinite(spec.duration_seconds):
-            violations.append(("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}"))
+            violations.append(
+                ("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}")
+            )
         elif spec.duration_seconds and abs(spec.duration_seconds - model_duration) > 1e-3:
             allowed = ", ".join(f"{c / m.fps:g}" for c in m.frame_counts)
-            violations.append(("spec.duration_seconds", f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s"))
+            violations.append(
+                (
+                    "spec.duration_seconds",
+                    f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s",
+                )
+            )
         else:
             out.duration_seconds = model_duration
         if spec.num_steps < 0 or spec.num_steps > m.max_steps:
-            violations.append(("spec.num_steps", f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}"))
+            violations.append(
+                (
+                    "spec.num_steps",
+                    f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}",
+                )
+            )
         elif not spec.num_steps:
             out.num_steps = m.default_steps
         if not (0 <= spec.guidance_scale <= 30) or not math.isfinite(spec.guidance_scale):
-            violations.append(("spec.guidance_scale", f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}"))
+            violations.append(
+                (
+                    "spec.guidance_scale",
+                    f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}",
+                )
+            )
         if spec.language and spec.language not in m.languages:
-            violations.append(("spec.language", f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}"))
+            violations.append(
+                (
+                    "spec.language",
+                    f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}",
+                )
+            )
         if violations:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         if not spec.HasField("seed"):
@@ -230,7 +272,9 @@ class VideoGateway:
         with self._cv:
             if len(self._heap) >= self.settings.queue_size:
                 raise ResourceExhausted(
-                    f"the queue is full ({self.settings.queue_size} jobs); retry later", retry_after=5.0, reason="QUEUE_FULL"
+                    f"the queue is full ({self.settings.queue_size} jobs); retry later",
+                    retry_after=5.0,
+                    reason="QUEUE_FULL",
                 )
             stored = self.store.create(job)
             if stored is not job:  # idempotent replay of the same request id
@@ -238,7 +282,9 @@ class VideoGateway:
             heapq.heappush(self._heap, _Queued(self._priority(tier), next(self._seq), job.id))
             position = len(self._heap)
             self.store.update(job.id, lambda v: setattr(v, "queue_position", position))
-            self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=position)))
+            self.store.append_event(
+                job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=position))
+            )
             self._cv.notify()
         return self.get(tenant, job.id)
 
@@ -307,7 +353,9 @@ class VideoGateway:
                     return self.get(tenant, video_id)
         return self.get(tenant, video_id)
 
-    def regenerate(self, tenant: str, video_id: str, seed: int | None, request_id: str, tier: str) -> gateway_pb2.Video:
+    def regenerate(
+        self, tenant: str, video_id: str, seed: int | None, request_id: str, tier: str
+    ) -> gateway_pb2.Video:
         old = self.store.get(tenant, video_id).video
         spec = common_pb2.VideoSpec()
         spec.CopyFrom(old.spec)
@@ -335,7 +383,11 @@ class VideoGateway:
     def _finish_cancelled(self, job_id: str, why: str) -> None:
         def mut(v):
             v.status = common_pb2.CANCELLED
-            v.error.CopyFrom(gateway_pb2.VideoError(code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"))
+            v.error.CopyFrom(
+                gateway_pb2.VideoError(
+                    code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"
+                )
+            )
 
         self.store.update(job_id, mut)
         self.store.append_event(job_id, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
@@ -350,7 +402,9 @@ class VideoGateway:
                 item = heapq.heappop(self._heap)
                 job_id = item.job_id
                 ctl = JobControl(
-                    report=lambda stage, step, total, pct, _id=job_id: self._progress(_id, stage, step, total, pct),
+                    report=lambda stage, step, total, pct, _id=job_id: self._progress(
+                        _id, stage, step, total, pct
+                    ),
                     stage=lambda stage, _id=job_id: self._stage(_id, stage),
                     deadline=time.monotonic() + self.settings.job_timeout,
                 )
@@ -375,12 +429,17 @@ class VideoGateway:
             v.progress = max(v.progress, lo)
 
         self.store.update(job_id, mut)
-        self.store.append_event(job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage)))
+        self.store.append_event(
+            job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage))
+        )
 
     def _progress(self, job_id: str, stage: int, step: int, total: int, pct: float) -> None:
         self.store.update(job_id, lambda v: setattr(v, "progress", max(v.progress, pct)))
         self.store.append_event(
-            job_id, gateway_pb2.VideoEvent(progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct))
+            job_id,
+            gateway_pb2.VideoEvent(
+                progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct)
+            ),
         )
 
     def _execute(self, job_id: str, ctl: JobControl) -> None:
@@ -414,7 +473,12 @@ class VideoGateway:
 
         final = self.store.update(job_id, done)
         self.store.append_event(job_id, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed(video=final)))
-        log.info("job %s %s in %s", job_id, common_pb2.VideoStatus.Name(final.status), {k: round(v, 2) for k, v in outcome.seconds.items()})
+        log.info(
+            "job %s %s in %s",
+            job_id,
+            common_pb2.VideoStatus.Name(final.status),
+            {k: round(v, 2) for k, v in outcome.seconds.items()},
+        )
 
     def _fail(self, job_id: str, err: VideomeshError) -> None:
         code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else int(err.code)
@@ -428,7 +492,14 @@ class VideoGateway:
             v.error.CopyFrom(gateway_pb2.VideoError(code=code, message=err.message, reason=reason))
 
         self.store.update(job_id, mut)
-        self.store.append_event(job_id, gateway_pb2.VideoEvent(failed=gateway_pb2.Failed(error=gateway_pb2.VideoError(code=code, message=err.message, reason=reason))))
+        self.store.append_event(
+            job_id,
+            gateway_pb2.VideoEvent(
+                failed=gateway_pb2.Failed(
+                    error=gateway_pb2.VideoError(code=code, message=err.message, reason=reason)
+                )
+            ),
+        )
 
 
 def _start(v: gateway_pb2.Video) -> None:

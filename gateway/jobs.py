@@ -104,7 +104,11 @@ class MemoryJobStore(JobStore):
 
     def list(self, tenant: str, *, status: int = 0, limit: int = 20, offset: int = 0) -> list[Job]:
         with self._cond:
-            jobs = [j for j in self._jobs.values() if j.tenant == tenant and (not status or j.video.status == status)]
+            jobs = [
+                j
+                for j in self._jobs.values()
+                if j.tenant == tenant and (not status or j.video.status == status)
+            ]
         jobs.sort(key=lambda j: (j.video.create_time.ToNanoseconds(), j.id), reverse=True)
         return jobs[offset : offset + limit]
 

@@ -24,7 +24,9 @@ def ffmpeg_exe() -> str:
 class Mp4Writer:
     """Streams RGB frames into an H.264 (yuv420p, faststart) MP4 that browsers play."""
 
-    def __init__(self, path: Path, *, width: int, height: int, fps: float, crf: int = 18, preset: str = "veryfast"):
+    def __init__(
+        self, path: Path, *, width: int, height: int, fps: float, crf: int = 18, preset: str = "veryfast"
+    ):
         if width % 2 or height % 2:
             raise ValueError(f"yuv420p needs even sides; got {width}x{height}")
         self.path = Path(path)
@@ -46,7 +48,9 @@ class Mp4Writer:
 
     def write(self, frame: np.ndarray) -> None:
         if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
-            raise ValueError(f"frame must be ({self.height}, {self.width}, 3) uint8; got {frame.shape} {frame.dtype}")
+            raise ValueError(
+                f"frame must be ({self.height}, {self.width}, 3) uint8; got {frame.shape} {frame.dtype}"
+            )
         try:
             self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
         except BrokenPipeError as err:

@@ -159,7 +159,9 @@ class Pipeline:
         t0 = time.perf_counter()
         ctl.check()
         ctl.stage(common_pb2.STAGE_TEXT_ENCODING)
-        enc = self.ds.encoder.Encode(encoder_pb2.EncodeRequest(texts=[plan.prompt, plan.negative]), timeout=ctl.remaining())
+        enc = self.ds.encoder.Encode(
+            encoder_pb2.EncodeRequest(texts=[plan.prompt, plan.negative]), timeout=ctl.remaining()
+        )
         emb = codec.to_numpy(enc.embeddings, name="embeddings")
         mask = codec.to_numpy(enc.mask, name="mask")
         secs["encode"] = time.perf_counter() - t0
@@ -191,7 +193,9 @@ class Pipeline:
             kind = ev.WhichOneof("event")
             if kind == "progress":
                 p = ev.progress
-                ctl.report(common_pb2.STAGE_DENOISING, p.step, p.total, lo + (hi - lo) * p.step / max(1, p.total))
+                ctl.report(
+                    common_pb2.STAGE_DENOISING, p.step, p.total, lo + (hi - lo) * p.step / max(1, p.total)
+                )
             elif kind == "frames":
                 base.extend(asm.add(ev.frames))
         ctl.check()
@@ -224,7 +228,9 @@ class Pipeline:
 
         def qc_requests():
             yield qc_pb2.InspectRequest(
-                settings=qc_pb2.InspectSettings(fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames)
+                settings=qc_pb2.InspectSettings(
+                    fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames
+                )
             )
             while (item := qc_q.get()) is not end:
                 yield qc_pb2.InspectRequest(frames=item)
@@ -246,9 +252,15 @@ class Pipeline:
                         pending.append(frame)
                         n_out += 1
                         if len(pending) == QC_FRAMES_PER_CHUNK:
-                            self._put(qc_q, next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))), ctl)
+                            self._put(
+                                qc_q,
+                                next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))),
+                                ctl,
+                            )
                             pending = []
-                    ctl.report(common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames)
+                    ctl.report(
+                        common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames
+                    )
                 if pending:
                     for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
                         self._put(qc_q, c, ctl)

@@ -26,7 +26,9 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         video = self.gw.create(t.name, request.spec, request.request_id, tier=t.tier)
         finished = False
         # The job belongs to this stream: if the client goes away (cancel, deadline), cancel it.
-        context.add_callback(lambda: finished or self.gw.cancel_quietly(video.id, "the GenerateVideo stream ended"))
+        context.add_callback(
+            lambda: finished or self.gw.cancel_quietly(video.id, "the GenerateVideo stream ended")
+        )
         for ev in self.gw.events(t.name, video.id, 0, context.is_active):
             if ev.WhichOneof("event") in ("completed", "failed", "cancelled"):
                 finished = True
@@ -41,7 +43,10 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
 
     def ListVideos(self, request, context):
         videos, token = self.gw.list(
-            self._tenant(context).name, page_size=request.page_size, page_token=request.page_token, status=request.status
+            self._tenant(context).name,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=request.status,
         )
         return gateway_pb2.ListVideosResponse(videos=videos, next_page_token=token)
 

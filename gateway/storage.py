@@ -36,7 +36,9 @@ def digests(path: Path) -> tuple[str, str, int]:
 
 class Storage(ABC):
     @abstractmethod
-    def put_file(self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None) -> StoredObject: ...
+    def put_file(
+        self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None
+    ) -> StoredObject: ...
 
     @abstractmethod
     def url(self, key: str) -> str: ...
@@ -56,7 +58,9 @@ class LocalStorage(Storage):
             raise ValueError(f"object key escapes the storage root: {key!r}")
         return p
 
-    def put_file(self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None) -> StoredObject:
+    def put_file(
+        self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None
+    ) -> StoredObject:
         sha, md5, size = digests(path)
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)

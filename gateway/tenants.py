@@ -42,7 +42,9 @@ class TenantDirectory:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"tenants": [asdict(t) for t in self._tenants.values()], "keys": self._keys}, indent=1))
+        tmp.write_text(
+            json.dumps({"tenants": [asdict(t) for t in self._tenants.values()], "keys": self._keys}, indent=1)
+        )
         tmp.chmod(0o600)
         tmp.replace(self.path)
 
@@ -56,7 +58,9 @@ class TenantDirectory:
     def add(self, name: str, tier: str = "free") -> str:
         """Create (or update the tier of) a tenant and issue a new key; returns the key."""
         if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise InvalidArgument(f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name")
+            raise InvalidArgument(
+                f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name"
+            )
         with self._lock:
             self._tenants[name] = Tenant(name, tier)
             key = KEY_PREFIX + secrets.token_urlsafe(24)
@@ -66,7 +70,9 @@ class TenantDirectory:
 
     def list(self) -> list[tuple[Tenant, list[dict]]]:
         with self._lock:
-            return [(t, [k for k in self._keys.values() if k["tenant"] == t.name]) for t in self._tenants.values()]
+            return [
+                (t, [k for k in self._keys.values() if k["tenant"] == t.name]) for t in self._tenants.values()
+            ]
 
     def revoke(self, name: str) -> int:
         """Revoke every key of a tenant; returns how many."""

@@ -28,7 +28,9 @@ def _err(msg: str) -> None:
 def _spec(args):
     from videomesh.v1 import common_pb2
 
-    spec = common_pb2.VideoSpec(prompt=args.prompt, negative_prompt=args.negative or "", style=args.style or "")
+    spec = common_pb2.VideoSpec(
+        prompt=args.prompt, negative_prompt=args.negative or "", style=args.style or ""
+    )
     if args.seed is not None:
         spec.seed = args.seed
     if args.duration:
@@ -93,7 +95,12 @@ def generate(address: str, args) -> int:
                 if kind == "queued":
                     bar.update(task, description=f"queued #{ev.queued.position}")
                 elif kind == "stage_started":
-                    name = common_pb2.Stage.Name(ev.stage_started.stage).removeprefix("STAGE_").lower().replace("_", " ")
+                    name = (
+                        common_pb2.Stage.Name(ev.stage_started.stage)
+                        .removeprefix("STAGE_")
+                        .lower()
+                        .replace("_", " ")
+                    )
                     bar.update(task, description=name)
                 elif kind == "progress":
                     bar.update(task, completed=ev.progress.percent)
@@ -126,7 +133,9 @@ def generate(address: str, args) -> int:
     if video.status == common_pb2.NEEDS_REVIEW:
         failed = [f"{c.name} ({c.detail})" for c in video.quality.checks if not c.passed]
         print(f"warning: quality gate flagged this video for review: {'; '.join(failed)}", file=sys.stderr)
-    print(f"video {video.id}: {r.width}x{r.height}, {r.num_frames} frames at {r.fps:g} fps, sha256 {r.sha256[:16]}…")
+    print(
+        f"video {video.id}: {r.width}x{r.height}, {r.num_frames} frames at {r.fps:g} fps, sha256 {r.sha256[:16]}…"
+    )
     print(f"wrote {out.resolve()}")
     return 0
 
@@ -155,7 +164,10 @@ def cmd_up(args) -> int:
     for n, a in mesh.addresses.items():
         if n != "gateway":
             print(f"  {n:<9} {a}", flush=True)
-    print(f"dev tenant key in {Path(args.data_dir).resolve() / 'dev-api-key'}; Ctrl-C stops everything", flush=True)
+    print(
+        f"dev tenant key in {Path(args.data_dir).resolve() / 'dev-api-key'}; Ctrl-C stops everything",
+        flush=True,
+    )
     try:
         while not stop.wait(0.5):
             for n, p in mesh.procs.items():
@@ -198,7 +210,9 @@ def cmd_health(args) -> int:
         stub = health_pb2_grpc.HealthStub(ch)
         for name in ("gateway", "encoder", "denoiser", "upscaler", "qc"):
             try:
-                st = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=args.timeout).status
+                st = stub.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=args.timeout
+                ).status
                 label = health_pb2.HealthCheckResponse.ServingStatus.Name(st)
             except grpc.RpcError as e:
                 st, label = 0, f"UNREACHABLE ({e.code().name})"
@@ -248,7 +262,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="videomesh", description="Text-to-video through a mesh of gRPC services.")
+    p = argparse.ArgumentParser(
+        prog="videomesh", description="Text-to-video through a mesh of gRPC services."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start every service locally on loopback")

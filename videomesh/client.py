@@ -21,7 +21,9 @@ GATEWAY_ENV = "VIDEOMESH_GATEWAY"
 DEV_KEY_FILE = Path(os.environ.get("VIDEOMESH_HOME", Path.home() / ".videomesh")) / "dev-api-key"
 
 
-def retry_service_config(services: list[str], *, attempts: int = 4, initial: float = 0.2, maximum: float = 2.0) -> str:
+def retry_service_config(
+    services: list[str], *, attempts: int = 4, initial: float = 0.2, maximum: float = 2.0
+) -> str:
     return json.dumps(
         {
             "methodConfig": [
@@ -83,25 +85,41 @@ class VideoClient:
     def __exit__(self, *exc):
         self.close()
 
-    def create(self, spec: common_pb2.VideoSpec, request_id: str = "", timeout: float | None = 30) -> gateway_pb2.Video:
+    def create(
+        self, spec: common_pb2.VideoSpec, request_id: str = "", timeout: float | None = 30
+    ) -> gateway_pb2.Video:
         return self.stub.CreateVideo(
-            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id), metadata=self._metadata, timeout=timeout
+            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id),
+            metadata=self._metadata,
+            timeout=timeout,
         )
 
-    def generate(self, spec: common_pb2.VideoSpec, request_id: str = "", timeout: float | None = None) -> Iterator[gateway_pb2.VideoEvent]:
+    def generate(
+        self, spec: common_pb2.VideoSpec, request_id: str = "", timeout: float | None = None
+    ) -> Iterator[gateway_pb2.VideoEvent]:
         return self.stub.GenerateVideo(
-            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id), metadata=self._metadata, timeout=timeout
+            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id),
+            metadata=self._metadata,
+            timeout=timeout,
         )
 
-    def watch(self, video_id: str, after: int = 0, timeout: float | None = None) -> Iterator[gateway_pb2.VideoEvent]:
+    def watch(
+        self, video_id: str, after: int = 0, timeout: float | None = None
+    ) -> Iterator[gateway_pb2.VideoEvent]:
         return self.stub.WatchVideo(
-            gateway_pb2.WatchVideoRequest(id=video_id, after_sequence=after), metadata=self._metadata, timeout=timeout
+            gateway_pb2.WatchVideoRequest(id=video_id, after_sequence=after),
+            metadata=self._metadata,
+            timeout=timeout,
         )
 
     def get(self, video_id: str) -> gateway_pb2.Video:
-        return self.stub.GetVideo(gateway_pb2.GetVideoRequest(id=video_id), metadata=self._metadata, timeout=30)
+        return self.stub.GetVideo(
+            gateway_pb2.GetVideoRequest(id=video_id), metadata=self._metadata, timeout=30
+        )
 
-    def list(self, page_size: int = 20, page_token: str = "", status: int = 0) -> gateway_pb2.ListVideosResponse:
+    def list(
+        self, page_size: int = 20, page_token: str = "", status: int = 0
+    ) -> gateway_pb2.ListVideosResponse:
         return self.stub.ListVideos(
             gateway_pb2.ListVideosRequest(page_size=page_size, page_token=page_token, status=status),
             metadata=self._metadata,
@@ -109,7 +127,9 @@ class VideoClient:
         )
 
     def cancel(self, video_id: str) -> gateway_pb2.Video:
-        return self.stub.CancelVideo(gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=30)
+        return self.stub.CancelVideo(
+            gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=30
+        )
 
     def regenerate(self, video_id: str, seed: int | None = None, request_id: str = "") -> gateway_pb2.Video:
         req = gateway_pb2.RegenerateVideoRequest(id=video_id, request_id=request_id)

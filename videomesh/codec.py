@@ -98,16 +98,22 @@ def expect(msg: pb.Tensor, *, name: str, dtypes: Iterable[int], ndim: int) -> No
     allowed = list(dtypes)
     if msg.dtype not in allowed:
         names = ", ".join(pb.DType.Name(d) for d in allowed)
-        raise InvalidArgument(f"{name}: dtype must be one of {names}; got {pb.DType.Name(msg.dtype)}", field=f"{name}.dtype")
+        raise InvalidArgument(
+            f"{name}: dtype must be one of {names}; got {pb.DType.Name(msg.dtype)}", field=f"{name}.dtype"
+        )
     if len(msg.shape) != ndim:
-        raise InvalidArgument(f"{name}: expected {ndim} dimensions, got shape {list(msg.shape)}", field=f"{name}.shape")
+        raise InvalidArgument(
+            f"{name}: expected {ndim} dimensions, got shape {list(msg.shape)}", field=f"{name}.shape"
+        )
     _check(msg, name)
 
 
 # --- frames -------------------------------------------------------------------------------
 
 
-def frame_chunks(frames: np.ndarray, *, start: int = 0, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.FrameChunk]:
+def frame_chunks(
+    frames: np.ndarray, *, start: int = 0, max_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[pb.FrameChunk]:
     """Split (T, H, W, 3) uint8 frames into chunks of at most max_bytes of pixels.
 
     Several whole frames share a chunk when they fit; a frame larger than max_bytes
@@ -120,13 +126,17 @@ def frame_chunks(frames: np.ndarray, *, start: int = 0, max_bytes: int = MAX_CHU
     if frame_bytes <= max_bytes:
         per = max(1, max_bytes // frame_bytes)
         for i in range(0, t, per):
-            yield pb.FrameChunk(frame_index=start + i, row_offset=0, frame_height=h, pixels=to_proto(frames[i : i + per]))
+            yield pb.FrameChunk(
+                frame_index=start + i, row_offset=0, frame_height=h, pixels=to_proto(frames[i : i + per])
+            )
     else:
         rows = max(1, max_bytes // (w * 3))
         for i in range(t):
             for r in range(0, h, rows):
                 band = frames[i : i + 1, r : r + rows]
-                yield pb.FrameChunk(frame_index=start + i, row_offset=r, frame_height=h, pixels=to_proto(band))
+                yield pb.FrameChunk(
+                    frame_index=start + i, row_offset=r, frame_height=h, pixels=to_proto(band)
+                )
 
 
 class FrameAssembler:

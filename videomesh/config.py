@@ -56,7 +56,9 @@ def _convert(raw: Any, typ: Any, where: str) -> Any:
         raise ConfigError(f"{where}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from err
 
 
-def load(cls: type[T], prefix: str, *, file: str | Path | None = None, env: dict | None = None, **overrides) -> T:
+def load(
+    cls: type[T], prefix: str, *, file: str | Path | None = None, env: dict | None = None, **overrides
+) -> T:
     """Build `cls` from defaults < TOML table < environment < keyword overrides."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}

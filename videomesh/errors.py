@@ -103,7 +103,9 @@ def to_status(err: VideomeshError) -> grpc.Status:
     details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))]
     if err.violations:
         br = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in err.violations]
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in err.violations
+            ]
         )
         details.append(_pack(br))
     if err.retry_after is not None:

@@ -93,7 +93,9 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         from services.upscaler.upscaler import SpatialUpscaler
 
         spatial = SpatialUpscaler(settings)
-        server = create_server([registration(UpscalerServicer(spatial))], host=settings.host, port=settings.port)
+        server = create_server(
+            [registration(UpscalerServicer(spatial))], host=settings.host, port=settings.port
+        )
         return server, spatial.load, lambda: None
     if name == "qc":
         from services.qc.servicer import QualityCheckServicer, registration
@@ -108,7 +110,9 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
 
         gw = VideoGateway(settings)
         tenants = TenantDirectory(Path(settings.data_dir) / "tenants.json")
-        server = create_server([registration(VideoServiceServicer(gw, tenants))], host=settings.host, port=settings.port)
+        server = create_server(
+            [registration(VideoServiceServicer(gw, tenants))], host=settings.host, port=settings.port
+        )
         server.gateway = gw
         server.tenants = tenants
         monitor = DownstreamMonitor(server, gw.downstreams.channels)

@@ -67,14 +67,18 @@ class LocalMesh:
         log = open(self.log_dir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", "videomesh.launch", name, "--port-file", str(port_file), *args,
                *self.extra_args.get(name, [])]  # fmt: skip
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         return port_file
 
     def _port(self, name: str, port_file: Path, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with code {self.procs[name].returncode}; see {self.log_dir / (name + '.log')}")
+                raise RuntimeError(
+                    f"{name} exited with code {self.procs[name].returncode}; see {self.log_dir / (name + '.log')}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not bind a port in {timeout:.0f}s")
             time.sleep(0.05)
@@ -105,7 +109,9 @@ class LocalMesh:
                 gw_args = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
                 for n in DOWNSTREAMS:
                     gw_args += [f"--{n}", self.addresses[n]]
-                self.addresses["gateway"] = self._port("gateway", self._spawn("gateway", gw_args, tmp), timeout)
+                self.addresses["gateway"] = self._port(
+                    "gateway", self._spawn("gateway", gw_args, tmp), timeout
+                )
                 for n in (*DOWNSTREAMS, "gateway"):
                     wait_serving(self.addresses[n], SERVICE_NAMES[n], timeout, self.procs[n])
             except BaseException:

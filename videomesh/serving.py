@@ -107,7 +107,9 @@ class Server:
         return self
 
     def set_serving(self, serving: bool = True) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in self.service_names:
             self.health.set(name, status)
         self.health.set("", status)

@@ -121,22 +121,35 @@ class DenoiserEngine:
     def check(self, job: DenoiseJob, encoder_model: str = "") -> None:
         cfg = self.cfg
         td = cfg.unet.text_dim
-        for name, t, m in (("text_embeddings", job.text, job.text_mask), ("negative_embeddings", job.negative, job.negative_mask)):
+        for name, t, m in (
+            ("text_embeddings", job.text, job.text_mask),
+            ("negative_embeddings", job.negative, job.negative_mask),
+        ):
             if t.ndim != 3 or t.shape[0] != 1 or t.shape[2] != td:
                 raise InvalidArgument(f"{name}: expected shape (1, L, {td}); got {list(t.shape)}", field=name)
             mname = name.replace("embeddings", "mask")
             if m.ndim != 2 or m.shape != t.shape[:2] or m.dtype != torch.bool:
-                raise InvalidArgument(f"{mname}: expected bool shape {list(t.shape[:2])}; got {list(m.shape)} {m.dtype}", field=mname)
+                raise InvalidArgument(
+                    f"{mname}: expected bool shape {list(t.shape[:2])}; got {list(m.shape)} {m.dtype}",
+                    field=mname,
+                )
         if job.frames != cfg.frames:
-            raise InvalidArgument(f"num_frames: this model generates {cfg.frames} frames; got {job.frames}", field="num_frames")
+            raise InvalidArgument(
+                f"num_frames: this model generates {cfg.frames} frames; got {job.frames}", field="num_frames"
+            )
         if (job.width, job.height) != (cfg.width, cfg.height):
             raise InvalidArgument(
-                f"size: this model generates {cfg.width}x{cfg.height}; got {job.width}x{job.height}", field="width"
+                f"size: this model generates {cfg.width}x{cfg.height}; got {job.width}x{job.height}",
+                field="width",
             )
         if not 1 <= job.steps <= cfg.max_steps:
-            raise InvalidArgument(f"num_steps must be in 1..{cfg.max_steps}; got {job.steps}", field="num_steps")
+            raise InvalidArgument(
+                f"num_steps must be in 1..{cfg.max_steps}; got {job.steps}", field="num_steps"
+            )
         if not 0 <= job.guidance <= 30 or not np.isfinite(job.guidance):
-            raise InvalidArgument(f"guidance_scale must be in 0..30 (0 = default); got {job.guidance}", field="guidance_scale")
+            raise InvalidArgument(
+                f"guidance_scale must be in 0..30 (0 = default); got {job.guidance}", field="guidance_scale"
+            )
         if encoder_model and encoder_model != self.encoder_model:
             raise FailedPrecondition(
                 f"text embeddings come from encoder {encoder_model}, but this denoiser was trained with "

@@ -57,7 +57,9 @@ class ModelConfig:
 MODELS = {
     "tiny": ModelConfig(
         name="tiny",
-        unet=UNetConfig(base=16, mults=(1, 2), attn=(False, True), heads=2, text_dim=32, emb_dim=32, max_frames=8),
+        unet=UNetConfig(
+            base=16, mults=(1, 2), attn=(False, True), heads=2, text_dim=32, emb_dim=32, max_frames=8
+        ),
         encoder="tiny",
         frames=4,
         height=16,
@@ -105,7 +107,12 @@ class ResBlock(nn.Module):
         h = self.conv2(F.silu(h))
         bt, c, hh, ww = h.shape
         # (B*T, C, H, W) -> (B*H*W, C, T)
-        t = self.tnorm(h).reshape(bt // frames, frames, c, hh, ww).permute(0, 3, 4, 2, 1).reshape(-1, c, frames)
+        t = (
+            self.tnorm(h)
+            .reshape(bt // frames, frames, c, hh, ww)
+            .permute(0, 3, 4, 2, 1)
+            .reshape(-1, c, frames)
+        )
         t = self.tconv(F.silu(t))
         # (B*H*W, C, T) -> (B*T, C, H, W)
         t = t.reshape(bt // frames, hh, ww, c, frames).permute(0, 4, 3, 1, 2).reshape(bt, c, hh, ww)
@@ -230,7 +237,9 @@ class UNet(nn.Module):
         cin = chans[0]
         for i, c in enumerate(chans):
             self.down.append(Level(cin, c, cfg, cfg.attn[i]))
-            self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chans) - 1 else nn.Identity())
+            self.downsample.append(
+                nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(chans) - 1 else nn.Identity()
+            )
             cin = c
         self.mid = Level(cin, cin, cfg, True)
         self.up = nn.ModuleList()
@@ -242,15 +251,21 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         b, frames, c, h, w = x.shape
         if frames > self.cfg.max_frames:
             raise ValueError(f"at most {self.cfg.max_frames} frames; got {frames}")
         if h % (2 ** (len(self.cfg.mults) - 1)) or w % (2 ** (len(self.cfg.mults) - 1)):
-            raise ValueError(f"height and width must be multiples of {2 ** (len(self.cfg.mults) - 1)}; got {h}x{w}")
+            raise ValueError(
+                f"height and width must be multiples of {2 ** (len(self.cfg.mults) - 1)}; got {h}x{w}"
+            )
         m = mask.to(text.dtype).unsqueeze(-1)
         pooled = (text * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
-        temb = self.time_mlp(timestep_embedding(t, self.cfg.emb_dim).to(x.dtype)) + self.text_proj(pooled)  # (B, E)
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.emb_dim).to(x.dtype)) + self.text_proj(
+            pooled
+        )  # (B, E)
         fpos = self.frame_pos[:frames].unsqueeze(0).expand(b, -1, -1)  # (B, T, E)
         femb = self.frame_mlp(torch.cat([fpos, temb.unsqueeze(1).expand(-1, frames, -1)], dim=-1))
         emb = (temb.unsqueeze(1) + femb).reshape(b * frames, -1)  # (B*T, E)

@@ -54,7 +54,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         done = object()
 
         def on_step(step, total, expert, t):
-            events.put(denoiser_pb2.DenoiseEvent(progress=denoiser_pb2.StepProgress(step=step, total=total, expert=expert, sigma=t)))
+            events.put(
+                denoiser_pb2.DenoiseEvent(
+                    progress=denoiser_pb2.StepProgress(step=step, total=total, expert=expert, sigma=t)
+                )
+            )
 
         def work():
             with self._active_lock:
@@ -88,7 +92,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     for chunk in codec.frame_chunks(frames):
                         yield denoiser_pb2.DenoiseEvent(frames=chunk)
                     yield denoiser_pb2.DenoiseEvent(
-                        done=denoiser_pb2.DenoiseDone(num_frames=len(frames), fps=self.engine.cfg.fps, seconds=seconds)
+                        done=denoiser_pb2.DenoiseDone(
+                            num_frames=len(frames), fps=self.engine.cfg.fps, seconds=seconds
+                        )
                     )
         finally:
             stop.set()  # a consumer that went away stops the sampler at the next step
@@ -118,5 +124,3 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
 def registration(servicer: DenoiserServicer):
     return (denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer, SERVICE_NAME)
-
-

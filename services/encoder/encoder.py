@@ -52,7 +52,9 @@ class TextEncoding:
         if not texts:
             raise InvalidArgument("texts: give at least one text", field="texts")
         if len(texts) > MAX_BATCH:
-            raise InvalidArgument(f"texts: at most {MAX_BATCH} texts per call; got {len(texts)}", field="texts")
+            raise InvalidArgument(
+                f"texts: at most {MAX_BATCH} texts per call; got {len(texts)}", field="texts"
+            )
         for i, t in enumerate(texts):
             if len(t) > MAX_PROMPT_CHARS:
                 raise InvalidArgument(

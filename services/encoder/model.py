@@ -73,7 +73,9 @@ class Block(nn.Module):
         self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, batch_first=True)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.dim * cfg.mlp_ratio), nn.GELU(), nn.Linear(cfg.dim * cfg.mlp_ratio, cfg.dim)
+            nn.Linear(cfg.dim, cfg.dim * cfg.mlp_ratio),
+            nn.GELU(),
+            nn.Linear(cfg.dim * cfg.mlp_ratio, cfg.dim),
         )
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -113,4 +115,12 @@ def pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-__all__ = ["TEXT_ENCODERS", "TextEncoder", "TextEncoderConfig", "detect_language", "normalize", "pooled", "tokenize"]
+__all__ = [
+    "TEXT_ENCODERS",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "detect_language",
+    "normalize",
+    "pooled",
+    "tokenize",
+]

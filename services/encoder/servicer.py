@@ -16,7 +16,10 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
     def Encode(self, request, context):
         states, mask, langs = self.encoding.encode(list(request.texts))
         return encoder_pb2.EncodeResponse(
-            embeddings=codec.to_proto(states), mask=codec.to_proto(mask), model=self.encoding.name, languages=langs
+            embeddings=codec.to_proto(states),
+            mask=codec.to_proto(mask),
+            model=self.encoding.name,
+            languages=langs,
         )
 
 

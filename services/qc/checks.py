@@ -72,11 +72,23 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
 
     black = luma < th.black_luma
     checks.append(
-        Check("black_frames", float(black.mean()) if n else 0.0, not black.any(), f"{int(black.sum())} of {n} frames are black", _runs(black))
+        Check(
+            "black_frames",
+            float(black.mean()) if n else 0.0,
+            not black.any(),
+            f"{int(black.sum())} of {n} frames are black",
+            _runs(black),
+        )
     )
     white = luma > th.white_luma
     checks.append(
-        Check("white_frames", float(white.mean()) if n else 0.0, not white.any(), f"{int(white.sum())} of {n} frames are blown out", _runs(white))
+        Check(
+            "white_frames",
+            float(white.mean()) if n else 0.0,
+            not white.any(),
+            f"{int(white.sum())} of {n} frames are blown out",
+            _runs(white),
+        )
     )
 
     # flicker: a luma jump up then back down (or down then up) much larger than the clip's typical change
@@ -108,7 +120,8 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
             "frozen",
             motion,
             not frozen.any() and not still,
-            ("no motion although the prompt asks for it; " if still else "") + f"{int(frozen.sum())} frames in identical runs",
+            ("no motion although the prompt asks for it; " if still else "")
+            + f"{int(frozen.sum())} frames in identical runs",
             _runs(frozen) if frozen.any() else ([(0, n)] if still else []),
         )
     )

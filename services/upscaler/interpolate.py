@@ -27,7 +27,9 @@ def _flow(a_gray: np.ndarray, b_gray: np.ndarray) -> np.ndarray:
 
 def _warp(img: np.ndarray, flow: np.ndarray, grid: np.ndarray) -> np.ndarray:
     m = grid + flow
-    return cv2.remap(img, m[..., 0], m[..., 1], interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(
+        img, m[..., 0], m[..., 1], interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def _grid(h: int, w: int) -> np.ndarray:

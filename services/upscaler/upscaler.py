@@ -44,14 +44,18 @@ class UpscalePlan:
 
     def validate(self) -> None:
         if self.input_frames <= 0:
-            raise InvalidArgument(f"input_frames must be positive; got {self.input_frames}", field="settings.input_frames")
+            raise InvalidArgument(
+                f"input_frames must be positive; got {self.input_frames}", field="settings.input_frames"
+            )
         if not (0 < self.width <= MAX_SIDE and 0 < self.height <= MAX_SIDE):
             raise InvalidArgument(
-                f"output size must be within 1..{MAX_SIDE} per side; got {self.width}x{self.height}", field="settings.output_width"
+                f"output size must be within 1..{MAX_SIDE} per side; got {self.width}x{self.height}",
+                field="settings.output_width",
             )
         if not 0 < self.output_frames <= MAX_OUTPUT_FRAMES:
             raise InvalidArgument(
-                f"output_frames must be in 1..{MAX_OUTPUT_FRAMES}; got {self.output_frames}", field="settings.output_frames"
+                f"output_frames must be in 1..{MAX_OUTPUT_FRAMES}; got {self.output_frames}",
+                field="settings.output_frames",
             )
 
 
@@ -72,7 +76,9 @@ class SpatialUpscaler:
         return cv2.resize(frame, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def upscale_stream(plan: UpscalePlan, frames: Iterator[np.ndarray], spatial: SpatialUpscaler) -> Iterator[np.ndarray]:
+def upscale_stream(
+    plan: UpscalePlan, frames: Iterator[np.ndarray], spatial: SpatialUpscaler
+) -> Iterator[np.ndarray]:
     """Consume input frames in order, yield output frames in order."""
     plan.validate()
     positions = output_positions(plan.input_frames, plan.output_frames)
