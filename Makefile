@@ -25,5 +25,13 @@ test-fast: install
 protos:
 	$(BIN)/python scripts/gen_protos.py
 
+# Reproduce the shipped weights from scratch (resumable: rerun to continue from checkpoints/).
+train: install
+	$(BIN)/videomesh train
+
+# Prompt adherence on held-out phrasings, through the real mesh; prints the model-card table.
+eval: install
+	$(BIN)/videomesh eval --json eval-results.json
+
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

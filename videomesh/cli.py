@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run one service (encoder, denoiser, upscaler, qc, gateway)")
     s.add_argument("name", choices=["encoder", "denoiser", "upscaler", "qc", "gateway"])
 
+    sub.add_parser("train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False)
+    sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
+
     t = sub.add_parser("tenants", help="manage tenants and API keys")
     t.add_argument("action", choices=["add", "list", "revoke", "rotate"])
     t.add_argument("name", nargs="?")
@@ -300,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args, rest)
+    if args.cmd == "train":
+        from services.denoiser.train import main as train_main
+
+        return train_main(rest)
+    if args.cmd == "eval":
+        from services.denoiser.evaluate import main as eval_main
+
+        return eval_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "tenants" and args.action != "list" and not args.name:

@@ -43,6 +43,7 @@ class TextEncoding:
         model = TextEncoder(TEXT_ENCODERS[self.settings.model]).eval()
         path = self.settings.weights or WEIGHTS_DIR / f"{self.settings.model}.safetensors"
         version = load_into(model, path)
+        model.encode([""])  # warm up (and load MiniLM, where fused) before SERVING
         self.model = model
         self.name = f"{self.settings.model}@{version}"
 

@@ -1,0 +1,264 @@
+"""`videomesh train` / `make train`: reproduce the shipped default model from scratch.
+
+1. Pretrain the text encoder on world captions (services/encoder/train.py).
+2. Train one U-Net on all noise levels with the flow-matching loss (the shared phase).
+3. Fork it into the two experts, as Wan2.2 forks Wan2.1: the high-noise expert fine-tunes on
+   t >= boundary (layout and motion), the low-noise expert on t < boundary (detail).
+
+Data come from the procedural world (videomesh.world), rendered on the fly. Every
+`eval_every` steps the EMA weights sample held-out prompts in each language and the
+independent detector scores colour / shape / motion, so adherence is logged, not only the
+loss. Checkpoints make the run resumable (a run may span sessions); the final EMA weights
+are written as safetensors next to the services.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from services.denoiser.model import MODELS, MoEDenoiser, count_parameters
+from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
+from services.encoder.model import TEXT_ENCODERS, TextEncoder, tokenize
+from services.encoder.train import TextTrainConfig, train_text_encoder
+from videomesh import weights
+from videomesh.world import LANGS, caption, detect, heldout_prompts, render_clip, sample_spec, score
+
+log = logging.getLogger("videomesh.train")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "default"
+    seed: int = 0
+    text: TextTrainConfig = field(default_factory=TextTrainConfig)
+    steps: int = 5000  # denoiser optimiser steps in all
+    expert_fraction: float = 0.3  # the last 30% fine-tune the two experts separately
+    batch: int = 16
+    lr: float = 3e-4
+    warmup: int = 200
+    ema: float = 0.999
+    cfg_dropout: float = 0.1
+    texture_prob: float = 0.3
+    eval_every: int = 500
+    eval_per_lang: int = 8
+    ckpt_every: int = 200
+    out: Path = ROOT / "checkpoints" / "default"
+    threads: int = 2
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tensor, list[str]]:
+    """-> clips (B, T, 3, H, W) in [-1, 1] and one caption per clip (random language)."""
+    clips, texts = [], []
+    for _ in range(cfg.batch):
+        spec = sample_spec(rng)
+        frames = render_clip(spec, num_frames=mcfg.frames, height=mcfg.height, width=mcfg.width, rng=rng,
+                             texture=bool(rng.random() < cfg.texture_prob))  # fmt: skip
+        clips.append(frames)
+        if rng.random() < cfg.cfg_dropout:
+            texts.append("")  # the unconditional branch of classifier-free guidance
+        else:
+            texts.append(caption(spec, LANGS[rng.integers(len(LANGS))], rng, "train"))
+    x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, T, H, W, C) -> (B, T, C, H, W)
+    return x, texts
+
+
+def sample_t(rng: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Logit-normal times (SD3), restricted to [lo, hi) by resampling."""
+    out = torch.empty(0)
+    while len(out) < n:
+        t = torch.sigmoid(torch.randn(2 * n, generator=rng))
+        out = torch.cat([out, t[(t >= lo) & (t < hi)]])
+    return out[:n]
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, steps: int = 20, seed: int = 123) -> dict:
+    """Sample held-out prompts in every language with CFG; score them with the detector."""
+    mcfg = model.cfg
+    model.eval()
+    prompts = [(lang, p, s) for lang in LANGS for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]]
+    texts = [p for _, p, _ in prompts]
+    cond = encoder.encode(texts)
+    uncond = encoder.encode([""] * len(texts))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(texts), mcfg.frames, mcfg.unet.channels, mcfg.height, mcfg.width), generator=g)
+
+    def net(xb, tb, text, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(xb, tb, text, mask).float()
+
+    velocity = cfg_velocity(net, cond, uncond, lambda t: model.guidance_for(model.expert_for(t)))
+    out = sample_euler(velocity, x, flow_timesteps(steps, mcfg.shift))
+    frames = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    table: dict[str, dict[str, float]] = {}
+    for lang in LANGS:
+        rows = [score(detect(f), s) for f, (lg, _, s) in zip(frames, prompts, strict=True) if lg == lang]
+        table[lang] = {k: float(np.mean([r[k] for r in rows])) for k in ("color", "shape", "motion")}
+    model.train()
+    return table
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mcfg = MODELS[cfg.model]
+    logf = open(out / "log.jsonl", "a")
+
+    def record(**kw):
+        logf.write(json.dumps(kw) + "\n")
+        logf.flush()
+
+    # 1. text encoder
+    enc_path = out / "text_encoder.safetensors"
+    encoder = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
+    if enc_path.exists():
+        weights.load_into(encoder, enc_path)
+        log.info("text encoder: resumed from %s", enc_path)
+    else:
+        encoder, info = train_text_encoder(cfg.text)
+        weights.save(encoder.state_dict(), enc_path)
+        record(phase="text", **info)
+    encoder.eval().requires_grad_(False)
+
+    # 2./3. denoiser
+    torch.manual_seed(cfg.seed)
+    model = MoEDenoiser(mcfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    step, rng, trng, seconds = 0, np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed), 0.0
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, seconds = st["step"], st["seconds"]
+        rng.bit_generator.state = st["rng"]
+        trng.set_state(st["trng"])
+        log.info("resumed at step %d (%.0f s trained)", step, seconds)
+    fork_at = int(cfg.steps * (1 - cfg.expert_fraction))
+    log.info("denoiser %s: %d params per expert; %d shared steps, then %d expert steps",
+             cfg.model, count_parameters(model.experts["high_noise"]), fork_at, cfg.steps - fork_at)  # fmt: skip
+    t_start = time.perf_counter() - seconds
+    losses: list[float] = []
+    while step < cfg.steps:
+        if step == fork_at:  # both experts start from the shared weights (and so do their EMAs)
+            model.experts["low_noise"].load_state_dict(model.experts["high_noise"].state_dict())
+            ema.experts["low_noise"].load_state_dict(ema.experts["high_noise"].state_dict())
+            log.info("step %d: forked into high-noise and low-noise experts", step)
+        x0, texts = batch(rng, cfg, mcfg)
+        states, mask = encoder.encode(texts)
+        if step < fork_at:
+            expert, t = "high_noise", sample_t(trng, cfg.batch)
+        elif step % 2 == 0:
+            expert, t = "high_noise", sample_t(trng, cfg.batch, lo=mcfg.boundary)
+        else:
+            expert, t = "low_noise", sample_t(trng, cfg.batch, hi=mcfg.boundary)
+        noise = torch.randn(x0.shape, generator=trng)
+        tt = t[:, None, None, None, None]
+        xt = (1 - tt) * x0 + tt * noise
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(cfg, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model.experts[expert](xt, t, states, mask)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            src = model.experts[expert]
+            dst = ema.experts[expert]
+            for pe, pm in zip(dst.parameters(), src.parameters(), strict=True):
+                pe.lerp_(pm, 1 - cfg.ema)
+        step += 1
+        losses.append(float(loss))
+        if step % 50 == 0:
+            el = time.perf_counter() - t_start
+            log.info("step %d/%d loss %.4f lr %.2e  %.2fs/step  %.1f min", step, cfg.steps, np.mean(losses[-50:]),
+                     _lr(cfg, step), el / max(1, step), el / 60)  # fmt: skip
+            record(step=step, loss=float(np.mean(losses[-50:])), minutes=el / 60)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            table = evaluate(ema, encoder, per_lang=cfg.eval_per_lang)
+            log.info("step %d held-out adherence: %s", step, json.dumps(table))
+            record(step=step, eval=table)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _save_ckpt(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                              "seconds": time.perf_counter() - t_start, "rng": rng.bit_generator.state,
+                              "trng": trng.get_state(), "config": repr(cfg)})  # fmt: skip
+    minutes = (time.perf_counter() - t_start) / 60
+    return {"minutes": minutes, "ema": ema, "encoder": encoder}
+
+
+def export(ema: MoEDenoiser, encoder: TextEncoder, cfg: TrainConfig, meta: dict) -> tuple[Path, Path]:
+    """Write the shipped weights (bf16 safetensors) next to the services."""
+    mcfg = MODELS[cfg.model]
+    den = ROOT / "services" / "denoiser" / "weights" / f"{mcfg.name}.safetensors"
+    enc = ROOT / "services" / "encoder" / "weights" / f"{mcfg.encoder}.safetensors"
+    weights.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in encoder.state_dict().items()}, enc,
+                 metadata={"model": mcfg.encoder})  # fmt: skip
+    weights.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ema.state_dict().items()}, den,
+                 metadata={"model": mcfg.name, "train_config": json.dumps(asdict(cfg), default=str), **meta})  # fmt: skip
+    return den, enc
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="videomesh train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch)
+    p.add_argument("--text-steps", type=int, default=TextTrainConfig.steps)
+    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--out", type=Path, default=TrainConfig.out)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-export", action="store_true", help="train (or resume) but do not overwrite the shipped weights")
+    a = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    cfg = TrainConfig(model=a.model, steps=a.steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
+                      text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
+    res = train(cfg)
+    log.info("trained in %.1f minutes", res["minutes"])
+    if not a.no_export:
+        den, enc = export(res["ema"], res["encoder"], cfg, {"train_minutes": f"{res['minutes']:.1f}"})
+        log.info("wrote %s and %s", den, enc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The model family: shapes, expert routing, samplers, text encoder, training loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from services.denoiser.model import MODELS, MoEDenoiser, UNet, UNetConfig
+from services.denoiser.sampling import SamplingCancelled, cfg_velocity, flow_timesteps, sample_euler
+from services.encoder.model import TEXT_ENCODERS, TextEncoder, detect_language, normalize, tokenize
+
+
+def tiny_config():
+    return MODELS["tiny"]
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_unet_keeps_shape_and_starts_at_zero(patch):
+    cfg = UNetConfig(patch=patch, base=8, mults=(1, 2), attn=(False, True), heads=2, text_dim=16, emb_dim=16, max_frames=8)
+    net = UNet(cfg)
+    x = torch.randn(2, 5, 3, 16, 16)
+    v = net(x, torch.rand(2), torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool))
+    assert v.shape == x.shape
+    assert torch.all(v == 0)  # zero-initialised output conv: training starts from "predict nothing"
+
+
+def test_unet_rejects_bad_sizes_with_a_useful_message():
+    net = UNet(UNetConfig(patch=2, base=8, mults=(1, 2), attn=(False, False), text_dim=16, emb_dim=16, max_frames=4))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(torch.randn(1, 2, 3, 18, 18), torch.rand(1), torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at most 4 frames"):
+        net(torch.randn(1, 6, 3, 16, 16), torch.rand(1), torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_text_reaches_every_frame_differently():
+    """The per-frame path: after a little training signal, frames differ by position even for a static input."""
+    torch.manual_seed(0)
+    cfg = tiny_config().unet
+    net = UNet(cfg)
+    for p in net.parameters():  # break the zero-init so outputs depend on the inputs
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.zeros(1, 4, 3, 16, 16)
+    text_a, text_b = torch.randn(1, 3, cfg.text_dim), torch.randn(1, 3, cfg.text_dim)
+    m = torch.ones(1, 3, dtype=torch.bool)
+    va, vb = net(x, torch.tensor([0.5]), text_a, m), net(x, torch.tensor([0.5]), text_b, m)
+    assert not torch.allclose(va, vb)
+    assert not torch.allclose(va[:, 0], va[:, -1])  # identical input frames, different output per frame
+
+
+def test_moe_routes_by_boundary():
+    model = MoEDenoiser(tiny_config())
+    b = model.cfg.boundary
+    assert model.expert_for(1.0) == "high_noise" and model.expert_for(b) == "high_noise"
+    assert model.expert_for(b - 1e-3) == "low_noise" and model.expert_for(0.0) == "low_noise"
+    assert set(model._shard_modules) == {"high_noise", "low_noise"}
+
+
+def test_flow_timesteps_and_shift():
+    t = flow_timesteps(10)
+    assert t[0] == 1 and t[-1] == 0 and torch.all(t[1:] < t[:-1])
+    shifted = flow_timesteps(10, shift=3.0)
+    assert torch.all(shifted[1:-1] > t[1:-1])  # shift > 1 spends more steps at high noise
+
+
+def test_euler_integrates_a_known_flow_exactly():
+    # For data x0 and noise e, the true velocity along the straight path is e - x0.
+    x0, e = torch.randn(3, 4), torch.randn(3, 4)
+    out = sample_euler(lambda x, t: e - x0, e.clone(), flow_timesteps(7))
+    torch.testing.assert_close(out, x0)
+
+
+def test_sampler_stops_between_steps_and_reports_each_step():
+    seen = []
+    calls = iter(range(100))
+    with pytest.raises(SamplingCancelled):
+        sample_euler(lambda x, t: x * 0, torch.zeros(1), flow_timesteps(10), callback=lambda s, n, t: seen.append(s),
+                     should_stop=lambda: next(calls) >= 3)  # fmt: skip
+    assert seen == [1, 2, 3]
+
+
+def test_cfg_combines_branches():
+    def net(x, t, text, mask):
+        return text[:, :1, :1].reshape(-1, 1).expand_as(x)  # velocity = first text value
+
+    cond = (torch.full((1, 2, 3), 2.0), torch.ones(1, 2, dtype=torch.bool))
+    uncond = (torch.full((1, 1, 3), 1.0), torch.ones(1, 1, dtype=torch.bool))
+    v = cfg_velocity(net, cond, uncond, lambda t: 4.0)(torch.zeros(1, 5), torch.tensor([0.5]))
+    torch.testing.assert_close(v, torch.full((1, 5), 1.0 + 4.0 * (2.0 - 1.0)))
+
+
+def test_text_encoder_all_languages_and_normalisation():
+    enc = TextEncoder(TEXT_ENCODERS["tiny"]).eval()
+    states, mask = enc.encode(["a red ball", "红色的小球", "赤いボール", ""])
+    assert states.shape[:2] == mask.shape and mask[3].sum() == 1  # BOS only for the empty text
+    assert normalize("ＡＢＣ　Ｒｅｄ") == "abc red"  # full width folded, case folded
+    ids_a, _ = tokenize(["RED"], enc.cfg)
+    ids_b, _ = tokenize(["ｒｅｄ"], enc.cfg)
+    assert torch.equal(ids_a, ids_b)
+    assert [detect_language(t) for t in ("a ball", "红色", "赤いボール", "赤")] == ["en", "zh", "ja", "zh"]
+
+
+def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
+    from services.denoiser import train as tr
+    from services.encoder.train import TextTrainConfig
+
+    cfg = tr.TrainConfig(model="tiny", steps=4, batch=2, warmup=1, eval_every=4, eval_per_lang=1, ckpt_every=2,
+                         out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
+    res = tr.train(cfg)
+    assert (tmp_path / "ckpt" / "ckpt.pt").exists()
+    log = (tmp_path / "ckpt" / "log.jsonl").read_text()
+    assert '"eval"' in log and '"phase": "text"' in log
+    # resume: a longer run continues from step 4 instead of starting over
+    cfg2 = tr.TrainConfig(**{**cfg.__dict__, "steps": 6})
+    tr.train(cfg2)
+    assert torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["step"] == 6
+    monkeypatch.setattr(tr, "ROOT", tmp_path)
+    den, enc = tr.export(res["ema"], res["encoder"], cfg, {"train_minutes": "0"})
+    from safetensors import safe_open
+
+    with safe_open(str(den), "pt") as f:
+        assert f.metadata()["model"] == "tiny"
+        assert any(k.startswith("experts.low_noise.") for k in f.keys())
+    assert np.isfinite(res["minutes"])
