@@ -1,24 +1,34 @@
-"""The gateway's domain object: validate and accept jobs, schedule them, run the pipeline,
-record every state change as an event. The gRPC servicer is a thin layer over this.
+"""The gateway's domain object: admit jobs, schedule them, run the pipeline, record events.
+
+Durable: jobs and their events live in the JobStore (SQLite by default); on start-up,
+queued jobs are queued again and jobs that were running are re-run (attempt + 1) under the
+same object key, so a crash neither loses nor duplicates a result. The gRPC servicer is a
+thin layer over this class.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import random
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from gateway.jobs import TERMINAL, Job, JobStore, MemoryJobStore, new_id, now_ts
-from gateway.pipeline import Downstreams, JobControl, Pipeline, Plan
+from gateway.jobs import TERMINAL, Job, JobStore, new_id, now_ts
+from gateway.metrics import METRICS
+from gateway.pipeline import PROGRESS, Downstreams, JobControl, Pipeline, Plan
+from gateway.scheduler import JobQueue
+from gateway.sqlite_store import SQLiteJobStore
 from gateway.storage import LocalStorage, Storage
+from gateway.tenants import Tenant
+from gateway.tiers import RateLimiter, TierPolicy, tiers_from
+from gateway.webhooks import WebhookSender
 from services.encoder.model import MAX_PROMPT_CHARS
 from videomesh.errors import (
     Cancelled,
@@ -34,9 +44,10 @@ log = logging.getLogger("videomesh.gateway")
 
 MOTION_WORDS = (
     "move", "moving", "moves", "roll", "slide", "drift", "travel", "head", "go", "bounce", "grow", "shrink", "jog",
-    "run", "walk", "fly", "动", "移", "滚", "飞", "跑", "走", "動", "移", "転", "走", "飛",
+    "run", "walk", "fly", "rise", "fall", "climb", "sink", "动", "移", "滚", "飞", "跑", "走", "升", "降", "動", "転", "飛",
 )  # fmt: skip
-STILL_WORDS = ("still", "static", "motionless", "not move", "静止", "不动", "不動", "止ま")
+STILL_WORDS = ("still", "static", "motionless", "not move", "stays put", "静止", "不动", "不動", "止ま", "動かない")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -48,15 +59,25 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 0
     data_dir: Path = Path("videomesh-data")
-    workers: int = 1  # jobs running at once (the CPU default model runs one at a time)
-    queue_size: int = 64
+    workers: int = 2  # jobs in the pipeline at once; stage slots keep each downstream within its capacity
+    queue_size: int = 256
+    aging_seconds: float = 30.0  # a free job gains one priority level per this many seconds waited
     sizes: tuple[str, ...] = ("256x256", "128x128", "512x512")
     default_size: str = "256x256"
     fps_choices: tuple[float, ...] = (24.0, 12.0, 8.0)
     default_fps: float = 24.0
     qc_policy: str = "review"  # review: failed QC -> NEEDS_REVIEW; off: do not gate
-    retries: int = 4
-    job_timeout: float = 900.0  # upper bound on one job's wall time
+    retries: int = 4  # gRPC-level retries of UNAVAILABLE per call (channel retry policy)
+    max_attempts: int = 3  # job-level attempts for retryable failures (downstream down, rate-limited)
+    retry_backoff: float = 1.0  # seconds before the 2nd attempt; doubles after
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 10.0
+    job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    stage_slots: tuple[int, ...] = ()  # encode, denoise, upscale, qc; empty = from the denoiser's capacity
+    tiers: dict = field(default_factory=dict)  # per-tier overrides of gateway.tiers.DEFAULT_TIERS
+    webhook_attempts: int = 5
+    webhook_backoff: float = 0.5
+    metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
 
     def validate(self) -> None:
         for s in self.sizes:
@@ -69,8 +90,12 @@ class GatewaySettings:
             raise ValueError(f"default_fps {self.default_fps} is not in fps_choices {self.fps_choices}")
         if self.qc_policy not in ("review", "off"):
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
-        if self.workers < 1 or self.queue_size < 1:
-            raise ValueError("workers and queue_size must be at least 1")
+        if self.workers < 1 or self.queue_size < 1 or self.max_attempts < 1:
+            raise ValueError("workers, queue_size and max_attempts must be at least 1")
+        for t in tiers_from(self.tiers).values():
+            extra = set(t.sizes) - set(self.sizes)
+            if extra:
+                raise ValueError(f"tier {t.name!r} allows sizes {sorted(extra)} that the gateway does not offer ({self.sizes})")
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -85,70 +110,82 @@ def expects_motion(prompt: str) -> bool:
     return any(w in p for w in MOTION_WORDS)
 
 
-@dataclass(order=True)
-class _Queued:
-    priority: int
-    seq: int
-    job_id: str = field(compare=False)
-
-
 class VideoGateway:
-    def __init__(
-        self, settings: GatewaySettings, *, store: JobStore | None = None, storage: Storage | None = None
-    ):
+    def __init__(self, settings: GatewaySettings, *, store: JobStore | None = None, storage: Storage | None = None,
+                 tenants=None):  # fmt: skip
         self.settings = settings
-        self.store = store or MemoryJobStore()
         data = Path(settings.data_dir)
+        self.store = store or SQLiteJobStore(data / "jobs.sqlite3")
         self.storage = storage or LocalStorage(data / "videos")
-        self.downstreams = Downstreams(
-            settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries
-        )
-        self.pipeline = Pipeline(self.downstreams, self.storage, data / "work")
+        self.tenants = tenants
+        self.tiers: dict[str, TierPolicy] = tiers_from(settings.tiers)
+        self.downstreams = Downstreams(settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries,
+                                       breaker_threshold=settings.breaker_threshold,
+                                       breaker_cooldown=settings.breaker_cooldown)  # fmt: skip
+        self.pipeline: Pipeline | None = None
         self.model: denoiser_pb2.ModelInfo | None = None
-        self._heap: list[_Queued] = []
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
+        self.queue = JobQueue(settings.queue_size, settings.aging_seconds)
+        self.limiter = RateLimiter()
+        self.webhooks = WebhookSender(attempts=settings.webhook_attempts, backoff=settings.webhook_backoff)
         self._controls: dict[str, JobControl] = {}
-        self._stopping = False
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._admit = threading.Lock()  # admission checks + insert are one step per gateway
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, timeout: float = 120.0) -> None:
-        """Wait for the denoiser and learn what it supports; start the workers."""
+        """Wait for the denoiser, learn what it supports, recover jobs, start the workers."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.model = self.downstreams.denoiser.GetModelInfo(
-                    denoiser_pb2.GetModelInfoRequest(), timeout=5, wait_for_ready=True
-                )
+                self.model = self.downstreams.denoiser.GetModelInfo(denoiser_pb2.GetModelInfoRequest(), timeout=5,
+                                                                    wait_for_ready=True)  # fmt: skip
                 break
             except grpc.RpcError as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"denoiser at {self.settings.denoiser} not reachable: {err.details()}"
-                    ) from err
+                    raise RuntimeError(f"denoiser at {self.settings.denoiser} not reachable: {err.details()}") from err
                 time.sleep(0.5)
+        cap = max(1, self.model.capacity or 1)
+        slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
+        self.pipeline = Pipeline(self.downstreams, self.storage, Path(self.settings.data_dir) / "work", slots=slots)
+        self._recover()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
+    def _recover(self) -> None:
+        """Queued jobs are queued again; jobs that were running when the gateway stopped re-run."""
+        for job in self.store.by_status(common_pb2.QUEUED, common_pb2.RUNNING):
+            if job.video.status == common_pb2.RUNNING:
+                log.warning("job %s was running at shutdown (attempt %d): re-running", job.id, job.video.attempt)
+                self.store.update(job.id, _requeued)
+            policy = self.tiers.get(job.tier, self.tiers["free"])
+            pos = self.queue.push(job.id, job.tenant, policy.priority, policy.max_running, force=True)
+            if job.video.status == common_pb2.RUNNING:
+                self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos)))
+
     def close(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        for ctl in list(self._controls.values()):
-            ctl.cancel()
+        self._stopping.set()
+        self.queue.close()
+        with self._lock:
+            controls = list(self._controls.values())
+        for ctl in controls:  # stop work in flight; those jobs stay RUNNING and re-run on restart
+            ctl.shutdown()
         for t in self._workers:
             t.join(timeout=10)
+        self.webhooks.close()
         self.downstreams.close()
 
     # --- spec ---------------------------------------------------------------------------------
-    def normalize(self, spec: common_pb2.VideoSpec) -> common_pb2.VideoSpec:
+    def normalize(self, spec: common_pb2.VideoSpec, policy: TierPolicy | None = None) -> common_pb2.VideoSpec:
         """Validate a user spec and fill defaults. Errors name the field and the allowed values."""
         m = self.model
-        assert m is not None, "gateway not loaded"
+        if m is None:
+            raise Unavailable("the gateway is still starting", retry_after=1.0)
         s = self.settings
+        sizes = [z for z in s.sizes if not policy or not policy.sizes or z in policy.sizes]
         out = common_pb2.VideoSpec()
         out.CopyFrom(spec)
         violations = []
@@ -156,76 +193,43 @@ class VideoGateway:
         if not prompt:
             violations.append(("spec.prompt", "prompt is empty; describe the video you want"))
         elif len(spec.prompt) > MAX_PROMPT_CHARS:
-            violations.append(
-                ("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-            )
+            violations.append(("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"))
         if len(spec.negative_prompt) > MAX_PROMPT_CHARS:
-            violations.append(
-                ("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters")
-            )
+            violations.append(("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters"))
         if len(spec.style) > 100:
             violations.append(("spec.style", "style is longer than 100 characters"))
         if spec.width < 0 or spec.height < 0:
             violations.append(("spec.width", f"size must be positive; got {spec.width}x{spec.height}"))
         elif spec.width or spec.height:
-            if f"{spec.width}x{spec.height}" not in s.sizes:
-                violations.append(
-                    (
-                        "spec.width",
-                        f"size {spec.width}x{spec.height} is not offered; choose one of {', '.join(s.sizes)}",
-                    )
-                )
+            if f"{spec.width}x{spec.height}" not in sizes:
+                plan = f" on the {policy.name} tier" if policy and policy.sizes else ""
+                violations.append(("spec.width", f"size {spec.width}x{spec.height} is not offered{plan}; choose one of {', '.join(sizes)}"))
         else:
-            out.width, out.height = _size(s.default_size)
+            out.width, out.height = _size(s.default_size if s.default_size in sizes else sizes[0])
         if spec.fps < 0 or not math.isfinite(spec.fps):
             violations.append(("spec.fps", f"fps must be positive; got {spec.fps}"))
         elif spec.fps and spec.fps not in s.fps_choices:
-            violations.append(
-                (
-                    "spec.fps",
-                    f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}",
-                )
-            )
+            violations.append(("spec.fps", f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}"))
         elif not spec.fps:
             out.fps = s.default_fps
         model_duration = m.frame_counts[0] / m.fps
         if spec.duration_seconds < 0 or not math.isfinite(spec.duration_seconds):
-            violations.append(
-                ("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}")
-            )
+            violations.append(("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}"))
         elif spec.duration_seconds and abs(spec.duration_seconds - model_duration) > 1e-3:
             allowed = ", ".join(f"{c / m.fps:g}" for c in m.frame_counts)
-            violations.append(
-                (
-                    "spec.duration_seconds",
-                    f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s",
-                )
-            )
+            violations.append(("spec.duration_seconds", f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s"))
         else:
             out.duration_seconds = model_duration
+            if policy and policy.max_duration and model_duration > policy.max_duration:
+                violations.append(("spec.duration_seconds", f"the {policy.name} tier allows clips up to {policy.max_duration:g} s"))
         if spec.num_steps < 0 or spec.num_steps > m.max_steps:
-            violations.append(
-                (
-                    "spec.num_steps",
-                    f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}",
-                )
-            )
+            violations.append(("spec.num_steps", f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}"))
         elif not spec.num_steps:
             out.num_steps = m.default_steps
         if not (0 <= spec.guidance_scale <= 30) or not math.isfinite(spec.guidance_scale):
-            violations.append(
-                (
-                    "spec.guidance_scale",
-                    f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}",
-                )
-            )
+            violations.append(("spec.guidance_scale", f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}"))
         if spec.language and spec.language not in m.languages:
-            violations.append(
-                (
-                    "spec.language",
-                    f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}",
-                )
-            )
+            violations.append(("spec.language", f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}"))
         if violations:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         if not spec.HasField("seed"):
@@ -254,46 +258,70 @@ class VideoGateway:
             expect_motion=expects_motion(spec.prompt),
         )
 
-    # --- public operations ----------------------------------------------------------------------
-    def create(self, tenant: str, spec: common_pb2.VideoSpec, request_id: str = "", *, tier: str = "free",
-               regenerated_from: str = "") -> gateway_pb2.Video:  # fmt: skip
-        norm = self.normalize(spec)
-        video = gateway_pb2.Video(
-            id=new_id(),
-            status=common_pb2.QUEUED,
-            stage=common_pb2.STAGE_QUEUED,
-            spec=norm,
-            create_time=now_ts(),
-            update_time=now_ts(),
-            regenerated_from=regenerated_from,
-            model=f"{self.model.name}@{self.model.version}",
-        )
-        job = Job(id=video.id, tenant=tenant, video=video, request_id=request_id, tier=tier)
-        with self._cv:
-            if len(self._heap) >= self.settings.queue_size:
-                raise ResourceExhausted(
-                    f"the queue is full ({self.settings.queue_size} jobs); retry later",
-                    retry_after=5.0,
-                    reason="QUEUE_FULL",
-                )
-            stored = self.store.create(job)
-            if stored is not job:  # idempotent replay of the same request id
-                return self.get(tenant, stored.id)
-            heapq.heappush(self._heap, _Queued(self._priority(tier), next(self._seq), job.id))
-            position = len(self._heap)
-            self.store.update(job.id, lambda v: setattr(v, "queue_position", position))
-            self.store.append_event(
-                job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=position))
-            )
-            self._cv.notify()
-        return self.get(tenant, job.id)
+    def policy(self, tier: str) -> TierPolicy:
+        return self.tiers.get(tier, self.tiers["free"])
 
-    @staticmethod
-    def _priority(tier: str) -> int:
-        return 0 if tier in ("pro", "enterprise") else 10
+    # --- public operations ----------------------------------------------------------------------
+    def create(self, tenant: Tenant, spec: common_pb2.VideoSpec, request_id: str = "", *, webhook_url: str = "",
+               regenerated_from: str = "") -> gateway_pb2.Video:  # fmt: skip
+        policy = self.policy(tenant.tier)
+        if len(request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        if webhook_url and not webhook_url.startswith(("http://", "https://")):
+            raise InvalidArgument("webhook_url must be an http(s) URL", field="webhook_url")
+        if request_id:  # an idempotent replay returns the original job, whatever the limits say now
+            found = self.store.by_request(tenant.name, request_id)
+            if found is not None:
+                return self.get(tenant.name, found.id)
+        norm = self.normalize(spec, policy)
+        with self._admit:
+            self._admission(tenant, policy)
+            video = gateway_pb2.Video(
+                id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=norm, create_time=now_ts(),
+                update_time=now_ts(), regenerated_from=regenerated_from, model=f"{self.model.name}@{self.model.version}",
+            )  # fmt: skip
+            job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
+                      webhook=webhook_url)  # fmt: skip
+            video.queue_position = len(self.queue) + 1
+            stored = self.store.create(job)
+            if stored.id != job.id:
+                return self.store.snapshot(stored.id)
+            # the queued event goes in before a worker can see the job, so it is always event 1
+            self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=video.queue_position)))
+            self.queue.push(job.id, tenant.name, policy.priority, policy.max_running, force=True)
+        METRICS.jobs.labels(status="QUEUED", tier=policy.name).inc()
+        METRICS.queue_depth.set(len(self.queue))
+        return self.store.snapshot(job.id)
+
+    def _admission(self, tenant: Tenant, policy: TierPolicy) -> None:
+        """Queue bound, rate limit, per-tenant in-flight cap, daily quota: RESOURCE_EXHAUSTED + RetryInfo."""
+        if self.queue.full():
+            METRICS.rejected.labels(reason="QUEUE_FULL").inc()
+            raise ResourceExhausted(f"the queue is full ({self.settings.queue_size} jobs); retry later", retry_after=5.0,
+                                    reason="QUEUE_FULL")  # fmt: skip
+        wait = self.limiter.take(tenant.name, policy)
+        if wait > 0:
+            METRICS.rejected.labels(reason="RATE_LIMITED").inc()
+            raise ResourceExhausted(f"rate limit of the {policy.name} tier ({policy.rate_per_minute:g}/min) reached",
+                                    retry_after=wait, reason="RATE_LIMITED")  # fmt: skip
+        active = self.store.active_count(tenant.name)
+        if active >= policy.max_active:
+            METRICS.rejected.labels(reason="TOO_MANY_ACTIVE").inc()
+            raise ResourceExhausted(f"{active} of your jobs are queued or running; the {policy.name} tier allows "
+                                    f"{policy.max_active}", retry_after=10.0, reason="TOO_MANY_ACTIVE")  # fmt: skip
+        since = time.time() - 86400
+        n, oldest = self.store.count_since(tenant.name, since)
+        if n >= policy.daily_quota:
+            METRICS.rejected.labels(reason="QUOTA_EXCEEDED").inc()
+            raise ResourceExhausted(f"daily quota of the {policy.name} tier ({policy.daily_quota} videos per 24 h) is used up",
+                                    retry_after=max(1.0, (oldest or since) + 86400 - time.time()),
+                                    reason="QUOTA_EXCEEDED")  # fmt: skip
 
     def get(self, tenant: str, video_id: str) -> gateway_pb2.Video:
-        return self.store.snapshot(self.store.get(tenant, video_id).id)
+        video = self.store.snapshot(self.store.get(tenant, video_id).id)
+        if video.status == common_pb2.QUEUED:
+            video.queue_position = self.queue.positions().get(video_id, video.queue_position)
+        return video
 
     def list(self, tenant: str, *, page_size: int = 20, page_token: str = "", status: int = 0):
         if page_size < 0 or page_size > 100:
@@ -301,75 +329,55 @@ class VideoGateway:
         size = page_size or 20
         try:
             offset = int(page_token or 0)
+            if offset < 0:
+                raise ValueError
         except ValueError:
             raise InvalidArgument("page_token is not one this server issued", field="page_token") from None
         jobs = self.store.list(tenant, status=status, limit=size + 1, offset=offset)
         nxt = str(offset + size) if len(jobs) > size else ""
-        return [self.store.snapshot(j.id) for j in jobs[:size]], nxt
+        return [j.video for j in jobs[:size]], nxt
 
     def cancel(self, tenant: str, video_id: str) -> gateway_pb2.Video:
         job = self.store.get(tenant, video_id)
-        with self._cv:
-            status = job.video.status
-            if status in TERMINAL or status == common_pb2.NEEDS_REVIEW:
-                raise FailedPrecondition(
-                    f"video {video_id} is already {common_pb2.VideoStatus.Name(status)}; only queued or running jobs can be cancelled"
-                )
-            removed = False
-            for i, q in enumerate(self._heap):
-                if q.job_id == video_id:
-                    self._heap.pop(i)
-                    heapq.heapify(self._heap)
-                    removed = True
-                    break
-            if removed:
-                self._finish_cancelled(video_id, "cancelled while queued")
-            elif video_id in self._controls:
-                self._controls[video_id].cancel()
-        if not removed:
-            self.wait_terminal(tenant, video_id, timeout=30)
-        return self.get(tenant, video_id)
+        status = job.video.status
+        if status in TERMINAL or status == common_pb2.NEEDS_REVIEW:
+            raise FailedPrecondition(
+                f"video {video_id} is already {common_pb2.VideoStatus.Name(status)}; only queued or running jobs can be cancelled"
+            )
+        self._cancel(video_id, "cancelled by request")
+        return self.wait_terminal(tenant, video_id, timeout=30)
 
-    def cancel_quietly(self, video_id: str, reason: str) -> None:
-        """Cancel from inside the server (a GenerateVideo stream that ended early)."""
-        with self._cv:
-            for i, q in enumerate(self._heap):
-                if q.job_id == video_id:
-                    self._heap.pop(i)
-                    heapq.heapify(self._heap)
-                    self._finish_cancelled(video_id, reason)
-                    return
+    def _cancel(self, video_id: str, why: str) -> None:
+        if self.queue.remove(video_id):
+            self._finish_cancelled(video_id, why)
+            return
+        with self._lock:
             ctl = self._controls.get(video_id)
         if ctl:
             ctl.cancel()
 
+    def cancel_quietly(self, video_id: str, reason: str) -> None:
+        """Cancel from inside the server (a GenerateVideo stream that ended early)."""
+        self._cancel(video_id, reason)
+
     def wait_terminal(self, tenant: str, video_id: str, timeout: float) -> gateway_pb2.Video:
-        after = 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ev in self.store.wait_events(video_id, after, timeout=min(1.0, deadline - time.monotonic())):
-                after = ev.sequence
-                if ev.WhichOneof("event") in ("completed", "failed", "cancelled"):
-                    return self.get(tenant, video_id)
+        deque(self.events(tenant, video_id, 0, lambda: time.monotonic() < deadline), maxlen=0)
         return self.get(tenant, video_id)
 
-    def regenerate(
-        self, tenant: str, video_id: str, seed: int | None, request_id: str, tier: str
-    ) -> gateway_pb2.Video:
-        old = self.store.get(tenant, video_id).video
+    def regenerate(self, tenant: Tenant, video_id: str, seed: int | None, request_id: str) -> gateway_pb2.Video:
+        old = self.store.get(tenant.name, video_id).video
         spec = common_pb2.VideoSpec()
         spec.CopyFrom(old.spec)
         if seed is None:
-            spec.ClearField("seed")
-            while True:
+            spec.seed = old.spec.seed
+            while spec.seed == old.spec.seed:
                 spec.seed = random.randrange(1, 2**31)
-                if spec.seed != old.spec.seed:
-                    break
         else:
             spec.seed = seed
-        return self.create(tenant, spec, request_id, tier=tier, regenerated_from=video_id)
+        return self.create(tenant, spec, request_id, regenerated_from=video_id)
 
-    def events(self, tenant: str, video_id: str, after: int, is_active) -> iter:
+    def events(self, tenant: str, video_id: str, after: int, is_active) -> Iterator[gateway_pb2.VideoEvent]:
         """Yield events after `after` until (and including) the terminal one."""
         self.store.get(tenant, video_id)  # NotFound for other tenants
         while is_active():
@@ -380,88 +388,77 @@ class VideoGateway:
                     return
 
     # --- execution --------------------------------------------------------------------------------
-    def _finish_cancelled(self, job_id: str, why: str) -> None:
-        def mut(v):
-            v.status = common_pb2.CANCELLED
-            v.error.CopyFrom(
-                gateway_pb2.VideoError(
-                    code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"
-                )
-            )
-
-        self.store.update(job_id, mut)
-        self.store.append_event(job_id, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
-
     def _worker(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                item = heapq.heappop(self._heap)
-                job_id = item.job_id
-                ctl = JobControl(
-                    report=lambda stage, step, total, pct, _id=job_id: self._progress(
-                        _id, stage, step, total, pct
-                    ),
-                    stage=lambda stage, _id=job_id: self._stage(_id, stage),
-                    deadline=time.monotonic() + self.settings.job_timeout,
-                )
-                self._controls[job_id] = ctl
-                self._positions_changed()
+        while not self._stopping.is_set():
+            entry = self.queue.pop(timeout=0.5)
+            if entry is None:
+                continue
+            METRICS.queue_depth.set(len(self.queue))
+            ctl = JobControl(
+                report=lambda stage, step, total, pct, _id=entry.job_id: self._progress(_id, stage, step, total, pct),
+                stage=lambda stage, _id=entry.job_id: self._stage(_id, stage),
+                deadline=time.monotonic() + self.settings.job_timeout,
+            )
+            with self._lock:
+                self._controls[entry.job_id] = ctl
             try:
-                self._execute(job_id, ctl)
+                self._execute(entry.job_id, ctl)
             except Exception:  # noqa: BLE001 - a worker must never die
-                log.exception("job %s crashed the worker loop", job_id)
+                log.exception("job %s crashed the worker loop", entry.job_id)
             finally:
-                with self._cv:
-                    self._controls.pop(job_id, None)
-
-    def _positions_changed(self) -> None:
-        for pos, q in enumerate(sorted(self._heap), start=1):
-            self.store.update(q.job_id, lambda v, p=pos: setattr(v, "queue_position", p))
+                with self._lock:
+                    self._controls.pop(entry.job_id, None)
+                self.queue.done(entry.tenant)
 
     def _stage(self, job_id: str, stage: int) -> None:
         def mut(v):
             v.stage = stage
-            lo = _progress_lo(stage)
-            v.progress = max(v.progress, lo)
+            v.progress = max(v.progress, PROGRESS.get(stage, (0.0, 0.0))[0])
 
         self.store.update(job_id, mut)
-        self.store.append_event(
-            job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage))
-        )
+        self.store.append_event(job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage)))
 
     def _progress(self, job_id: str, stage: int, step: int, total: int, pct: float) -> None:
         self.store.update(job_id, lambda v: setattr(v, "progress", max(v.progress, pct)))
         self.store.append_event(
-            job_id,
-            gateway_pb2.VideoEvent(
-                progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct)
-            ),
+            job_id, gateway_pb2.VideoEvent(progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct))
         )
 
     def _execute(self, job_id: str, ctl: JobControl) -> None:
-        tenant = self.store.load(job_id).tenant
+        job = self.store.load(job_id)
+        if job.video.status != common_pb2.QUEUED:  # cancelled between pop and start
+            return
         video = self.store.update(job_id, _start)
-        plan = self.plan(video.spec)
+        t0 = time.perf_counter()
         try:
-            outcome = self.pipeline.run(job_id, f"{tenant}/{job_id}.mp4", plan, ctl)
-        except Cancelled as err:
+            outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self.plan(video.spec), ctl)
+        except Cancelled:
+            if ctl.stopped_for_shutdown:
+                return  # stays RUNNING in the store: re-run after restart
             if ctl.cancelled.is_set():
-                self._finish_cancelled(job_id, "cancelled by request")
+                self._finish_cancelled(job_id, ctl.reason or "cancelled by request")
             else:
-                self._fail(job_id, err)
+                self._fail(job_id, VideomeshError("cancelled by a downstream service"))
             return
         except VideomeshError as err:
+            if ctl.stopped_for_shutdown:
+                return
+            if err.code in RETRYABLE and video.attempt < self.settings.max_attempts:
+                delay = err.retry_after or self.settings.retry_backoff * 2 ** (video.attempt - 1)
+                log.warning("job %s attempt %d: %s; retrying in %.1fs", job_id, video.attempt, err.message, delay)
+                self.store.update(job_id, _requeued)
+                policy = self.policy(job.tier)
+                pos = self.queue.push(job_id, job.tenant, policy.priority, policy.max_running, delay=delay, force=True)
+                self.store.append_event(job_id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos)))
+                return
             self._fail(job_id, err)
             return
         except Exception as err:  # noqa: BLE001
             log.exception("job %s failed", job_id)
             self._fail(job_id, VideomeshError(f"internal error: {type(err).__name__}"))
             return
-
+        for stage, secs in outcome.seconds.items():
+            METRICS.stage_seconds.labels(stage=stage).observe(secs)
         review = self.settings.qc_policy == "review" and not outcome.quality.passed
 
         def done(v):
@@ -471,35 +468,51 @@ class VideoGateway:
             v.result.CopyFrom(outcome.result)
             v.quality.CopyFrom(outcome.quality)
 
-        final = self.store.update(job_id, done)
-        self.store.append_event(job_id, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed(video=final)))
-        log.info(
-            "job %s %s in %s",
-            job_id,
-            common_pb2.VideoStatus.Name(final.status),
-            {k: round(v, 2) for k, v in outcome.seconds.items()},
-        )
+        final = self.store.finish(job_id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
+        if final is not None:
+            self._terminal(job, final)
+            log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
+                     {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip
+
+    def _finish_cancelled(self, job_id: str, why: str) -> None:
+        def mut(v):
+            v.status = common_pb2.CANCELLED
+            v.error.CopyFrom(gateway_pb2.VideoError(code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"))
+
+        final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
+        if final is not None:
+            self._terminal(self.store.load(job_id), final)
 
     def _fail(self, job_id: str, err: VideomeshError) -> None:
         code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else int(err.code)
-        if isinstance(err, Unavailable) or err.code == grpc.StatusCode.UNAVAILABLE:
-            reason = "DOWNSTREAM_UNAVAILABLE"
-        else:
-            reason = err.reason
+        reason = "DOWNSTREAM_UNAVAILABLE" if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE" else err.reason
+        error = gateway_pb2.VideoError(code=code, message=err.message, reason=reason)
 
         def mut(v):
             v.status = common_pb2.FAILED
-            v.error.CopyFrom(gateway_pb2.VideoError(code=code, message=err.message, reason=reason))
+            v.error.CopyFrom(error)
 
-        self.store.update(job_id, mut)
-        self.store.append_event(
-            job_id,
-            gateway_pb2.VideoEvent(
-                failed=gateway_pb2.Failed(
-                    error=gateway_pb2.VideoError(code=code, message=err.message, reason=reason)
-                )
-            ),
-        )
+        final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(failed=gateway_pb2.Failed(error=error)))
+        if final is not None:
+            self._terminal(self.store.load(job_id), final)
+
+    def _terminal(self, job: Job, video: gateway_pb2.Video) -> None:
+        """Metrics and the webhook, once per job (finish() guarantees the once)."""
+        METRICS.jobs.labels(status=common_pb2.VideoStatus.Name(video.status), tier=job.tier).inc()
+        url = job.webhook
+        secret = ""
+        if self.tenants is not None:
+            try:
+                t = self.tenants.get(job.tenant)
+                url = url or t.webhook_url
+                secret = t.webhook_secret
+            except VideomeshError:
+                pass
+        if url:
+            from google.protobuf import json_format
+
+            self.webhooks.send(url, secret, {"type": "video." + common_pb2.VideoStatus.Name(video.status).lower(),
+                                             "video": json_format.MessageToDict(video)})  # fmt: skip
 
 
 def _start(v: gateway_pb2.Video) -> None:
@@ -508,7 +521,7 @@ def _start(v: gateway_pb2.Video) -> None:
     v.queue_position = 0
 
 
-def _progress_lo(stage: int) -> float:
-    from gateway.pipeline import PROGRESS
-
-    return PROGRESS.get(stage, (0.0, 0.0))[0]
+def _requeued(v: gateway_pb2.Video) -> None:
+    v.status = common_pb2.QUEUED
+    v.stage = common_pb2.STAGE_QUEUED
+    v.progress = 0.0

@@ -7,15 +7,13 @@ WatchVideo can resume after any sequence without losing or repeating events.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from videomesh.errors import NotFound
 from videomesh.v1 import common_pb2, gateway_pb2
 
 TERMINAL = frozenset({common_pb2.SUCCEEDED, common_pb2.FAILED, common_pb2.CANCELLED})
@@ -38,7 +36,7 @@ class Job:
     video: gateway_pb2.Video
     request_id: str = ""
     tier: str = "free"
-    events: list[gateway_pb2.VideoEvent] = field(default_factory=list)
+    webhook: str = ""  # per-request webhook URL (the tenant's is the fallback)
 
 
 class JobStore(ABC):
@@ -68,82 +66,27 @@ class JobStore(ABC):
         """Apply mutate(video) under the store's lock; returns a copy of the new video."""
 
     @abstractmethod
+    def finish(self, job_id: str, mutate, event: gateway_pb2.VideoEvent) -> gateway_pb2.Video | None:
+        """Terminal transition + its event, atomically; None (and no event) if the job already ended."""
+
+    @abstractmethod
+    def by_request(self, tenant: str, request_id: str) -> Job | None:
+        """The tenant's job created with this idempotency key, if any."""
+
+    @abstractmethod
+    def active_count(self, tenant: str) -> int:
+        """The tenant's jobs that are QUEUED or RUNNING."""
+
+    @abstractmethod
+    def by_status(self, *statuses: int) -> list[Job]:
+        """All jobs in these states, oldest first (recovery after a restart)."""
+
+    @abstractmethod
+    def count_since(self, tenant: str, since: float) -> tuple[int, float | None]:
+        """How many jobs the tenant created since `since`, and when the oldest of them was created."""
+
+    @abstractmethod
     def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent: ...
 
     @abstractmethod
     def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]: ...
-
-
-class MemoryJobStore(JobStore):
-    """In-process store (tests, `videomesh up` without --data-dir persistence)."""
-
-    def __init__(self):
-        self._jobs: dict[str, Job] = {}
-        self._by_request: dict[tuple[str, str], str] = {}
-        self._cond = threading.Condition()
-
-    def create(self, job: Job) -> Job:
-        with self._cond:
-            if job.request_id and (job.tenant, job.request_id) in self._by_request:
-                return self._jobs[self._by_request[(job.tenant, job.request_id)]]
-            self._jobs[job.id] = job
-            if job.request_id:
-                self._by_request[(job.tenant, job.request_id)] = job.id
-            return job
-
-    def get(self, tenant: str, job_id: str) -> Job:
-        with self._cond:
-            job = self._jobs.get(job_id)
-            if job is None or job.tenant != tenant:
-                raise NotFound(f"video {job_id!r} not found", field="id")
-            return job
-
-    def load(self, job_id: str) -> Job:
-        with self._cond:
-            return self._jobs[job_id]
-
-    def list(self, tenant: str, *, status: int = 0, limit: int = 20, offset: int = 0) -> list[Job]:
-        with self._cond:
-            jobs = [
-                j
-                for j in self._jobs.values()
-                if j.tenant == tenant and (not status or j.video.status == status)
-            ]
-        jobs.sort(key=lambda j: (j.video.create_time.ToNanoseconds(), j.id), reverse=True)
-        return jobs[offset : offset + limit]
-
-    def update(self, job_id: str, mutate) -> gateway_pb2.Video:
-        with self._cond:
-            video = self._jobs[job_id].video
-            mutate(video)
-            video.update_time.CopyFrom(now_ts())
-            out = gateway_pb2.Video()
-            out.CopyFrom(video)
-            return out
-
-    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
-        with self._cond:
-            job = self._jobs[job_id]
-            event.video_id = job_id
-            event.sequence = len(job.events) + 1
-            event.time.CopyFrom(now_ts())
-            job.events.append(event)
-            self._cond.notify_all()
-            return event
-
-    def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            job = self._jobs[job_id]
-            while len(job.events) <= after:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                self._cond.wait(left)
-            return list(job.events[after:])
-
-    def snapshot(self, job_id: str) -> gateway_pb2.Video:
-        with self._cond:
-            out = gateway_pb2.Video()
-            out.CopyFrom(self._jobs[job_id].video)
-            return out

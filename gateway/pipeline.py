@@ -13,17 +13,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from gateway.breaker import CircuitBreaker
 from gateway.media import Mp4Writer
+from gateway.metrics import METRICS
 from gateway.storage import Storage
 from videomesh import codec
 from videomesh.client import channel
-from videomesh.errors import Cancelled, DeadlineExceeded, from_rpc_error
+from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, from_rpc_error
 from videomesh.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -50,10 +53,12 @@ QC_FRAMES_PER_CHUNK = 4
 
 
 class Downstreams:
-    """Stubs for the four internal services, on channels with the retry policy."""
+    """Stubs for the four internal services, on channels with the retry policy, and a circuit breaker each."""
 
-    def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4):
+    def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4, *,
+                 breaker_threshold: int = 3, breaker_cooldown: float = 10.0):  # fmt: skip
         self.addresses = {"encoder": encoder, "denoiser": denoiser, "upscaler": upscaler, "qc": qc}
+        self.breakers = {n: CircuitBreaker(n, breaker_threshold, breaker_cooldown) for n in self.addresses}
         self.channels = {
             "encoder": channel(encoder, services=["videomesh.v1.TextEncoder"], retries=retries),
             "denoiser": channel(denoiser, services=["videomesh.v1.Denoiser"], retries=retries),
@@ -78,6 +83,8 @@ class JobControl:
     stage: Callable[[int], None]
     deadline: float | None = None  # time.monotonic() deadline
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    stopped_for_shutdown: bool = False
     _calls: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,7 +94,13 @@ class JobControl:
         if self.cancelled.is_set():
             call.cancel()
 
-    def cancel(self) -> None:
+    def shutdown(self) -> None:
+        """The gateway is stopping: abandon the attempt (the job re-runs after restart)."""
+        self.stopped_for_shutdown = True
+        self.cancel("gateway shutting down")
+
+    def cancel(self, reason: str = "") -> None:
+        self.reason = self.reason or reason
         self.cancelled.set()
         with self._lock:
             calls = list(self._calls)
@@ -136,12 +149,41 @@ class Outcome:
     seconds: dict[str, float]
 
 
+STAGES = ("encoder", "denoiser", "upscaler", "qc")
+
+
 class Pipeline:
-    def __init__(self, downstreams: Downstreams, storage: Storage, work_dir: Path):
+    def __init__(self, downstreams: Downstreams, storage: Storage, work_dir: Path, slots: tuple[int, ...] = (4, 1, 2, 4)):
         self.ds = downstreams
         self.storage = storage
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # bounded concurrency per stage: a job waits for a slot instead of overloading a downstream
+        self.slots = {name: threading.BoundedSemaphore(n) for name, n in zip(STAGES, slots, strict=True)}
+
+    @contextmanager
+    def _using(self, name: str, ctl: JobControl):
+        """Hold a slot of stage `name` and report the call's outcome to its circuit breaker."""
+        sem = self.slots[name]
+        while not sem.acquire(timeout=0.2):
+            ctl.check()
+        breaker = self.ds.breakers[name]
+        try:
+            breaker.before_call()
+            METRICS.breaker_open.labels(service=name).set(0)
+            yield
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE and getattr(err, "stage", name) == name:
+                breaker.failure()
+                METRICS.breaker_open.labels(service=name).set(breaker.state == "open")
+            raise
+        except Unavailable:
+            METRICS.breaker_open.labels(service=name).set(1)
+            raise
+        else:
+            breaker.success()
+        finally:
+            sem.release()
 
     def run(self, job_id: str, object_key: str, plan: Plan, ctl: JobControl) -> Outcome:
         secs: dict[str, float] = {}
@@ -152,6 +194,8 @@ class Pipeline:
                 raise Cancelled("cancelled") from None
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"deadline exceeded in a downstream call: {err.details()}") from None
+            if err.code() == grpc.StatusCode.CANCELLED:  # e.g. a downstream stopping mid-call
+                raise Unavailable(f"a downstream call was cancelled: {err.details()}") from None
             raise from_rpc_error(err) from None
 
     def _run(self, job_id: str, object_key: str, plan: Plan, ctl: JobControl, secs: dict) -> Outcome:
@@ -220,77 +264,8 @@ class Pipeline:
             ),
             *(upscaler_pb2.UpscaleRequest(frames=c) for c in codec.frame_chunks(base_arr)),
         ]
-        up_call = self.ds.upscaler.Upscale(iter(up_requests), timeout=ctl.remaining())
-        ctl.track(up_call)
-
-        qc_q: queue.Queue = queue.Queue(maxsize=8)
-        end = object()
-
-        def qc_requests():
-            yield qc_pb2.InspectRequest(
-                settings=qc_pb2.InspectSettings(
-                    fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames
-                )
-            )
-            while (item := qc_q.get()) is not end:
-                yield qc_pb2.InspectRequest(frames=item)
-
-        qc_future = self.ds.qc.Inspect.future(qc_requests(), timeout=ctl.remaining())
-        ctl.track(qc_future)
-
-        tmp = Path(tempfile.mkstemp(suffix=".mp4", dir=self.work_dir)[1])
-        writer = Mp4Writer(tmp, width=plan.width, height=plan.height, fps=plan.fps)
-        try:
-            up_asm = codec.FrameAssembler(field="upscaler.frames")
-            pending: list[np.ndarray] = []
-            n_out = 0
-            lo, hi = PROGRESS[common_pb2.STAGE_UPSCALING]
-            try:
-                for chunk in up_call:
-                    for frame in up_asm.add(chunk):
-                        writer.write(frame)
-                        pending.append(frame)
-                        n_out += 1
-                        if len(pending) == QC_FRAMES_PER_CHUNK:
-                            self._put(
-                                qc_q,
-                                next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))),
-                                ctl,
-                            )
-                            pending = []
-                    ctl.report(
-                        common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames
-                    )
-                if pending:
-                    for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
-                        self._put(qc_q, c, ctl)
-            finally:
-                qc_q.put(end)
-            if n_out != plan.frames:
-                raise RuntimeError(f"upscaler returned {n_out} frames, expected {plan.frames}")
-            secs["upscale"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            ctl.stage(common_pb2.STAGE_QUALITY_CHECK)
-            report = qc_future.result()
-            secs["qc"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            ctl.stage(common_pb2.STAGE_MUXING)
-            writer.close()
-            secs["mux"] = time.perf_counter() - t0
-            ctl.check()
-
-            t0 = time.perf_counter()
-            ctl.stage(common_pb2.STAGE_STORING)
-            stored = self.storage.put_file(object_key, tmp, metadata={"video-id": job_id})
-            secs["store"] = time.perf_counter() - t0
-        except BaseException:
-            writer.abort()
-            qc_future.cancel()
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._using("upscaler", ctl), self._using("qc", ctl):
+            stored, report = self._upscale_check_store(job_id, object_key, plan, up_requests, ctl, secs, t0)
         result = gateway_pb2.VideoResult(
             uri=stored.uri,
             url=stored.url,
@@ -306,11 +281,80 @@ class Pipeline:
         )
         return Outcome(result=result, quality=report, seconds=secs)
 
-    @staticmethod
-    def _put(q: queue.Queue, item, ctl: JobControl) -> None:
-        while True:
+    def _upscale_check_store(self, job_id, object_key, plan: Plan, up_requests, ctl: JobControl, secs: dict, t0: float):
+        """Upscaled frames go to ffmpeg and to the streaming QC call as they arrive; then store."""
+        up_call = self.ds.upscaler.Upscale(iter(up_requests), timeout=ctl.remaining())
+        ctl.track(up_call)
+        qc_q: queue.Queue = queue.Queue()  # unbounded: at most one clip's chunks, and put() never blocks
+        end = object()
+
+        def qc_requests():
+            yield qc_pb2.InspectRequest(
+                settings=qc_pb2.InspectSettings(fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames)
+            )
+            while (item := qc_q.get()) is not end:
+                yield qc_pb2.InspectRequest(frames=item)
+
+        qc_future = self.ds.qc.Inspect.future(qc_requests(), timeout=ctl.remaining())
+        ctl.track(qc_future)
+        tmp = Path(tempfile.mkstemp(suffix=".mp4", dir=self.work_dir)[1])
+        writer = Mp4Writer(tmp, width=plan.width, height=plan.height, fps=plan.fps)
+        try:
+            asm = codec.FrameAssembler(field="upscaler.frames")
+            pending: list[np.ndarray] = []
+            n_out = 0
+            lo, hi = PROGRESS[common_pb2.STAGE_UPSCALING]
             try:
-                q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                ctl.check()
+                for chunk in _tagged(up_call, "upscaler"):
+                    for frame in asm.add(chunk):
+                        writer.write(frame)
+                        pending.append(frame)
+                        n_out += 1
+                        if len(pending) == QC_FRAMES_PER_CHUNK:
+                            qc_q.put(next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))))
+                            pending = []
+                    ctl.report(common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames)
+                if pending:
+                    for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
+                        qc_q.put(c)
+            finally:
+                qc_q.put(end)
+            if n_out != plan.frames:
+                raise RuntimeError(f"upscaler returned {n_out} frames, expected {plan.frames}")
+            secs["upscale"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_QUALITY_CHECK)
+            try:
+                report = qc_future.result()
+            except grpc.RpcError as err:
+                err.stage = "qc"
+                raise
+            secs["qc"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_MUXING)
+            writer.close()
+            secs["mux"] = time.perf_counter() - t0
+            ctl.check()
+
+            t0 = time.perf_counter()
+            ctl.stage(common_pb2.STAGE_STORING)
+            stored = self.storage.put_file(object_key, tmp, metadata={"video-id": job_id})
+            secs["store"] = time.perf_counter() - t0
+            return stored, report
+        except BaseException:
+            writer.abort()
+            qc_future.cancel()
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _tagged(call, stage: str):
+    """Iterate a streaming call; an RpcError it raises is marked with the stage it came from."""
+    try:
+        yield from call
+    except grpc.RpcError as err:
+        err.stage = stage
+        raise

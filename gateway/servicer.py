@@ -18,12 +18,11 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.tenants.authenticate(key_from_metadata(context.invocation_metadata()))
 
     def CreateVideo(self, request, context):
-        t = self._tenant(context)
-        return self.gw.create(t.name, request.spec, request.request_id, tier=t.tier)
+        return self.gw.create(self._tenant(context), request.spec, request.request_id, webhook_url=request.webhook_url)
 
     def GenerateVideo(self, request, context):
         t = self._tenant(context)
-        video = self.gw.create(t.name, request.spec, request.request_id, tier=t.tier)
+        video = self.gw.create(t, request.spec, request.request_id, webhook_url=request.webhook_url)
         finished = False
         # The job belongs to this stream: if the client goes away (cancel, deadline), cancel it.
         context.add_callback(
@@ -56,7 +55,7 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
     def RegenerateVideo(self, request, context):
         t = self._tenant(context)
         seed = request.seed if request.HasField("seed") else None
-        return self.gw.regenerate(t.name, request.id, seed, request.request_id, t.tier)
+        return self.gw.regenerate(t, request.id, seed, request.request_id)
 
 
 def registration(servicer: VideoServiceServicer):

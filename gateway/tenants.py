@@ -18,6 +18,8 @@ KEY_PREFIX = "vm_"
 class Tenant:
     name: str
     tier: str = "free"
+    webhook_url: str = ""
+    webhook_secret: str = ""  # signs webhook bodies (HMAC-SHA256); shown by `tenants add`
 
 
 def _hash(key: str) -> str:
@@ -32,14 +34,19 @@ class TenantDirectory:
         self._lock = threading.Lock()
         self._tenants: dict[str, Tenant] = {}
         self._keys: dict[str, dict] = {}  # hash -> {"tenant": name, "revoked": bool, "id": short id}
-        if self.path and self.path.exists():
-            data = json.loads(self.path.read_text())
-            self._tenants = {t["name"]: Tenant(**t) for t in data.get("tenants", [])}
-            self._keys = data.get("keys", {})
+        self._mtime = 0.0
+        self.reload()
 
     def _save(self) -> None:
         if not self.path:
             return
+        # another process (`videomesh tenants add`) may have written since we read: merge by re-reading first
+        if self.path.exists() and self.path.stat().st_mtime != self._mtime:
+            data = json.loads(self.path.read_text())
+            for t in data.get("tenants", []):
+                self._tenants.setdefault(t["name"], Tenant(**t))
+            for h, k in data.get("keys", {}).items():
+                self._keys.setdefault(h, k)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(
@@ -47,22 +54,31 @@ class TenantDirectory:
         )
         tmp.chmod(0o600)
         tmp.replace(self.path)
+        self._mtime = self.path.stat().st_mtime
 
     def reload(self) -> None:
-        if self.path and self.path.exists():
-            with self._lock:
-                data = json.loads(self.path.read_text())
-                self._tenants = {t["name"]: Tenant(**t) for t in data.get("tenants", [])}
-                self._keys = data.get("keys", {})
+        """Re-read the file if another process changed it (keys added or revoked by the CLI)."""
+        if not self.path or not self.path.exists():
+            return
+        mtime = self.path.stat().st_mtime
+        if mtime == self._mtime:
+            return
+        with self._lock:
+            data = json.loads(self.path.read_text())
+            self._tenants = {t["name"]: Tenant(**t) for t in data.get("tenants", [])}
+            self._keys = data.get("keys", {})
+            self._mtime = mtime
 
-    def add(self, name: str, tier: str = "free") -> str:
+    def add(self, name: str, tier: str = "free", webhook_url: str = "") -> str:
         """Create (or update the tier of) a tenant and issue a new key; returns the key."""
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise InvalidArgument(
                 f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name"
             )
         with self._lock:
-            self._tenants[name] = Tenant(name, tier)
+            old = self._tenants.get(name)
+            secret = old.webhook_secret if old else "whsec_" + secrets.token_urlsafe(24)
+            self._tenants[name] = Tenant(name, tier, webhook_url or (old.webhook_url if old else ""), secret)
             key = KEY_PREFIX + secrets.token_urlsafe(24)
             self._keys[_hash(key)] = {"tenant": name, "revoked": False, "id": _hash(key)[:8]}
             self._save()
@@ -89,15 +105,21 @@ class TenantDirectory:
 
     def rotate(self, name: str) -> str:
         """Revoke the tenant's keys and issue a fresh one."""
-        tier = self._tenants[name].tier if name in self._tenants else None
-        if tier is None:
+        if name not in self._tenants:
             raise NotFound(f"tenant {name!r} not found")
         self.revoke(name)
-        return self.add(name, tier)
+        return self.add(name, self._tenants[name].tier)
+
+    def get(self, name: str) -> Tenant:
+        with self._lock:
+            if name not in self._tenants:
+                raise NotFound(f"tenant {name!r} not found")
+            return self._tenants[name]
 
     def authenticate(self, key: str | None) -> Tenant:
         if not key:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
+        self.reload()
         with self._lock:
             rec = self._keys.get(_hash(key))
             if rec is None or rec["revoked"]:

@@ -68,13 +68,24 @@ class InProcessMesh:
             "default_fps": 8.0,
             **(gateway or {}),
         }
-        srv, stop = start_service("gateway", **gw_kw)
+        self._gw_kw = gw_kw
+        self._start_gateway()
+
+    def _start_gateway(self, **extra) -> None:
+        srv, stop = start_service("gateway", **{**self._gw_kw, **extra})
         self.servers["gateway"] = srv
-        self._stops.insert(0, stop)
+        self._gw_stop = stop
         self.gateway = srv.gateway
         self.tenants = srv.tenants
         self.address = srv.address
 
+    def restart_gateway(self, **extra) -> None:
+        """Stop the gateway (work in flight is abandoned, as in a crash) and start a new one on the same data."""
+        self._gw_stop()
+        self.gateway.store.close()
+        self._start_gateway(**extra)
+
     def stop(self) -> None:
+        self._gw_stop()
         for s in self._stops:
             s()

@@ -233,7 +233,10 @@ def cmd_tenants(args) -> int:
 
     d = TenantDirectory(Path(args.data_dir) / "tenants.json")
     if args.action == "add":
-        print(d.add(args.name, args.tier))
+        key = d.add(args.name, args.tier, args.webhook or "")
+        print(key)
+        if args.webhook:
+            print(f"webhook secret: {d.get(args.name).webhook_secret}", file=sys.stderr)
     elif args.action == "list":
         for t, keys in d.list():
             active = sum(not k["revoked"] for k in keys)
@@ -293,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("action", choices=["add", "list", "revoke", "rotate"])
     t.add_argument("name", nargs="?")
     t.add_argument("--tier", default="free")
+    t.add_argument("--webhook", help="URL that receives signed job-finished callbacks")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     return p
 

@@ -108,18 +108,23 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         from gateway.servicer import VideoServiceServicer, registration
         from gateway.tenants import TenantDirectory
 
-        gw = VideoGateway(settings)
         tenants = TenantDirectory(Path(settings.data_dir) / "tenants.json")
+        gw = VideoGateway(settings, tenants=tenants)
         server = create_server(
             [registration(VideoServiceServicer(gw, tenants))], host=settings.host, port=settings.port
         )
         server.gateway = gw
         server.tenants = tenants
-        monitor = DownstreamMonitor(server, gw.downstreams.channels)
+        monitor = DownstreamMonitor(server, gw.downstreams.channels, gw.downstreams.breakers)
 
         def load():
             gw.load()
             monitor.start()
+            if settings.metrics_port >= 0:
+                from gateway.metrics import serve_metrics
+
+                server.metrics_port = serve_metrics(settings.host, settings.metrics_port)
+                log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
 
         def close():
             monitor.stop()
@@ -140,9 +145,10 @@ class DownstreamMonitor:
         "qc": "videomesh.v1.QualityCheck",
     }
 
-    def __init__(self, server: Server, channels: dict[str, grpc.Channel], interval: float = 1.0):
+    def __init__(self, server: Server, channels: dict[str, grpc.Channel], breakers: dict | None = None, interval: float = 1.0):
         self.server = server
         self.channels = channels
+        self.breakers = breakers or {}
         self.interval = interval
         self._stop = threading.Event()
         self.status: dict[str, int] = {}
@@ -166,6 +172,8 @@ class DownstreamMonitor:
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
             self.status[key] = status
             self.server.health.set(svc, status)
+            if status == health_pb2.HealthCheckResponse.SERVING and key in self.breakers:
+                self.breakers[key].healthy()  # an open circuit may probe the service again
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

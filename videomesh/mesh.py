@@ -112,8 +112,9 @@ class LocalMesh:
                 self.addresses["gateway"] = self._port(
                     "gateway", self._spawn("gateway", gw_args, tmp), timeout
                 )
+                # ready = the gateway SERVING and its mirror of every downstream SERVING too
                 for n in (*DOWNSTREAMS, "gateway"):
-                    wait_serving(self.addresses[n], SERVICE_NAMES[n], timeout, self.procs[n])
+                    wait_serving(self.addresses["gateway"], SERVICE_NAMES[n], timeout, self.procs["gateway"])
             except BaseException:
                 self.stop()
                 raise

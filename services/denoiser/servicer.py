@@ -119,6 +119,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             encoder_model=e.encoder_model,
             trained=e.trained,
             max_steps=cfg.max_steps,
+            capacity=1,  # one generation at a time per in-process engine
         )
 
 

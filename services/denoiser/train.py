@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from services.denoiser.model import MODELS, MoEDenoiser, count_parameters
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
-from services.encoder.model import TEXT_ENCODERS, TextEncoder, tokenize
+from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from services.encoder.train import TextTrainConfig, train_text_encoder
 from videomesh import weights
 from videomesh.world import LANGS, caption, detect, heldout_prompts, render_clip, sample_spec, score
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> dict:
             for pe, pm in zip(dst.parameters(), src.parameters(), strict=True):
                 pe.lerp_(pm, 1 - cfg.ema)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0:
             el = time.perf_counter() - t_start
             log.info("step %d/%d loss %.4f lr %.2e  %.2fs/step  %.1f min", step, cfg.steps, np.mean(losses[-50:]),
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-export", action="store_true", help="train (or resume) but do not overwrite the shipped weights")
     a = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
     cfg = TrainConfig(model=a.model, steps=a.steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
                       text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
     res = train(cfg)

@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.encoder.model import TEXT_ENCODERS, TextEncoder, pooled
-from videomesh.world import BACKGROUNDS, COLORS, CORE_MOTIONS, LANGS, SHAPES, SIZES, caption, heldout_prompts, sample_spec
+from videomesh.world import (
+    BACKGROUNDS,
+    COLORS,
+    CORE_MOTIONS,
+    LANGS,
+    SHAPES,
+    SIZES,
+    caption,
+    heldout_prompts,
+    sample_spec,
+)
 
 log = logging.getLogger("videomesh.train.text")
 

@@ -17,7 +17,7 @@ STEPS = 40
 def slow_mesh(tmp_path_factory):
     # the full-size default architecture: a step takes long enough to cancel in the middle
     m = InProcessMesh(tmp_path_factory.mktemp("slowmesh"), model="default",
-                      gateway={"sizes": ("64x64",), "default_size": "64x64"})  # fmt: skip
+                      gateway={"sizes": ("64x64",), "default_size": "64x64", "workers": 1})  # fmt: skip
     key = m.tenants.add("carol", "pro")
     yield m, key
     m.stop()

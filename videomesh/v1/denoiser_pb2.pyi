@@ -83,7 +83,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., boundary: _Optional[float] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps")
+    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps", "capacity")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class ModelInfo(_message.Message):
     ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sizes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Size]
@@ -108,4 +109,5 @@ class ModelInfo(_message.Message):
     encoder_model: str
     trained: bool
     max_steps: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ...) -> None: ...
+    capacity: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...

@@ -12,12 +12,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateVideoRequest(_message.Message):
-    __slots__ = ("spec", "request_id")
+    __slots__ = ("spec", "request_id", "webhook_url")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.VideoSpec
     request_id: str
-    def __init__(self, spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    webhook_url: str
+    def __init__(self, spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., webhook_url: _Optional[str] = ...) -> None: ...
 
 class VideoResult(_message.Message):
     __slots__ = ("uri", "url", "sha256", "md5", "size_bytes", "width", "height", "num_frames", "fps", "duration_seconds", "content_type")

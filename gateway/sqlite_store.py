@@ -1,0 +1,195 @@
+"""SQLite (WAL) job store: jobs and their event logs survive a gateway restart.
+
+One connection guarded by a lock (the gateway process owns the file); a condition variable
+wakes stream watchers when an event is appended. Terminal transitions go through
+`finish()`, which refuses to finish a job twice, so a job reaches exactly one terminal
+state even when a re-run after a crash races a late cancel.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from gateway.jobs import TERMINAL, Job, JobStore, now_ts
+from videomesh.errors import NotFound
+from videomesh.v1 import common_pb2, gateway_pb2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  request_id TEXT NOT NULL DEFAULT '',
+  tier TEXT NOT NULL,
+  webhook TEXT NOT NULL DEFAULT '',
+  status INTEGER NOT NULL,
+  created REAL NOT NULL,
+  video BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(tenant, request_id) WHERE request_id != '';
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, created);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS events (
+  job_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class SQLiteJobStore(JobStore):
+    def __init__(self, path: Path | str = ":memory:"):
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._cond = threading.Condition()
+
+    def close(self) -> None:
+        with self._cond:
+            self._db.close()
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _row_to_job(self, row) -> Job:
+        jid, tenant, request_id, tier, webhook, blob = row
+        return Job(id=jid, tenant=tenant, request_id=request_id, tier=tier, webhook=webhook,
+                   video=gateway_pb2.Video.FromString(blob))  # fmt: skip
+
+    def _select(self, where: str, args: tuple) -> list[Job]:
+        rows = self._db.execute(f"SELECT id, tenant, request_id, tier, webhook, video FROM jobs WHERE {where}", args).fetchall()
+        return [self._row_to_job(r) for r in rows]
+
+    # --- JobStore -------------------------------------------------------------------------------
+    def create(self, job: Job) -> Job:
+        with self._cond:
+            if job.request_id:
+                found = self._select("tenant = ? AND request_id = ?", (job.tenant, job.request_id))
+                if found:
+                    return found[0]
+            self._db.execute(
+                "INSERT INTO jobs (id, tenant, request_id, tier, webhook, status, created, video) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.status, time.time(),
+                 job.video.SerializeToString()),  # fmt: skip
+            )
+            return job
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        with self._cond:
+            found = self._select("id = ? AND tenant = ?", (job_id, tenant))
+        if not found:
+            raise NotFound(f"video {job_id!r} not found", field="id")
+        return found[0]
+
+    def load(self, job_id: str) -> Job:
+        with self._cond:
+            found = self._select("id = ?", (job_id,))
+        if not found:
+            raise NotFound(f"video {job_id!r} not found", field="id")
+        return found[0]
+
+    def snapshot(self, job_id: str) -> gateway_pb2.Video:
+        return self.load(job_id).video
+
+    def list(self, tenant: str, *, status: int = 0, limit: int = 20, offset: int = 0) -> list[Job]:
+        q = "tenant = ?" + (" AND status = ?" if status else "") + " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+        args = (tenant, status, limit, offset) if status else (tenant, limit, offset)
+        with self._cond:
+            return self._select(q, args)
+
+    def by_request(self, tenant: str, request_id: str) -> Job | None:
+        with self._cond:
+            found = self._select("tenant = ? AND request_id = ?", (tenant, request_id))
+        return found[0] if found else None
+
+    def active_count(self, tenant: str) -> int:
+        with self._cond:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN (?, ?)", (tenant, common_pb2.QUEUED, common_pb2.RUNNING)
+            ).fetchone()
+        return n
+
+    def by_status(self, *statuses: int) -> list[Job]:
+        marks = ",".join("?" * len(statuses))
+        with self._cond:
+            return self._select(f"status IN ({marks}) ORDER BY created, id", tuple(statuses))
+
+    def count_since(self, tenant: str, since: float) -> tuple[int, float | None]:
+        """Jobs the tenant created since `since` (epoch s), and the oldest such creation time."""
+        with self._cond:
+            n, oldest = self._db.execute("SELECT COUNT(*), MIN(created) FROM jobs WHERE tenant = ? AND created >= ?", (tenant, since)).fetchone()
+        return n, oldest
+
+    def update(self, job_id: str, mutate) -> gateway_pb2.Video:
+        with self._cond:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT video FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"video {job_id!r} not found")
+                video = gateway_pb2.Video.FromString(row[0])
+                mutate(video)
+                video.update_time.CopyFrom(now_ts())
+                self._db.execute("UPDATE jobs SET video = ?, status = ? WHERE id = ?", (video.SerializeToString(), video.status, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return video
+
+    def finish(self, job_id: str, mutate, event: gateway_pb2.VideoEvent) -> gateway_pb2.Video | None:
+        """Apply a terminal mutation and append its event in one transaction; None if already terminal."""
+        with self._cond:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT video FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                video = gateway_pb2.Video.FromString(row[0])
+                if video.status in TERMINAL:
+                    self._db.execute("ROLLBACK")
+                    return None
+                mutate(video)
+                video.update_time.CopyFrom(now_ts())
+                if event.WhichOneof("event") == "completed":
+                    event.completed.video.CopyFrom(video)
+                self._db.execute("UPDATE jobs SET video = ?, status = ? WHERE id = ?", (video.SerializeToString(), video.status, job_id))
+                self._append(job_id, event)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._cond.notify_all()
+            return video
+
+    def _append(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
+        (last,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()
+        event.video_id = job_id
+        event.sequence = last + 1
+        event.time.CopyFrom(now_ts())
+        self._db.execute("INSERT INTO events (job_id, seq, data) VALUES (?, ?, ?)", (job_id, event.sequence, event.SerializeToString()))
+        return event
+
+    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
+        with self._cond:
+            self._append(job_id, event)
+            self._cond.notify_all()
+            return event
+
+    def _events_after(self, job_id: str, after: int) -> list[gateway_pb2.VideoEvent]:
+        rows = self._db.execute("SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)).fetchall()
+        return [gateway_pb2.VideoEvent.FromString(r[0]) for r in rows]
+
+    def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                evs = self._events_after(job_id, after)
+                left = deadline - time.monotonic()
+                if evs or left <= 0:
+                    return evs
+                self._cond.wait(left)
+

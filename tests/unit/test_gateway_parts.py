@@ -1,0 +1,84 @@
+"""Scheduling, admission and failure-handling parts of the gateway, without gRPC."""
+
+import time
+
+import pytest
+
+from gateway.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from gateway.scheduler import JobQueue
+from gateway.tiers import DEFAULT_TIERS, RateLimiter, TierPolicy, tiers_from
+from gateway.webhooks import sign, verify
+from videomesh.errors import Unavailable
+
+
+def test_pro_jumps_ahead_of_free_but_free_ages_in():
+    q = JobQueue(capacity=100, aging=10.0)
+    for i in range(5):
+        q.push(f"free{i}", "f", priority=10, max_running=100)
+    q.push("pro", "p", priority=0, max_running=100)
+    assert q.pop().job_id == "pro"
+    assert [q.pop().job_id for _ in range(2)] == ["free0", "free1"]  # FIFO within a tier
+    # aging: a free job that waited long enough beats a fresh pro job
+    q2 = JobQueue(capacity=10, aging=0.01)
+    q2.push("old-free", "f", priority=10, max_running=9)
+    time.sleep(0.15)  # 10 priority levels at 0.01 s each
+    q2.push("new-pro", "p", priority=0, max_running=9)
+    assert q2.pop().job_id == "old-free"
+
+
+def test_queue_bound_running_cap_and_delay():
+    q = JobQueue(capacity=2)
+    q.push("a", "t", 0, max_running=1)
+    q.push("b", "t", 0, max_running=1)
+    with pytest.raises(OverflowError):
+        q.push("c", "t", 0, max_running=1)
+    assert q.pop().job_id == "a"
+    assert q.pop(timeout=0.1) is None  # tenant t already runs its one allowed job
+    q.done("t")
+    assert q.pop(timeout=0.1).job_id == "b"
+    q.push("later", "u", 0, max_running=1, delay=0.3)
+    t0 = time.monotonic()
+    assert q.pop(timeout=2).job_id == "later" and time.monotonic() - t0 >= 0.25
+
+
+def test_token_bucket_allows_burst_then_says_how_long_to_wait():
+    policy = TierPolicy("t", priority=0, max_active=9, max_running=1, daily_quota=9, rate_per_minute=60, burst=3)
+    rl = RateLimiter()
+    assert [rl.take("x", policy, now=100.0) for _ in range(3)] == [0, 0, 0]
+    wait = rl.take("x", policy, now=100.0)
+    assert 0.9 < wait <= 1.0
+    assert rl.take("x", policy, now=101.01) == 0  # one token back after a second
+    assert rl.take("y", policy, now=100.0) == 0  # buckets are per tenant
+
+
+def test_breaker_opens_fails_fast_and_closes_after_probe():
+    b = CircuitBreaker("upscaler", threshold=2, cooldown=60)
+    b.failure()
+    assert b.state == CLOSED
+    b.failure()
+    assert b.state == OPEN
+    with pytest.raises(Unavailable) as e:
+        b.before_call()
+    assert e.value.reason == "CIRCUIT_OPEN" and e.value.retry_after > 0
+    b.healthy()  # the health monitor sees it SERVING
+    assert b.state == HALF_OPEN
+    b.before_call()  # the one trial call
+    with pytest.raises(Unavailable):
+        b.before_call()  # no second trial in parallel
+    b.success()
+    assert b.state == CLOSED and b.transitions == [OPEN, HALF_OPEN, CLOSED]
+
+
+def test_tier_overrides_from_config():
+    tiers = tiers_from({"free": {"daily_quota": 3, "sizes": ["128x128"]}, "team": {"priority": 5}})
+    assert tiers["free"].daily_quota == 3 and tiers["free"].sizes == ("128x128",)
+    assert tiers["pro"] == DEFAULT_TIERS["pro"] and tiers["team"].priority == 5
+
+
+def test_webhook_signature():
+    body = b'{"a":1}'
+    header = sign("s3cret", body, int(time.time()))
+    assert verify("s3cret", body, header)
+    assert not verify("other", body, header)
+    assert not verify("s3cret", body + b" ", header)
+    assert not verify("s3cret", body, sign("s3cret", body, int(time.time()) - 3600))  # replayed old delivery
