@@ -5,7 +5,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PROMPT ?= a purple triangle moving up on a white background
 
-.PHONY: install demo test test-fast protos lint train eval bench
+.PHONY: install demo test test-fast protos lint train eval eval-qc bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: install
 # Prompt adherence on held-out phrasings, through the real mesh; prints the model-card table.
 eval: install
 	$(BIN)/videomesh eval --json eval-results.json
+
+# Precision/recall of every quality check on a generated, labelled suite (+ throughput).
+eval-qc: install
+	$(BIN)/python -m services.qc.calibrate
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

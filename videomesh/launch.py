@@ -100,7 +100,7 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
     if name == "qc":
         from services.qc.servicer import QualityCheckServicer, registration
 
-        servicer = QualityCheckServicer(settings.thresholds())
+        servicer = QualityCheckServicer(settings.thresholds(), faces=settings.faces)
         server = create_server([registration(servicer)], host=settings.host, port=settings.port)
         return server, lambda: None, lambda: None
     if name == "gateway":

@@ -28,8 +28,9 @@ def report_proto(checks, frames: int) -> common_pb2.QualityReport:
 
 
 class QualityCheckServicer(qc_pb2_grpc.QualityCheckServicer):
-    def __init__(self, thresholds: QCThresholds | None = None):
-        self.thresholds = thresholds or QCThresholds()
+    def __init__(self, thresholds: QCThresholds | None = None, faces: bool = True):
+        self.thresholds = thresholds or QCThresholds.load()
+        self.faces = faces
 
     def Inspect(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -38,7 +39,7 @@ class QualityCheckServicer(qc_pb2_grpc.QualityCheckServicer):
         s = first.settings
         if s.fps <= 0:
             raise InvalidArgument(f"settings.fps must be positive; got {s.fps}", field="settings.fps")
-        stats = FrameStats()
+        stats = FrameStats(self.thresholds, faces=self.faces)
         asm = codec.FrameAssembler()
         for msg in request_iterator:
             if msg.WhichOneof("request") != "frames":

@@ -1,0 +1,48 @@
+"""Each quality check fires on its defect and stays quiet on clean clips (a slice of the calibration suite)."""
+
+import numpy as np
+import pytest
+
+from services.qc import calibrate
+from services.qc.checks import FrameStats, QCThresholds, run_checks, runs
+
+
+@pytest.fixture(scope="module")
+def th():
+    return QCThresholds.load()
+
+
+def failed(frames, th, expect_motion=True):
+    st = FrameStats(th)
+    for f in frames:
+        st.add(f)
+    return {c.name: c for c in run_checks(st, fps=24, expect_motion=expect_motion, th=th) if not c.passed}
+
+
+def test_runs():
+    assert runs(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
+    assert runs(np.zeros(3, bool)) == []
+
+
+@pytest.mark.parametrize("kind", ["world", "face"])
+def test_clean_clips_pass_and_each_defect_is_caught(kind, th):
+    rng = np.random.default_rng(3)
+    base = calibrate.world_clip(rng, "right") if kind == "world" else calibrate.face_clip(rng, calibrate._astronaut())
+    assert failed(base, th) == {}
+    defects = ["black", "flicker", "frozen", "blur"] + (["face_warp", "face_dup"] if kind == "face" else [])
+    for d in defects:
+        got = failed(calibrate.corrupt(base, d, rng), th)
+        assert set(got) == {calibrate.DEFECTS[d]}, (d, {k: v.detail for k, v in got.items()})
+
+
+def test_black_frames_report_their_range(th):
+    frames = calibrate.world_clip(np.random.default_rng(0), "left")
+    frames[10:13] = 0
+    c = failed(frames, th)["black_frames"]
+    assert c.frames == [(10, 13)]
+
+
+def test_still_prompt_may_be_still_but_motion_prompt_may_not(th):
+    frames = np.repeat(calibrate.world_clip(np.random.default_rng(1), "up")[:1], 30, axis=0)
+    assert "frozen" not in failed(frames, th, expect_motion=False)
+    assert "frozen" in failed(frames, th, expect_motion=True)
