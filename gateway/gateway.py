@@ -66,7 +66,8 @@ class GatewaySettings:
     default_size: str = "256x256"
     fps_choices: tuple[float, ...] = (24.0, 12.0, 8.0)
     default_fps: float = 24.0
-    qc_policy: str = "review"  # review: failed QC -> NEEDS_REVIEW; off: do not gate
+    qc_policy: str = "review"  # review: failed QC -> new seed(s), then NEEDS_REVIEW; off: do not gate
+    qc_regenerations: int = 1  # new seeds to try when QC fails, before NEEDS_REVIEW
     retries: int = 4  # gRPC-level retries of UNAVAILABLE per call (channel retry policy)
     max_attempts: int = 3  # job-level attempts for retryable failures (downstream down, rate-limited)
     retry_backoff: float = 1.0  # seconds before the 2nd attempt; doubles after
@@ -377,6 +378,27 @@ class VideoGateway:
             spec.seed = seed
         return self.create(tenant, spec, request_id, regenerated_from=video_id)
 
+    def review(self, tenant: Tenant, video_id: str, approve: bool, note: str) -> gateway_pb2.Video:
+        """A reviewer's decision on a video the quality gate held back."""
+        job = self.store.get(tenant.name, video_id)
+        if len(note) > 2000:
+            raise InvalidArgument("note is longer than 2000 characters", field="note")
+
+        def decide(v):
+            if v.status != common_pb2.NEEDS_REVIEW:
+                raise FailedPrecondition(f"video {video_id} is {common_pb2.VideoStatus.Name(v.status)}, not NEEDS_REVIEW")
+            v.review_note = note
+            if approve:
+                v.status = common_pb2.SUCCEEDED
+            else:
+                v.status = common_pb2.FAILED
+                v.error.CopyFrom(gateway_pb2.VideoError(code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                                                        message=note or "rejected in review", reason="REJECTED_IN_REVIEW"))  # fmt: skip
+
+        video = self.store.update(job.id, decide)
+        self._terminal(job, video)
+        return video
+
     def events(self, tenant: str, video_id: str, after: int, is_active) -> Iterator[gateway_pb2.VideoEvent]:
         """Yield events after `after` until (and including) the terminal one."""
         self.store.get(tenant, video_id)  # NotFound for other tenants
@@ -432,6 +454,12 @@ class VideoGateway:
         t0 = time.perf_counter()
         try:
             outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self.plan(video.spec), ctl)
+            while (self.settings.qc_policy == "review" and not outcome.quality.passed
+                   and video.qc_regenerations < self.settings.qc_regenerations):  # fmt: skip
+                failed = ", ".join(c.name for c in outcome.quality.checks if not c.passed)
+                log.info("job %s failed QC (%s): regenerating with a new seed", job_id, failed)
+                video = self.store.update(job_id, _new_seed)
+                outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self.plan(video.spec), ctl)
         except Cancelled:
             if ctl.stopped_for_shutdown:
                 return  # stays RUNNING in the store: re-run after restart
@@ -513,6 +541,14 @@ class VideoGateway:
 
             self.webhooks.send(url, secret, {"type": "video." + common_pb2.VideoStatus.Name(video.status).lower(),
                                              "video": json_format.MessageToDict(video)})  # fmt: skip
+
+
+def _new_seed(v: gateway_pb2.Video) -> None:
+    old = v.spec.seed
+    while v.spec.seed == old:
+        v.spec.seed = random.randrange(1, 2**31)
+    v.qc_regenerations += 1
+    v.progress = 0.0
 
 
 def _start(v: gateway_pb2.Video) -> None:

@@ -58,5 +58,9 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.gw.regenerate(t, request.id, seed, request.request_id)
 
 
+    def ReviewVideo(self, request, context):
+        return self.gw.review(self._tenant(context), request.id, request.approve, request.note)
+
+
 def registration(servicer: VideoServiceServicer):
     return (gateway_pb2_grpc.add_VideoServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -228,6 +228,30 @@ def cmd_serve(args, rest) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    from videomesh.client import VideoClient
+    from videomesh.v1 import common_pb2
+
+    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    if not address:
+        _err("give --gateway HOST:PORT")
+        return 2
+    with VideoClient(address, api_key=args.api_key) as c:
+        try:
+            if args.decision is None:
+                v = c.get(args.id)
+            else:
+                v = c.review(args.id, args.decision == "approve", args.note or "")
+        except grpc.RpcError as e:
+            _err(f"{e.code().name}: {e.details()}")
+            return 1
+    print(f"{v.id}: {common_pb2.VideoStatus.Name(v.status)}")
+    for ch in v.quality.checks:
+        ranges = ", ".join(f"{r.start}-{r.end - 1}" for r in ch.frames)
+        print(f"  {'ok  ' if ch.passed else 'FAIL'} {ch.name:<13} {ch.detail}{f' (frames {ranges})' if ranges else ''}")
+    return 0
+
+
 def cmd_tenants(args) -> int:
     from gateway.tenants import TenantDirectory
 
@@ -289,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run one service (encoder, denoiser, upscaler, qc, gateway)")
     s.add_argument("name", choices=["encoder", "denoiser", "upscaler", "qc", "gateway"])
 
+    r = sub.add_parser("review", help="show a video's quality report, or approve/reject one held for review")
+    r.add_argument("id")
+    r.add_argument("--gateway")
+    r.add_argument("--api-key")
+    g2 = r.add_mutually_exclusive_group()
+    g2.add_argument("--approve", dest="decision", action="store_const", const="approve")
+    g2.add_argument("--reject", dest="decision", action="store_const", const="reject")
+    r.add_argument("--note", help="reviewer's note (the reason, when rejecting)")
+
     sub.add_parser("train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False)
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
 
@@ -325,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "health": cmd_health,
         "tenants": cmd_tenants,
+        "review": cmd_review,
     }[args.cmd](args)
 
 

@@ -131,6 +131,11 @@ class VideoClient:
             gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=30
         )
 
+    def review(self, video_id: str, approve: bool, note: str = "") -> gateway_pb2.Video:
+        return self.stub.ReviewVideo(
+            gateway_pb2.ReviewVideoRequest(id=video_id, approve=approve, note=note), metadata=self._metadata, timeout=30
+        )
+
     def regenerate(self, video_id: str, seed: int | None = None, request_id: str = "") -> gateway_pb2.Video:
         req = gateway_pb2.RegenerateVideoRequest(id=video_id, request_id=request_id)
         if seed is not None:

@@ -58,7 +58,7 @@ class VideoError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model")
+    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class Video(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     REGENERATED_FROM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    QC_REGENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.VideoStatus
     stage: _common_pb2.Stage
@@ -87,7 +89,9 @@ class Video(_message.Message):
     quality: _common_pb2.QualityReport
     regenerated_from: str
     model: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    qc_regenerations: int
+    review_note: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -188,6 +192,16 @@ class CancelVideoRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ReviewVideoRequest(_message.Message):
+    __slots__ = ("id", "approve", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    approve: bool
+    note: str
+    def __init__(self, id: _Optional[str] = ..., approve: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class RegenerateVideoRequest(_message.Message):
     __slots__ = ("id", "seed", "request_id")

@@ -72,6 +72,11 @@ class VideoServiceStub:
                 request_serializer=videomesh_dot_v1_dot_gateway__pb2.RegenerateVideoRequest.SerializeToString,
                 response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
                 _registered_method=True)
+        self.ReviewVideo = channel.unary_unary(
+                '/videomesh.v1.VideoService/ReviewVideo',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+                _registered_method=True)
 
 
 class VideoServiceServicer:
@@ -125,6 +130,13 @@ class VideoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviewVideo(self, request, context):
+        """Approve (-> SUCCEEDED) or reject (-> FAILED) a video the quality gate held in NEEDS_REVIEW.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +173,11 @@ def add_VideoServiceServicer_to_server(servicer, server):
             'RegenerateVideo': grpc.unary_unary_rpc_method_handler(
                     servicer.RegenerateVideo,
                     request_deserializer=videomesh_dot_v1_dot_gateway__pb2.RegenerateVideoRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.Video.SerializeToString,
+            ),
+            'ReviewVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewVideo,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.FromString,
                     response_serializer=videomesh_dot_v1_dot_gateway__pb2.Video.SerializeToString,
             ),
     }
@@ -354,6 +371,33 @@ class VideoService:
             target,
             '/videomesh.v1.VideoService/RegenerateVideo',
             videomesh_dot_v1_dot_gateway__pb2.RegenerateVideoRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/ReviewVideo',
+            videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.SerializeToString,
             videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
             options,
             channel_credentials,
