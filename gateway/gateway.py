@@ -23,11 +23,13 @@ import grpc
 from gateway.jobs import TERMINAL, Job, JobStore, new_id, now_ts
 from gateway.metrics import METRICS
 from gateway.pipeline import PROGRESS, Downstreams, JobControl, Pipeline, Plan
+from gateway.safety import SafetyFilter
 from gateway.scheduler import JobQueue
 from gateway.sqlite_store import SQLiteJobStore
 from gateway.storage import LocalStorage, Storage
 from gateway.tenants import Tenant
 from gateway.tiers import RateLimiter, TierPolicy, tiers_from
+from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, payload_for
 from gateway.webhooks import WebhookSender
 from services.encoder.model import MAX_PROMPT_CHARS
 from videomesh.errors import (
@@ -74,6 +76,13 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    safety_lists: Path | None = None  # TOML of blocked terms per category; default gateway/safety_terms.toml
+    invisible_watermark: bool = True
+    visible_watermark: bool = True  # where the tenant's tier asks for it
+    watermark_text: str = "videomesh"
+    watermark_position: str = "bottom-right"
+    watermark_opacity: float = 0.45
+    watermark_key: str = "videomesh"  # keys the invisible mark's layout; keep it secret per deployment
     stage_slots: tuple[int, ...] = ()  # encode, denoise, upscale, qc; empty = from the denoiser's capacity
     tiers: dict = field(default_factory=dict)  # per-tier overrides of gateway.tiers.DEFAULT_TIERS
     webhook_attempts: int = 5
@@ -133,6 +142,8 @@ class VideoGateway:
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
+        self._audit_lock = threading.Lock()
+        self.safety = SafetyFilter.load(settings.safety_lists)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, timeout: float = 120.0) -> None:
@@ -149,7 +160,10 @@ class VideoGateway:
                 time.sleep(0.5)
         cap = max(1, self.model.capacity or 1)
         slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
-        self.pipeline = Pipeline(self.downstreams, self.storage, Path(self.settings.data_dir) / "work", slots=slots)
+        s = self.settings
+        self.pipeline = Pipeline(self.downstreams, self.storage, Path(s.data_dir) / "work", slots=slots,
+                                 invisible=InvisibleWatermark(s.watermark_key),
+                                 visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity))  # fmt: skip
         self._recover()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
@@ -238,7 +252,7 @@ class VideoGateway:
         out.prompt = prompt
         return out
 
-    def plan(self, spec: common_pb2.VideoSpec) -> Plan:
+    def plan(self, spec: common_pb2.VideoSpec, watermark: str = "", visible: bool = False) -> Plan:
         m = self.model
         prompt = spec.prompt + (f", {spec.style}" if spec.style else "")
         return Plan(
@@ -257,7 +271,49 @@ class VideoGateway:
             guidance=spec.guidance_scale,
             encoder_model=m.encoder_model,
             expect_motion=expects_motion(spec.prompt),
+            watermark=watermark,
+            visible_mark=visible,
         )
+
+    def _plan(self, job: Job, video: gateway_pb2.Video) -> Plan:
+        visible = self.settings.visible_watermark and self.policy(job.tier).visible_watermark
+        # a frame needs a few 8x8 blocks per payload bit for the mark to survive encoding
+        room = (video.spec.width // 8) * (video.spec.height // 8) >= 4 * TOTAL_BITS
+        mark = video.watermark if self.settings.invisible_watermark and room else ""
+        return self.plan(video.spec, watermark=mark, visible=visible)
+
+    def verify_watermark(self, tenant: Tenant, chunks) -> gateway_pb2.VerifyWatermarkResponse:
+        """Decode the invisible mark of an uploaded video; name the caller's video that carries it."""
+        import tempfile
+
+        from gateway.media import iter_frames
+
+        work = Path(self.settings.data_dir) / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        size = 0
+        with tempfile.NamedTemporaryFile(suffix=".mp4", dir=work) as f:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > 512 * 1024 * 1024:
+                    raise InvalidArgument("video larger than 512 MiB", field="chunk")
+                f.write(chunk)
+            f.flush()
+            if size == 0:
+                raise InvalidArgument("no video bytes received", field="chunk")
+            frames = 0
+
+            def counted():
+                nonlocal frames
+                for fr in iter_frames(Path(f.name)):
+                    frames += 1
+                    yield fr
+
+            payload, confidence, ok = self.pipeline.invisible.extract(counted())
+        if frames == 0:
+            raise InvalidArgument("could not decode any frame: is this a video file?", field="chunk")
+        job = self.store.by_watermark(tenant.name, payload) if ok else None
+        return gateway_pb2.VerifyWatermarkResponse(present=ok, payload=payload if ok else "", confidence=confidence,
+                                                   video_id=job.id if job else "", frames=frames)  # fmt: skip
 
     def policy(self, tier: str) -> TierPolicy:
         return self.tiers.get(tier, self.tiers["free"])
@@ -275,12 +331,14 @@ class VideoGateway:
             if found is not None:
                 return self.get(tenant.name, found.id)
         norm = self.normalize(spec, policy)
+        self._screen(tenant, norm)
         with self._admit:
             self._admission(tenant, policy)
             video = gateway_pb2.Video(
                 id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=norm, create_time=now_ts(),
                 update_time=now_ts(), regenerated_from=regenerated_from, model=f"{self.model.name}@{self.model.version}",
             )  # fmt: skip
+            video.watermark = payload_for(video.id)
             job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
                       webhook=webhook_url)  # fmt: skip
             video.queue_position = len(self.queue) + 1
@@ -293,6 +351,24 @@ class VideoGateway:
         METRICS.jobs.labels(status="QUEUED", tier=policy.name).inc()
         METRICS.queue_depth.set(len(self.queue))
         return self.store.snapshot(job.id)
+
+    def _screen(self, tenant: Tenant, spec: common_pb2.VideoSpec) -> None:
+        """Content policy, before anything is queued or reaches the encoder; refusals are audited."""
+        verdict = self.safety.check(spec.prompt, spec.negative_prompt, spec.style)
+        if not verdict.blocked:
+            return
+        METRICS.rejected.labels(reason="CONTENT_POLICY").inc()
+        import hashlib
+        import json
+
+        record = {"time": time.time(), "tenant": tenant.name, "category": verdict.category, "term": verdict.term,
+                  "prompt_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(), "prompt": spec.prompt[:500]}  # fmt: skip
+        with self._audit_lock, open(Path(self.settings.data_dir) / "audit.log", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        raise InvalidArgument(
+            f"the prompt was refused by the content policy ({verdict.category.replace('_', ' ')})",
+            reason="CONTENT_POLICY", field="spec.prompt", metadata={"category": verdict.category},
+        )
 
     def _admission(self, tenant: Tenant, policy: TierPolicy) -> None:
         """Queue bound, rate limit, per-tenant in-flight cap, daily quota: RESOURCE_EXHAUSTED + RetryInfo."""
@@ -453,13 +529,13 @@ class VideoGateway:
         video = self.store.update(job_id, _start)
         t0 = time.perf_counter()
         try:
-            outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self.plan(video.spec), ctl)
+            outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self._plan(job, video), ctl)
             while (self.settings.qc_policy == "review" and not outcome.quality.passed
                    and video.qc_regenerations < self.settings.qc_regenerations):  # fmt: skip
                 failed = ", ".join(c.name for c in outcome.quality.checks if not c.passed)
                 log.info("job %s failed QC (%s): regenerating with a new seed", job_id, failed)
                 video = self.store.update(job_id, _new_seed)
-                outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self.plan(video.spec), ctl)
+                outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self._plan(job, video), ctl)
         except Cancelled:
             if ctl.stopped_for_shutdown:
                 return  # stays RUNNING in the store: re-run after restart

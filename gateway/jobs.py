@@ -74,6 +74,10 @@ class JobStore(ABC):
         """The tenant's job created with this idempotency key, if any."""
 
     @abstractmethod
+    def by_watermark(self, tenant: str, payload: str) -> Job | None:
+        """The tenant's newest job whose video carries this invisible payload."""
+
+    @abstractmethod
     def active_count(self, tenant: str) -> int:
         """The tenant's jobs that are QUEUED or RUNNING."""
 

@@ -95,6 +95,21 @@ def probe(path: Path) -> dict:
         cap.release()
 
 
+def iter_frames(path: Path):
+    """Decode a video frame by frame (RGB uint8), without holding it all."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                return
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+
+
 def read_frames(path: Path) -> np.ndarray:
     """All frames of a video as (T, H, W, 3) uint8 RGB."""
     import cv2

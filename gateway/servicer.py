@@ -58,6 +58,9 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.gw.regenerate(t, request.id, seed, request.request_id)
 
 
+    def VerifyWatermark(self, request_iterator, context):
+        return self.gw.verify_watermark(self._tenant(context), (r.chunk for r in request_iterator))
+
     def ReviewVideo(self, request, context):
         return self.gw.review(self._tenant(context), request.id, request.approve, request.note)
 

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   request_id TEXT NOT NULL DEFAULT '',
   tier TEXT NOT NULL,
   webhook TEXT NOT NULL DEFAULT '',
+  watermark TEXT NOT NULL DEFAULT '',
   status INTEGER NOT NULL,
   created REAL NOT NULL,
   video BLOB NOT NULL
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE INDEX IF NOT EXISTS jobs_watermark ON jobs(tenant, watermark);
 CREATE TABLE IF NOT EXISTS events (
   job_id TEXT NOT NULL,
   seq INTEGER NOT NULL,
@@ -73,9 +75,10 @@ class SQLiteJobStore(JobStore):
                 if found:
                     return found[0]
             self._db.execute(
-                "INSERT INTO jobs (id, tenant, request_id, tier, webhook, status, created, video) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.status, time.time(),
-                 job.video.SerializeToString()),  # fmt: skip
+                "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.watermark, job.video.status,
+                 time.time(), job.video.SerializeToString()),  # fmt: skip
             )
             return job
 
@@ -105,6 +108,11 @@ class SQLiteJobStore(JobStore):
     def by_request(self, tenant: str, request_id: str) -> Job | None:
         with self._cond:
             found = self._select("tenant = ? AND request_id = ?", (tenant, request_id))
+        return found[0] if found else None
+
+    def by_watermark(self, tenant: str, payload: str) -> Job | None:
+        with self._cond:
+            found = self._select("tenant = ? AND watermark = ? ORDER BY created DESC", (tenant, payload))
         return found[0] if found else None
 
     def active_count(self, tenant: str) -> int:

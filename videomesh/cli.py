@@ -252,6 +252,26 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from videomesh.client import VideoClient
+
+    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    if not address:
+        _err("give --gateway HOST:PORT")
+        return 2
+    with VideoClient(address, api_key=args.api_key) as c:
+        try:
+            r = c.verify_watermark(args.file)
+        except grpc.RpcError as e:
+            _err(f"{e.code().name}: {e.details()}")
+            return 1
+    if not r.present:
+        print(f"no videomesh watermark found ({r.frames} frames read)")
+        return 3
+    print(f"watermark {r.payload} (confidence {r.confidence:.2f}, {r.frames} frames)" + (f": video {r.video_id}" if r.video_id else ""))
+    return 0
+
+
 def cmd_tenants(args) -> int:
     from gateway.tenants import TenantDirectory
 
@@ -322,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument("--reject", dest="decision", action="store_const", const="reject")
     r.add_argument("--note", help="reviewer's note (the reason, when rejecting)")
 
+    v = sub.add_parser("verify", help="read the invisible watermark of a video file")
+    v.add_argument("file")
+    v.add_argument("--gateway")
+    v.add_argument("--api-key")
+
     sub.add_parser("train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False)
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
 
@@ -359,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "health": cmd_health,
         "tenants": cmd_tenants,
         "review": cmd_review,
+        "verify": cmd_verify,
     }[args.cmd](args)
 
 

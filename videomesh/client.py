@@ -131,6 +131,14 @@ class VideoClient:
             gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=30
         )
 
+    def verify_watermark(self, path, chunk: int = 1 << 20) -> gateway_pb2.VerifyWatermarkResponse:
+        def chunks():
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    yield gateway_pb2.VerifyWatermarkRequest(chunk=block)
+
+        return self.stub.VerifyWatermark(chunks(), metadata=self._metadata, timeout=120)
+
     def review(self, video_id: str, approve: bool, note: str = "") -> gateway_pb2.Video:
         return self.stub.ReviewVideo(
             gateway_pb2.ReviewVideoRequest(id=video_id, approve=approve, note=note), metadata=self._metadata, timeout=30

@@ -68,6 +68,7 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         domain = TextEncoding(settings)
         servicer = TextEncoderServicer(domain)
         server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+        server.servicer = servicer
 
         def load():
             _threads(settings.threads)

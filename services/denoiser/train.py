@@ -89,8 +89,13 @@ def sample_t(rng: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> 
 
 
 @torch.no_grad()
-def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, steps: int = 20, seed: int = 123) -> dict:
-    """Sample held-out prompts in every language with CFG; score them with the detector."""
+def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, steps: int = 20, seed: int = 123,
+             single_expert: bool = False) -> dict:  # fmt: skip
+    """Sample held-out prompts in every language with CFG; score them with the detector.
+
+    Before the fork only the shared weights (in the high-noise slot) are trained, so
+    `single_expert` samples every step with them.
+    """
     mcfg = model.cfg
     model.eval()
     prompts = [(lang, p, s) for lang in LANGS for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]]
@@ -102,7 +107,7 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
 
     def net(xb, tb, text, mask):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(xb, tb, text, mask).float()
+            return model(xb, tb, text, mask, expert="high_noise" if single_expert else None).float()
 
     velocity = cfg_velocity(net, cond, uncond, lambda t: model.guidance_for(model.expert_for(t)))
     out = sample_euler(velocity, x, flow_timesteps(steps, mcfg.shift))
@@ -203,8 +208,9 @@ def train(cfg: TrainConfig) -> dict:
         with torch.no_grad():
             src = model.experts[expert]
             dst = ema.experts[expert]
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early averages forget the init
             for pe, pm in zip(dst.parameters(), src.parameters(), strict=True):
-                pe.lerp_(pm, 1 - cfg.ema)
+                pe.lerp_(pm, 1 - decay)
         step += 1
         losses.append(float(loss.detach()))
         if step % 50 == 0:
@@ -213,7 +219,7 @@ def train(cfg: TrainConfig) -> dict:
                      _lr(cfg, step), el / max(1, step), el / 60)  # fmt: skip
             record(step=step, loss=float(np.mean(losses[-50:])), minutes=el / 60)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            table = evaluate(ema, encoder, per_lang=cfg.eval_per_lang)
+            table = evaluate(ema, encoder, per_lang=cfg.eval_per_lang, single_expert=step <= fork_at)
             log.info("step %d held-out adherence: %s", step, json.dumps(table))
             record(step=step, eval=table)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:

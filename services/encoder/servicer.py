@@ -12,8 +12,10 @@ SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, encoding: TextEncoding):
         self.encoding = encoding
+        self.calls = 0  # tests use it to prove a refused prompt never reached the encoder
 
     def Encode(self, request, context):
+        self.calls += 1
         states, mask, langs = self.encoding.encode(list(request.texts))
         return encoder_pb2.EncodeResponse(
             embeddings=codec.to_proto(states),

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from videomesh.v1 import common_pb2 as videomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avideomesh/v1/gateway.proto\x12\x0cvideomesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19videomesh/v1/common.proto\"d\n\x12\x43reateVideoRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.videomesh.v1.VideoSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x03 \x01(\t\"\xc8\x01\n\x0bVideoResult\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0b\n\x03md5\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x12\n\nnum_frames\x18\x08 \x01(\x05\x12\x0b\n\x03\x66ps\x18\t \x01(\x02\x12\x18\n\x10\x64uration_seconds\x18\n \x01(\x02\x12\x14\n\x0c\x63ontent_type\x18\x0b \x01(\t\";\n\nVideoError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x80\x04\n\x05Video\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.videomesh.v1.VideoStatus\x12\"\n\x05stage\x18\x03 \x01(\x0e\x32\x13.videomesh.v1.Stage\x12\x10\n\x08progress\x18\x04 \x01(\x02\x12%\n\x04spec\x18\x05 \x01(\x0b\x32\x17.videomesh.v1.VideoSpec\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06result\x18\x08 \x01(\x0b\x32\x19.videomesh.v1.VideoResult\x12\'\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.videomesh.v1.VideoError\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x05\x12,\n\x07quality\x18\x0c \x01(\x0b\x32\x1b.videomesh.v1.QualityReport\x12\x18\n\x10regenerated_from\x18\r \x01(\t\x12\r\n\x05model\x18\x0e \x01(\t\x12\x18\n\x10qc_regenerations\x18\x0f \x01(\x05\x12\x13\n\x0breview_note\x18\x10 \x01(\t\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"2\n\x0cStageStarted\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.videomesh.v1.Stage\"\\\n\x08Progress\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.videomesh.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07percent\x18\x04 \x01(\x02\"/\n\tCompleted\x12\"\n\x05video\x18\x01 \x01(\x0b\x32\x13.videomesh.v1.Video\"1\n\x06\x46\x61iled\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.videomesh.v1.VideoError\"\x0b\n\tCancelled\"\xf0\x02\n\nVideoEvent\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06queued\x18\n \x01(\x0b\x32\x14.videomesh.v1.QueuedH\x00\x12\x33\n\rstage_started\x18\x0b \x01(\x0b\x32\x1a.videomesh.v1.StageStartedH\x00\x12*\n\x08progress\x18\x0c \x01(\x0b\x32\x16.videomesh.v1.ProgressH\x00\x12,\n\tcompleted\x18\r \x01(\x0b\x32\x17.videomesh.v1.CompletedH\x00\x12&\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x14.videomesh.v1.FailedH\x00\x12,\n\tcancelled\x18\x0f \x01(\x0b\x32\x17.videomesh.v1.CancelledH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\x1d\n\x0fGetVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.videomesh.v1.VideoStatus\"R\n\x12ListVideosResponse\x12#\n\x06videos\x18\x01 \x03(\x0b\x32\x13.videomesh.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x12\x43\x61ncelVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x12ReviewVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0c\n\x04note\x18\x03 \x01(\t\"T\n\x16RegenerateVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x07\n\x05_seed2\xd9\x04\n\x0cVideoService\x12\x44\n\x0b\x43reateVideo\x12 .videomesh.v1.CreateVideoRequest\x1a\x13.videomesh.v1.Video\x12M\n\rGenerateVideo\x12 .videomesh.v1.CreateVideoRequest\x1a\x18.videomesh.v1.VideoEvent0\x01\x12I\n\nWatchVideo\x12\x1f.videomesh.v1.WatchVideoRequest\x1a\x18.videomesh.v1.VideoEvent0\x01\x12>\n\x08GetVideo\x12\x1d.videomesh.v1.GetVideoRequest\x1a\x13.videomesh.v1.Video\x12O\n\nListVideos\x12\x1f.videomesh.v1.ListVideosRequest\x1a .videomesh.v1.ListVideosResponse\x12\x44\n\x0b\x43\x61ncelVideo\x12 .videomesh.v1.CancelVideoRequest\x1a\x13.videomesh.v1.Video\x12L\n\x0fRegenerateVideo\x12$.videomesh.v1.RegenerateVideoRequest\x1a\x13.videomesh.v1.Video\x12\x44\n\x0bReviewVideo\x12 .videomesh.v1.ReviewVideoRequest\x1a\x13.videomesh.v1.Videob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avideomesh/v1/gateway.proto\x12\x0cvideomesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19videomesh/v1/common.proto\"d\n\x12\x43reateVideoRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.videomesh.v1.VideoSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x03 \x01(\t\"\xc8\x01\n\x0bVideoResult\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0b\n\x03md5\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x12\n\nnum_frames\x18\x08 \x01(\x05\x12\x0b\n\x03\x66ps\x18\t \x01(\x02\x12\x18\n\x10\x64uration_seconds\x18\n \x01(\x02\x12\x14\n\x0c\x63ontent_type\x18\x0b \x01(\t\";\n\nVideoError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x93\x04\n\x05Video\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.videomesh.v1.VideoStatus\x12\"\n\x05stage\x18\x03 \x01(\x0e\x32\x13.videomesh.v1.Stage\x12\x10\n\x08progress\x18\x04 \x01(\x02\x12%\n\x04spec\x18\x05 \x01(\x0b\x32\x17.videomesh.v1.VideoSpec\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06result\x18\x08 \x01(\x0b\x32\x19.videomesh.v1.VideoResult\x12\'\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.videomesh.v1.VideoError\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x05\x12,\n\x07quality\x18\x0c \x01(\x0b\x32\x1b.videomesh.v1.QualityReport\x12\x18\n\x10regenerated_from\x18\r \x01(\t\x12\r\n\x05model\x18\x0e \x01(\t\x12\x18\n\x10qc_regenerations\x18\x0f \x01(\x05\x12\x13\n\x0breview_note\x18\x10 \x01(\t\x12\x11\n\twatermark\x18\x11 \x01(\t\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"2\n\x0cStageStarted\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.videomesh.v1.Stage\"\\\n\x08Progress\x12\"\n\x05stage\x18\x01 \x01(\x0e\x32\x13.videomesh.v1.Stage\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07percent\x18\x04 \x01(\x02\"/\n\tCompleted\x12\"\n\x05video\x18\x01 \x01(\x0b\x32\x13.videomesh.v1.Video\"1\n\x06\x46\x61iled\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.videomesh.v1.VideoError\"\x0b\n\tCancelled\"\xf0\x02\n\nVideoEvent\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06queued\x18\n \x01(\x0b\x32\x14.videomesh.v1.QueuedH\x00\x12\x33\n\rstage_started\x18\x0b \x01(\x0b\x32\x1a.videomesh.v1.StageStartedH\x00\x12*\n\x08progress\x18\x0c \x01(\x0b\x32\x16.videomesh.v1.ProgressH\x00\x12,\n\tcompleted\x18\r \x01(\x0b\x32\x17.videomesh.v1.CompletedH\x00\x12&\n\x06\x66\x61iled\x18\x0e \x01(\x0b\x32\x14.videomesh.v1.FailedH\x00\x12,\n\tcancelled\x18\x0f \x01(\x0b\x32\x17.videomesh.v1.CancelledH\x00\x42\x07\n\x05\x65vent\"7\n\x11WatchVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\x1d\n\x0fGetVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.videomesh.v1.VideoStatus\"R\n\x12ListVideosResponse\x12#\n\x06videos\x18\x01 \x03(\x0b\x32\x13.videomesh.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x12\x43\x61ncelVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x16VerifyWatermarkRequest\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"q\n\x17VerifyWatermarkResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x10\n\x08video_id\x18\x04 \x01(\t\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x05\"?\n\x12ReviewVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0c\n\x04note\x18\x03 \x01(\t\"T\n\x16RegenerateVideoRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x07\n\x05_seed2\xbb\x05\n\x0cVideoService\x12\x44\n\x0b\x43reateVideo\x12 .videomesh.v1.CreateVideoRequest\x1a\x13.videomesh.v1.Video\x12M\n\rGenerateVideo\x12 .videomesh.v1.CreateVideoRequest\x1a\x18.videomesh.v1.VideoEvent0\x01\x12I\n\nWatchVideo\x12\x1f.videomesh.v1.WatchVideoRequest\x1a\x18.videomesh.v1.VideoEvent0\x01\x12>\n\x08GetVideo\x12\x1d.videomesh.v1.GetVideoRequest\x1a\x13.videomesh.v1.Video\x12O\n\nListVideos\x12\x1f.videomesh.v1.ListVideosRequest\x1a .videomesh.v1.ListVideosResponse\x12\x44\n\x0b\x43\x61ncelVideo\x12 .videomesh.v1.CancelVideoRequest\x1a\x13.videomesh.v1.Video\x12L\n\x0fRegenerateVideo\x12$.videomesh.v1.RegenerateVideoRequest\x1a\x13.videomesh.v1.Video\x12\x44\n\x0bReviewVideo\x12 .videomesh.v1.ReviewVideoRequest\x1a\x13.videomesh.v1.Video\x12`\n\x0fVerifyWatermark\x12$.videomesh.v1.VerifyWatermarkRequest\x1a%.videomesh.v1.VerifyWatermarkResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,35 +41,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIDEOERROR']._serialized_start=409
   _globals['_VIDEOERROR']._serialized_end=468
   _globals['_VIDEO']._serialized_start=471
-  _globals['_VIDEO']._serialized_end=983
-  _globals['_QUEUED']._serialized_start=985
-  _globals['_QUEUED']._serialized_end=1011
-  _globals['_STAGESTARTED']._serialized_start=1013
-  _globals['_STAGESTARTED']._serialized_end=1063
-  _globals['_PROGRESS']._serialized_start=1065
-  _globals['_PROGRESS']._serialized_end=1157
-  _globals['_COMPLETED']._serialized_start=1159
-  _globals['_COMPLETED']._serialized_end=1206
-  _globals['_FAILED']._serialized_start=1208
-  _globals['_FAILED']._serialized_end=1257
-  _globals['_CANCELLED']._serialized_start=1259
-  _globals['_CANCELLED']._serialized_end=1270
-  _globals['_VIDEOEVENT']._serialized_start=1273
-  _globals['_VIDEOEVENT']._serialized_end=1641
-  _globals['_WATCHVIDEOREQUEST']._serialized_start=1643
-  _globals['_WATCHVIDEOREQUEST']._serialized_end=1698
-  _globals['_GETVIDEOREQUEST']._serialized_start=1700
-  _globals['_GETVIDEOREQUEST']._serialized_end=1729
-  _globals['_LISTVIDEOSREQUEST']._serialized_start=1731
-  _globals['_LISTVIDEOSREQUEST']._serialized_end=1832
-  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1834
-  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1916
-  _globals['_CANCELVIDEOREQUEST']._serialized_start=1918
-  _globals['_CANCELVIDEOREQUEST']._serialized_end=1950
-  _globals['_REVIEWVIDEOREQUEST']._serialized_start=1952
-  _globals['_REVIEWVIDEOREQUEST']._serialized_end=2015
-  _globals['_REGENERATEVIDEOREQUEST']._serialized_start=2017
-  _globals['_REGENERATEVIDEOREQUEST']._serialized_end=2101
-  _globals['_VIDEOSERVICE']._serialized_start=2104
-  _globals['_VIDEOSERVICE']._serialized_end=2705
+  _globals['_VIDEO']._serialized_end=1002
+  _globals['_QUEUED']._serialized_start=1004
+  _globals['_QUEUED']._serialized_end=1030
+  _globals['_STAGESTARTED']._serialized_start=1032
+  _globals['_STAGESTARTED']._serialized_end=1082
+  _globals['_PROGRESS']._serialized_start=1084
+  _globals['_PROGRESS']._serialized_end=1176
+  _globals['_COMPLETED']._serialized_start=1178
+  _globals['_COMPLETED']._serialized_end=1225
+  _globals['_FAILED']._serialized_start=1227
+  _globals['_FAILED']._serialized_end=1276
+  _globals['_CANCELLED']._serialized_start=1278
+  _globals['_CANCELLED']._serialized_end=1289
+  _globals['_VIDEOEVENT']._serialized_start=1292
+  _globals['_VIDEOEVENT']._serialized_end=1660
+  _globals['_WATCHVIDEOREQUEST']._serialized_start=1662
+  _globals['_WATCHVIDEOREQUEST']._serialized_end=1717
+  _globals['_GETVIDEOREQUEST']._serialized_start=1719
+  _globals['_GETVIDEOREQUEST']._serialized_end=1748
+  _globals['_LISTVIDEOSREQUEST']._serialized_start=1750
+  _globals['_LISTVIDEOSREQUEST']._serialized_end=1851
+  _globals['_LISTVIDEOSRESPONSE']._serialized_start=1853
+  _globals['_LISTVIDEOSRESPONSE']._serialized_end=1935
+  _globals['_CANCELVIDEOREQUEST']._serialized_start=1937
+  _globals['_CANCELVIDEOREQUEST']._serialized_end=1969
+  _globals['_VERIFYWATERMARKREQUEST']._serialized_start=1971
+  _globals['_VERIFYWATERMARKREQUEST']._serialized_end=2010
+  _globals['_VERIFYWATERMARKRESPONSE']._serialized_start=2012
+  _globals['_VERIFYWATERMARKRESPONSE']._serialized_end=2125
+  _globals['_REVIEWVIDEOREQUEST']._serialized_start=2127
+  _globals['_REVIEWVIDEOREQUEST']._serialized_end=2190
+  _globals['_REGENERATEVIDEOREQUEST']._serialized_start=2192
+  _globals['_REGENERATEVIDEOREQUEST']._serialized_end=2276
+  _globals['_VIDEOSERVICE']._serialized_start=2279
+  _globals['_VIDEOSERVICE']._serialized_end=2978
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class VideoError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note")
+    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Video(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QC_REGENERATIONS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.VideoStatus
     stage: _common_pb2.Stage
@@ -91,7 +92,8 @@ class Video(_message.Message):
     model: str
     qc_regenerations: int
     review_note: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ...) -> None: ...
+    watermark: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -192,6 +194,26 @@ class CancelVideoRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class VerifyWatermarkRequest(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
+class VerifyWatermarkResponse(_message.Message):
+    __slots__ = ("present", "payload", "confidence", "video_id", "frames")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    payload: str
+    confidence: float
+    video_id: str
+    frames: int
+    def __init__(self, present: _Optional[bool] = ..., payload: _Optional[str] = ..., confidence: _Optional[float] = ..., video_id: _Optional[str] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class ReviewVideoRequest(_message.Message):
     __slots__ = ("id", "approve", "note")

@@ -77,6 +77,11 @@ class VideoServiceStub:
                 request_serializer=videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.SerializeToString,
                 response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
                 _registered_method=True)
+        self.VerifyWatermark = channel.stream_unary(
+                '/videomesh.v1.VideoService/VerifyWatermark',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.FromString,
+                _registered_method=True)
 
 
 class VideoServiceServicer:
@@ -137,6 +142,13 @@ class VideoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyWatermark(self, request_iterator, context):
+        """Read the invisible watermark of a video file (streamed in chunks of at most 1 MiB).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +191,11 @@ def add_VideoServiceServicer_to_server(servicer, server):
                     servicer.ReviewVideo,
                     request_deserializer=videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.FromString,
                     response_serializer=videomesh_dot_v1_dot_gateway__pb2.Video.SerializeToString,
+            ),
+            'VerifyWatermark': grpc.stream_unary_rpc_method_handler(
+                    servicer.VerifyWatermark,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +416,33 @@ class VideoService:
             '/videomesh.v1.VideoService/ReviewVideo',
             videomesh_dot_v1_dot_gateway__pb2.ReviewVideoRequest.SerializeToString,
             videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyWatermark(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/videomesh.v1.VideoService/VerifyWatermark',
+            videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.FromString,
             options,
             channel_credentials,
             insecure,
