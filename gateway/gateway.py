@@ -27,6 +27,7 @@ from gateway.safety import SafetyFilter
 from gateway.scheduler import JobQueue
 from gateway.sqlite_store import SQLiteJobStore
 from gateway.storage import LocalStorage, Storage
+from gateway.templates import TemplateLibrary
 from gateway.tenants import Tenant
 from gateway.tiers import RateLimiter, TierPolicy, tiers_from
 from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, payload_for
@@ -76,6 +77,10 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    templates_file: Path | None = None  # default gateway/templates.toml
+    pregenerate_templates: bool = False  # render each `pregenerated` template's defaults into the cache at start-up
+    cache: bool = True  # serve a repeated request (same normalised spec, seed and model) from the stored result
+    retention_seconds: float = 0.0  # delete stored files older than this (0 = keep)
     safety_lists: Path | None = None  # TOML of blocked terms per category; default gateway/safety_terms.toml
     invisible_watermark: bool = True
     visible_watermark: bool = True  # where the tenant's tier asks for it
@@ -144,6 +149,7 @@ class VideoGateway:
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
         self._audit_lock = threading.Lock()
         self.safety = SafetyFilter.load(settings.safety_lists)
+        self.templates = TemplateLibrary.load(settings.templates_file)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self, timeout: float = 120.0) -> None:
@@ -165,6 +171,10 @@ class VideoGateway:
                                  invisible=InvisibleWatermark(s.watermark_key),
                                  visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity))  # fmt: skip
         self._recover()
+        if self.settings.retention_seconds > 0:
+            threading.Thread(target=self._janitor, name="retention", daemon=True).start()
+        if self.settings.pregenerate_templates:
+            self._pregenerate()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
@@ -320,7 +330,7 @@ class VideoGateway:
 
     # --- public operations ----------------------------------------------------------------------
     def create(self, tenant: Tenant, spec: common_pb2.VideoSpec, request_id: str = "", *, webhook_url: str = "",
-               regenerated_from: str = "") -> gateway_pb2.Video:  # fmt: skip
+               regenerated_from: str = "", template_id: str = "") -> gateway_pb2.Video:  # fmt: skip
         policy = self.policy(tenant.tier)
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
@@ -332,6 +342,10 @@ class VideoGateway:
                 return self.get(tenant.name, found.id)
         norm = self.normalize(spec, policy)
         self._screen(tenant, norm)
+        if self.settings.cache:
+            hit = self._from_cache(tenant, norm, request_id, webhook_url, regenerated_from, template_id)
+            if hit is not None:
+                return hit
         with self._admit:
             self._admission(tenant, policy)
             video = gateway_pb2.Video(
@@ -339,6 +353,7 @@ class VideoGateway:
                 update_time=now_ts(), regenerated_from=regenerated_from, model=f"{self.model.name}@{self.model.version}",
             )  # fmt: skip
             video.watermark = payload_for(video.id)
+            video.template_id = template_id
             job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
                       webhook=webhook_url)  # fmt: skip
             video.queue_position = len(self.queue) + 1
@@ -352,12 +367,138 @@ class VideoGateway:
         METRICS.queue_depth.set(len(self.queue))
         return self.store.snapshot(job.id)
 
+    # --- cache, templates, feedback, usage, deletion --------------------------------------------------
+    def cache_key(self, spec: common_pb2.VideoSpec) -> str:
+        import hashlib
+
+        m = self.model
+        parts = [spec.prompt.strip().casefold(), spec.negative_prompt.strip().casefold(), spec.style.strip().casefold(),
+                 f"{spec.width}x{spec.height}", f"{spec.fps:g}", f"{spec.duration_seconds:g}", str(spec.num_steps),
+                 f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model]  # fmt: skip
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def _from_cache(self, tenant: Tenant, spec, request_id, webhook_url, regenerated_from, template_id):
+        src_id = self.store.cache_get(self.cache_key(spec))
+        if src_id is None:
+            return None
+        src = self.store.load(src_id)
+        if src.video.status != common_pb2.SUCCEEDED or src.video.deleted:
+            self.store.cache_drop(src_id)
+            return None
+        video = gateway_pb2.Video(
+            id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=spec, create_time=now_ts(),
+            update_time=now_ts(), regenerated_from=regenerated_from, model=src.video.model, template_id=template_id,
+            watermark=src.video.watermark, cached=True,  # the bytes are the cached file's, so is the mark
+        )  # fmt: skip
+        job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=self.policy(tenant.tier).name,
+                  webhook=webhook_url)  # fmt: skip
+        self.store.create(job)
+        self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=0)))
+        try:
+            stored = self.storage.copy(f"{src.tenant}/{src.id}.mp4", f"{tenant.name}/{job.id}.mp4")
+        except VideomeshError:
+            self.store.cache_drop(src_id)
+            self._fail(job.id, Unavailable("the cached result could not be copied; submit again"))
+            return self.store.snapshot(job.id)
+
+        def done(v):
+            v.status = common_pb2.SUCCEEDED
+            v.stage = common_pb2.STAGE_DONE
+            v.progress = 100.0
+            v.result.CopyFrom(src.video.result)
+            v.result.uri, v.result.url = stored.uri, stored.url
+            v.quality.CopyFrom(src.video.quality)
+
+        final = self.store.finish(job.id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
+        self.store.cache_put(self.cache_key(spec), job.id)  # the newest copy serves the next hit
+        METRICS.jobs.labels(status="CACHE_HIT", tier=job.tier).inc()
+        self._terminal(job, final)
+        return final
+
+    def create_from_template(self, tenant: Tenant, template_id: str, fields: dict, overrides: common_pb2.VideoSpec,
+                             request_id: str = "") -> gateway_pb2.Video:  # fmt: skip
+        t = self.templates.get(template_id)
+        spec = common_pb2.VideoSpec()
+        spec.CopyFrom(overrides)
+        spec.prompt = t.render(dict(fields))
+        spec.style = overrides.style or t.style
+        if not overrides.HasField("seed"):
+            spec.seed = self._template_seed(t.id)  # a fixed seed: the same fields come back instantly from the cache
+        return self.create(tenant, spec, request_id, template_id=t.id)
+
+    @staticmethod
+    def _template_seed(template_id: str) -> int:
+        import zlib
+
+        return zlib.crc32(template_id.encode()) % (2**31 - 1) + 1
+
+    def _pregenerate(self) -> None:
+        """Queue each pregenerated template's default rendering (as the system tenant), so it is cached."""
+        system = Tenant("system", "enterprise")
+        for t in self.templates.templates.values():
+            if t.pregenerated:
+                try:
+                    self.create_from_template(system, t.id, {}, common_pb2.VideoSpec(), request_id=f"pregen:{t.id}")
+                except VideomeshError as err:
+                    log.warning("could not pre-generate template %s: %s", t.id, err.message)
+
+    def feedback(self, tenant: Tenant, video_id: str, rating: int, reason: str) -> str:
+        job = self.store.get(tenant.name, video_id)
+        if not 1 <= rating <= 5:
+            raise InvalidArgument(f"rating must be 1..5; got {rating}", field="rating")
+        if len(reason) > 2000:
+            raise InvalidArgument("reason is longer than 2000 characters", field="reason")
+        fid = "fb_" + new_id()[4:]
+        self.store.add_feedback(fid, tenant.name, job.id, rating, reason)
+        return fid
+
+    def usage(self, tenant: Tenant, since: float = 0.0) -> gateway_pb2.Usage:
+        out = gateway_pb2.Usage(tenant=tenant.name)
+        for job in self.store.tenant_jobs(tenant.name, since):
+            v = job.video
+            name = common_pb2.VideoStatus.Name(v.status)
+            out.jobs[name] = out.jobs.get(name, 0) + 1
+            if v.status == common_pb2.SUCCEEDED:
+                out.output_seconds += v.result.duration_seconds
+            if v.cached:
+                out.cache_hits += 1
+            for stage, secs in v.stage_seconds.items():
+                out.compute_seconds[stage] = out.compute_seconds.get(stage, 0.0) + secs
+        out.blocked_prompts = self.store.count_blocked(tenant.name, since)
+        return out
+
+    def delete(self, tenant: Tenant, video_id: str) -> gateway_pb2.Video:
+        job = self.store.get(tenant.name, video_id)
+        if job.video.status in (common_pb2.QUEUED, common_pb2.RUNNING):
+            raise FailedPrecondition(f"video {video_id} is still {common_pb2.VideoStatus.Name(job.video.status)}; cancel it first")
+        return self._delete_file(job)
+
+    def _delete_file(self, job: Job) -> gateway_pb2.Video:
+        self.storage.delete(f"{job.tenant}/{job.id}.mp4")
+        self.store.cache_drop(job.id)
+
+        def mut(v):
+            v.deleted = True
+            v.result.uri = ""
+            v.result.url = ""
+
+        return self.store.update(job.id, mut)
+
+    def _janitor(self) -> None:
+        period = max(1.0, min(3600.0, self.settings.retention_seconds / 4))
+        while not self._stopping.wait(period):
+            for job in self.store.finished_before(time.time() - self.settings.retention_seconds):
+                if not job.video.deleted:
+                    log.info("retention: deleting %s", job.id)
+                    self._delete_file(job)
+
     def _screen(self, tenant: Tenant, spec: common_pb2.VideoSpec) -> None:
         """Content policy, before anything is queued or reaches the encoder; refusals are audited."""
         verdict = self.safety.check(spec.prompt, spec.negative_prompt, spec.style)
         if not verdict.blocked:
             return
         METRICS.rejected.labels(reason="CONTENT_POLICY").inc()
+        self.store.add_blocked(tenant.name, verdict.category)
         import hashlib
         import json
 
@@ -571,9 +712,13 @@ class VideoGateway:
             v.progress = 100.0
             v.result.CopyFrom(outcome.result)
             v.quality.CopyFrom(outcome.quality)
+            for stage, secs in outcome.seconds.items():
+                v.stage_seconds[stage] = v.stage_seconds.get(stage, 0.0) + secs
 
         final = self.store.finish(job_id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
         if final is not None:
+            if final.status == common_pb2.SUCCEEDED and self.settings.cache:
+                self.store.cache_put(self.cache_key(final.spec), job_id)
             self._terminal(job, final)
             log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
                      {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip

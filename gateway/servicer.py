@@ -61,6 +61,25 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
     def VerifyWatermark(self, request_iterator, context):
         return self.gw.verify_watermark(self._tenant(context), (r.chunk for r in request_iterator))
 
+    def DeleteVideo(self, request, context):
+        return self.gw.delete(self._tenant(context), request.id)
+
+    def SubmitFeedback(self, request, context):
+        fid = self.gw.feedback(self._tenant(context), request.id, request.rating, request.reason)
+        return gateway_pb2.SubmitFeedbackResponse(feedback_id=fid)
+
+    def ListTemplates(self, request, context):
+        self._tenant(context)
+        return gateway_pb2.ListTemplatesResponse(templates=[t.proto() for t in self.gw.templates.templates.values()])
+
+    def CreateVideoFromTemplate(self, request, context):
+        return self.gw.create_from_template(
+            self._tenant(context), request.template_id, dict(request.fields), request.overrides, request.request_id
+        )
+
+    def GetUsage(self, request, context):
+        return self.gw.usage(self._tenant(context), float(request.since_unix))
+
     def ReviewVideo(self, request, context):
         return self.gw.review(self._tenant(context), request.id, request.approve, request.note)
 

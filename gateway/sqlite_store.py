@@ -33,6 +33,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(tenant, request_id) WHERE
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_watermark ON jobs(tenant, watermark);
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+  id TEXT PRIMARY KEY, tenant TEXT NOT NULL, job_id TEXT NOT NULL, rating INTEGER NOT NULL, reason TEXT NOT NULL,
+  created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocked (tenant TEXT NOT NULL, category TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   job_id TEXT NOT NULL,
   seq INTEGER NOT NULL,
@@ -109,6 +115,45 @@ class SQLiteJobStore(JobStore):
         with self._cond:
             found = self._select("tenant = ? AND request_id = ?", (tenant, request_id))
         return found[0] if found else None
+
+    # --- product tables: result cache, feedback, refused prompts ----------------------------------
+    def cache_get(self, key: str) -> str | None:
+        with self._cond:
+            row = self._db.execute("SELECT job_id FROM cache WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def cache_put(self, key: str, job_id: str) -> None:
+        with self._cond:
+            self._db.execute("INSERT OR REPLACE INTO cache (key, job_id, created) VALUES (?, ?, ?)", (key, job_id, time.time()))
+
+    def cache_drop(self, job_id: str) -> None:
+        with self._cond:
+            self._db.execute("DELETE FROM cache WHERE job_id = ?", (job_id,))
+
+    def add_feedback(self, fid: str, tenant: str, job_id: str, rating: int, reason: str) -> None:
+        with self._cond:
+            self._db.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", (fid, tenant, job_id, rating, reason, time.time()))
+
+    def feedback_for(self, job_id: str) -> list[tuple[int, str]]:
+        with self._cond:
+            return self._db.execute("SELECT rating, reason FROM feedback WHERE job_id = ? ORDER BY created", (job_id,)).fetchall()
+
+    def add_blocked(self, tenant: str, category: str) -> None:
+        with self._cond:
+            self._db.execute("INSERT INTO blocked VALUES (?, ?, ?)", (tenant, category, time.time()))
+
+    def count_blocked(self, tenant: str, since: float = 0.0) -> int:
+        with self._cond:
+            return self._db.execute("SELECT COUNT(*) FROM blocked WHERE tenant = ? AND created >= ?", (tenant, since)).fetchone()[0]
+
+    def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
+        with self._cond:
+            return self._select("tenant = ? AND created >= ? ORDER BY created", (tenant, since))
+
+    def finished_before(self, before: float) -> list[Job]:
+        """Jobs with a stored file created before `before` (retention)."""
+        with self._cond:
+            return self._select("created < ? AND status IN (?, ?) ORDER BY created", (before, common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW))
 
     def by_watermark(self, tenant: str, payload: str) -> Job | None:
         with self._cond:

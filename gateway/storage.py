@@ -44,6 +44,9 @@ class Storage(ABC):
     def url(self, key: str) -> str: ...
 
     @abstractmethod
+    def copy(self, src_key: str, dst_key: str) -> StoredObject: ...
+
+    @abstractmethod
     def delete(self, key: str) -> None: ...
 
 
@@ -68,6 +71,12 @@ class LocalStorage(Storage):
         shutil.copyfile(path, tmp)
         tmp.replace(dest)
         return StoredObject(uri=dest.as_uri(), url=dest.as_uri(), sha256=sha, md5=md5, size=size)
+
+    def copy(self, src_key: str, dst_key: str) -> StoredObject:
+        src = self._path(src_key)
+        if not src.exists():
+            raise NotFound(f"object {src_key!r} not found")
+        return self.put_file(dst_key, src)
 
     def url(self, key: str) -> str:
         p = self._path(key)

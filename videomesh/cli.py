@@ -272,6 +272,30 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_usage(args) -> int:
+    from videomesh.client import VideoClient
+
+    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    if not address:
+        _err("give --gateway HOST:PORT")
+        return 2
+    with VideoClient(address, api_key=args.api_key) as c:
+        try:
+            u = c.usage()
+            tpl = c.templates() if args.templates else []
+        except grpc.RpcError as e:
+            _err(f"{e.code().name}: {e.details()}")
+            return 1
+    print(f"tenant {u.tenant}")
+    print("  jobs: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(u.jobs.items())) or "none"))
+    print(f"  output: {u.output_seconds:.1f} s of video; cache hits {u.cache_hits}; refused prompts {u.blocked_prompts}")
+    print("  compute: " + (", ".join(f"{k} {v:.1f} s" for k, v in sorted(u.compute_seconds.items())) or "none"))
+    for t in tpl:
+        fields = ", ".join(f.name + (f" [{'|'.join(f.choices)}]" if f.choices else "") for f in t.fields)
+        print(f"template {t.id}: {t.name} — {fields}")
+    return 0
+
+
 def cmd_tenants(args) -> int:
     from gateway.tenants import TenantDirectory
 
@@ -347,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gateway")
     v.add_argument("--api-key")
 
+    us = sub.add_parser("usage", help="your metering: jobs, output seconds, compute seconds, cache hits")
+    us.add_argument("--gateway")
+    us.add_argument("--api-key")
+    us.add_argument("--templates", action="store_true", help="also list the template library")
+
     sub.add_parser("train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False)
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
 
@@ -385,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "tenants": cmd_tenants,
         "review": cmd_review,
         "verify": cmd_verify,
+        "usage": cmd_usage,
     }[args.cmd](args)
 
 

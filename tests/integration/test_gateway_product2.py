@@ -57,3 +57,61 @@ def test_delivered_video_carries_a_verifiable_watermark(mesh2):
         with pytest.raises(grpc.RpcError) as e:
             c.verify_watermark(__file__)  # not a video
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_templates_cache_usage_feedback_delete(mesh2):
+    mesh, data, key, _ = mesh2
+    with VideoClient(mesh.address, key) as c:
+        tpls = {t.id: t for t in c.templates()}
+        assert {"shape_showcase", "product_intro", "holiday_greeting"} <= set(tpls)
+        with pytest.raises(grpc.RpcError) as e:
+            c.create_from_template("product_intro", {})  # a required field is missing
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "product" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.create_from_template("shape_showcase", {"color": "magenta"})
+        assert "one of" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.create_from_template("nope", {})
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        fields = {"color": "green", "direction": "left"}
+        overrides = common_pb2.VideoSpec(width=64, height=64, num_steps=2)
+        first = c.create_from_template("shape_showcase", fields, overrides)
+        assert first.spec.prompt == "a large green ball moving left on a black background" and first.template_id == "shape_showcase"
+        first_events = list(c.watch(first.id))
+        assert first_events[-1].WhichOneof("event") == "completed"
+        first = c.get(first.id)
+        assert first.status == common_pb2.SUCCEEDED, first.quality
+        # the same fields again: served from the cache at once, same bytes, own copy
+        second = c.create_from_template("shape_showcase", fields, overrides)
+        assert second.status == common_pb2.SUCCEEDED and second.cached
+        assert second.result.sha256 == first.result.sha256 and second.result.uri != first.result.uri
+        # a new seed is a new video
+        third = c.create(common_pb2.VideoSpec(prompt=first.spec.prompt, width=64, height=64, num_steps=2, seed=first.spec.seed + 1))
+        assert not third.cached
+        list(c.watch(third.id))
+        fid = c.feedback(first.id, 2, "wrong direction")
+        assert fid.startswith("fb_")
+        assert mesh.gateway.store.feedback_for(first.id) == [(2, "wrong direction")]
+        with pytest.raises(grpc.RpcError) as e:
+            c.feedback(first.id, 9)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError):
+            c.create(common_pb2.VideoSpec(prompt="make putin dance"))
+        u = c.usage()
+        assert u.tenant == "studio" and u.cache_hits >= 1 and u.jobs["SUCCEEDED"] >= 3
+        assert u.output_seconds >= 3 * first.result.duration_seconds - 1e-6
+        assert u.compute_seconds["denoise"] > 0 and u.blocked_prompts >= 1
+        # delete: the file goes, the record stays; the cache no longer serves it
+        path = first.result.uri.removeprefix("file://")
+        gone = c.delete(first.id)
+        assert gone.deleted and not gone.result.uri
+        import os
+
+        assert not os.path.exists(path)
+        again = c.create_from_template("shape_showcase", fields, overrides)
+        assert again.cached  # still cached through the second copy
+        c.delete(second.id)
+        c.delete(again.id)
+        fresh = c.create_from_template("shape_showcase", fields, overrides)
+        assert not fresh.cached  # no copy left: generated anew
+        list(c.watch(fresh.id))

@@ -58,7 +58,14 @@ class VideoError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark")
+    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark", "stage_seconds", "cached", "deleted", "template_id")
+    class StageSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +83,10 @@ class Video(_message.Message):
     QC_REGENERATIONS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.VideoStatus
     stage: _common_pb2.Stage
@@ -93,7 +104,130 @@ class Video(_message.Message):
     qc_regenerations: int
     review_note: str
     watermark: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ...) -> None: ...
+    stage_seconds: _containers.ScalarMap[str, float]
+    cached: bool
+    deleted: bool
+    template_id: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., cached: _Optional[bool] = ..., deleted: _Optional[bool] = ..., template_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVideoRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("id", "rating", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    rating: int
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., rating: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("feedback_id",)
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    feedback_id: str
+    def __init__(self, feedback_id: _Optional[str] = ...) -> None: ...
+
+class TemplateField(_message.Message):
+    __slots__ = ("name", "description", "required", "choices", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    required: bool
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    default: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., required: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., default: _Optional[str] = ...) -> None: ...
+
+class Template(_message.Message):
+    __slots__ = ("id", "name", "description", "fields", "prompt", "style", "pregenerated")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STYLE_FIELD_NUMBER: _ClassVar[int]
+    PREGENERATED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    description: str
+    fields: _containers.RepeatedCompositeFieldContainer[TemplateField]
+    prompt: str
+    style: str
+    pregenerated: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[TemplateField, _Mapping]]] = ..., prompt: _Optional[str] = ..., style: _Optional[str] = ..., pregenerated: _Optional[bool] = ...) -> None: ...
+
+class ListTemplatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTemplatesResponse(_message.Message):
+    __slots__ = ("templates",)
+    TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    templates: _containers.RepeatedCompositeFieldContainer[Template]
+    def __init__(self, templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ...) -> None: ...
+
+class CreateVideoFromTemplateRequest(_message.Message):
+    __slots__ = ("template_id", "fields", "overrides", "request_id")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    template_id: str
+    fields: _containers.ScalarMap[str, str]
+    overrides: _common_pb2.VideoSpec
+    request_id: str
+    def __init__(self, template_id: _Optional[str] = ..., fields: _Optional[_Mapping[str, str]] = ..., overrides: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("since_unix",)
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    since_unix: int
+    def __init__(self, since_unix: _Optional[int] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("tenant", "jobs", "output_seconds", "compute_seconds", "cache_hits", "blocked_prompts")
+    class JobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ComputeSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    jobs: _containers.ScalarMap[str, int]
+    output_seconds: float
+    compute_seconds: _containers.ScalarMap[str, float]
+    cache_hits: int
+    blocked_prompts: int
+    def __init__(self, tenant: _Optional[str] = ..., jobs: _Optional[_Mapping[str, int]] = ..., output_seconds: _Optional[float] = ..., compute_seconds: _Optional[_Mapping[str, float]] = ..., cache_hits: _Optional[int] = ..., blocked_prompts: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)

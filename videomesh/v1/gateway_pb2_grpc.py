@@ -82,6 +82,31 @@ class VideoServiceStub:
                 request_serializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.SerializeToString,
                 response_deserializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.FromString,
                 _registered_method=True)
+        self.DeleteVideo = channel.unary_unary(
+                '/videomesh.v1.VideoService/DeleteVideo',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.DeleteVideoRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+                _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/videomesh.v1.VideoService/SubmitFeedback',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/videomesh.v1.VideoService/ListTemplates',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.CreateVideoFromTemplate = channel.unary_unary(
+                '/videomesh.v1.VideoService/CreateVideoFromTemplate',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.CreateVideoFromTemplateRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/videomesh.v1.VideoService/GetUsage',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Usage.FromString,
+                _registered_method=True)
 
 
 class VideoServiceServicer:
@@ -149,6 +174,40 @@ class VideoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteVideo(self, request, context):
+        """Remove a finished video's file from storage (the record stays, marked deleted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitFeedback(self, request, context):
+        """"Not satisfied": a rating and a reason, kept as preference data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVideoFromTemplate(self, request, context):
+        """Fill a template's fields; the rendered prompt becomes an ordinary job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """The caller's metering: jobs by status, output seconds, compute seconds per stage, cache hits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +255,31 @@ def add_VideoServiceServicer_to_server(servicer, server):
                     servicer.VerifyWatermark,
                     request_deserializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.FromString,
                     response_serializer=videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.SerializeToString,
+            ),
+            'DeleteVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVideo,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.DeleteVideoRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.Video.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'CreateVideoFromTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVideoFromTemplate,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.CreateVideoFromTemplateRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.Video.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.Usage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +527,141 @@ class VideoService:
             '/videomesh.v1.VideoService/VerifyWatermark',
             videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkRequest.SerializeToString,
             videomesh_dot_v1_dot_gateway__pb2.VerifyWatermarkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/DeleteVideo',
+            videomesh_dot_v1_dot_gateway__pb2.DeleteVideoRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/SubmitFeedback',
+            videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/ListTemplates',
+            videomesh_dot_v1_dot_gateway__pb2.ListTemplatesRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVideoFromTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/CreateVideoFromTemplate',
+            videomesh_dot_v1_dot_gateway__pb2.CreateVideoFromTemplateRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.Video.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/GetUsage',
+            videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,
