@@ -77,6 +77,13 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    storage: str = "local"  # local (data_dir/videos) | s3
+    s3_endpoint: str = ""  # host:port
+    s3_access_key: str = ""
+    s3_secret_key: str = ""  # prefer VIDEOMESH_GATEWAY_S3_SECRET_KEY over a file
+    s3_bucket: str = "videomesh"
+    s3_secure: bool = False
+    url_expiry_seconds: float = 3600.0  # presigned links expire after this
     templates_file: Path | None = None  # default gateway/templates.toml
     pregenerate_templates: bool = False  # render each `pregenerated` template's defaults into the cache at start-up
     cache: bool = True  # serve a repeated request (same normalised spec, seed and model) from the stored result
@@ -103,6 +110,10 @@ class GatewaySettings:
             raise ValueError(f"default_size {self.default_size!r} is not in sizes {self.sizes}")
         if self.default_fps not in self.fps_choices:
             raise ValueError(f"default_fps {self.default_fps} is not in fps_choices {self.fps_choices}")
+        if self.storage not in ("local", "s3"):
+            raise ValueError(f"storage must be local or s3; got {self.storage!r}")
+        if self.storage == "s3" and not self.s3_endpoint:
+            raise ValueError("storage=s3 needs s3_endpoint (VIDEOMESH_GATEWAY_S3_ENDPOINT)")
         if self.qc_policy not in ("review", "off"):
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
         if self.workers < 1 or self.queue_size < 1 or self.max_attempts < 1:
@@ -131,7 +142,7 @@ class VideoGateway:
         self.settings = settings
         data = Path(settings.data_dir)
         self.store = store or SQLiteJobStore(data / "jobs.sqlite3")
-        self.storage = storage or LocalStorage(data / "videos")
+        self.storage = storage or _storage(settings)
         self.tenants = tenants
         self.tiers: dict[str, TierPolicy] = tiers_from(settings.tiers)
         self.downstreams = Downstreams(settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries,
@@ -539,6 +550,8 @@ class VideoGateway:
         video = self.store.snapshot(self.store.get(tenant, video_id).id)
         if video.status == common_pb2.QUEUED:
             video.queue_position = self.queue.positions().get(video_id, video.queue_position)
+        if video.result.uri and not video.deleted:
+            video.result.url = self.storage.url(f"{tenant}/{video_id}.mp4")  # links expire: a fresh one per Get
         return video
 
     def list(self, tenant: str, *, page_size: int = 20, page_token: str = "", status: int = 0):
@@ -762,6 +775,15 @@ class VideoGateway:
 
             self.webhooks.send(url, secret, {"type": "video." + common_pb2.VideoStatus.Name(video.status).lower(),
                                              "video": json_format.MessageToDict(video)})  # fmt: skip
+
+
+def _storage(s: GatewaySettings) -> Storage:
+    if s.storage == "s3":
+        from gateway.s3_storage import S3Storage
+
+        return S3Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, secure=s.s3_secure,
+                         url_expiry=s.url_expiry_seconds)  # fmt: skip
+    return LocalStorage(Path(s.data_dir) / "videos")
 
 
 def _new_seed(v: gateway_pb2.Video) -> None:
