@@ -115,3 +115,23 @@ def test_templates_cache_usage_feedback_delete(mesh2):
         fresh = c.create_from_template("shape_showcase", fields, overrides)
         assert not fresh.cached  # no copy left: generated anew
         list(c.watch(fresh.id))
+
+
+def test_retention_deletes_old_files(tmp_path):
+    mesh = InProcessMesh(tmp_path, gateway={"retention_seconds": 1.0})
+    try:
+        key = mesh.tenants.add("short", "pro")
+        with VideoClient(mesh.address, key) as c:
+            v = list(c.generate(common_pb2.VideoSpec(prompt="a blue ball moves up", num_steps=1)))[-1].completed.video
+            path = v.result.uri.removeprefix("file://")
+            import os
+            import time
+
+            assert os.path.exists(path)
+            deadline = time.monotonic() + 10
+            while os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not os.path.exists(path)
+            assert c.get(v.id).deleted
+    finally:
+        mesh.stop()
