@@ -33,6 +33,13 @@ train: install
 eval: install
 	$(BIN)/videomesh eval --json eval-results.json
 
+# The upscaler's super-resolution network, then its evaluation table.
+train-upscaler: install
+	$(BIN)/python -m services.upscaler.train
+
+eval-upscaler: install
+	$(BIN)/python -m services.upscaler.evaluate
+
 # Precision/recall of every quality check on a generated, labelled suite (+ throughput).
 eval-qc: install
 	$(BIN)/python -m services.qc.calibrate

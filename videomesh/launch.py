@@ -77,18 +77,21 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         return server, load, lambda: None
     if name == "denoiser":
         from services.denoiser.engine import DenoiserEngine
+        from services.denoiser.executors import make_executor
         from services.denoiser.servicer import DenoiserServicer, registration
 
         engine = DenoiserEngine(settings)
-        servicer = DenoiserServicer(engine)
+        executor = make_executor(engine, settings)
+        servicer = DenoiserServicer(engine, executor)
         server = create_server([registration(servicer)], host=settings.host, port=settings.port)
         server.servicer = servicer  # tests read servicer.active
 
         def load():
             _threads(settings.threads)
             engine.load()
+            executor.start()
 
-        return server, load, lambda: None
+        return server, load, executor.close
     if name == "upscaler":
         from services.upscaler.servicer import UpscalerServicer, registration
         from services.upscaler.upscaler import SpatialUpscaler

@@ -37,8 +37,16 @@ class DenoiserSettings:
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
+    executor: str = "local"  # local (in-process) | ray (expert shards as placed Ray actors)
+    ray_address: str = ""  # join this cluster ("" = $RAY_ADDRESS or a local Ray instance)
+    ray_replicas: int = 1
+    ray_strategy: str = "PACK"  # placement-group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
 
     def validate(self) -> None:
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray; got {self.executor!r}")
+        if self.ray_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"ray_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {self.ray_strategy!r}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
         if self.device not in ("auto", "cpu", "cuda"):

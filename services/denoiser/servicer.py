@@ -18,8 +18,11 @@ _FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiserEngine):
+    def __init__(self, engine: DenoiserEngine, executor=None):
+        from services.denoiser.executors import LocalExecutor
+
         self.engine = engine
+        self.executor = executor or LocalExecutor(engine)
         self.active = 0  # generations in flight (tests and metrics read it)
         self._active_lock = threading.Lock()
 
@@ -65,7 +68,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 self.active += 1
             t0 = time.perf_counter()
             try:
-                frames = self.engine.generate(job, on_step=on_step, should_stop=stop.is_set)
+                frames = self.executor.run(job, on_step=on_step, should_stop=stop.is_set)
                 events.put((frames, time.perf_counter() - t0))
             except BaseException as err:  # noqa: BLE001 - handed to the RPC thread
                 events.put(err)
@@ -119,7 +122,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             encoder_model=e.encoder_model,
             trained=e.trained,
             max_steps=cfg.max_steps,
-            capacity=1,  # one generation at a time per in-process engine
+            capacity=getattr(self.executor, "capacity", 1),  # generations at once: the gateway sizes its slots from it
         )
 
 

@@ -17,20 +17,23 @@ from services.upscaler.interpolate import FlowInterpolator, output_positions
 from videomesh.errors import InvalidArgument
 
 MAX_SIDE = 2048
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_OUTPUT_FRAMES = 24 * 60
 
 
 @dataclass(frozen=True)
 class UpscalerSettings:
-    spatial: str = "bicubic"  # bicubic | learned (once weights are trained)
-    weights: Path | None = None
+    spatial: str = "auto"  # auto (learned when its weights are installed) | learned | bicubic
+    model: str = "x8"
+    weights: Path | None = None  # default services/upscaler/weights/<model>.safetensors
+    device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
 
     def validate(self) -> None:
-        if self.spatial not in ("bicubic", "learned"):
-            raise ValueError(f"spatial must be bicubic or learned; got {self.spatial!r}")
+        if self.spatial not in ("auto", "bicubic", "learned"):
+            raise ValueError(f"spatial must be auto, bicubic or learned; got {self.spatial!r}")
 
 
 @dataclass(frozen=True)
@@ -60,20 +63,55 @@ class UpscalePlan:
 
 
 class SpatialUpscaler:
-    """Bicubic for now; the learned SR network plugs in here (same call)."""
+    """Learned residual SR (services/upscaler/model.py) when its weights are installed, else bicubic.
+
+    The network works at its trained factor; any other target size is reached from its
+    output by one more resize (area when shrinking, bicubic when growing).
+    """
 
     def __init__(self, settings: UpscalerSettings):
         self.settings = settings
-        self.name = settings.spatial
+        self.name = "bicubic"
+        self.net = None
+        self.device = None
+        self.dtype = None
 
     def load(self) -> None:
-        if self.settings.spatial == "learned":
-            raise RuntimeError("learned super-resolution weights are not trained yet; use spatial=bicubic")
+        s = self.settings
+        if s.spatial == "bicubic":
+            return
+        import torch
+
+        from services.upscaler.model import SR_MODELS, ResidualESPCN
+        from videomesh.weights import UNTRAINED, load_into
+
+        path = s.weights or WEIGHTS_DIR / f"{s.model}.safetensors"
+        net = ResidualESPCN(SR_MODELS[s.model]).eval()
+        version = load_into(net, path)
+        if version == UNTRAINED:
+            if s.spatial == "learned":
+                raise RuntimeError(f"no super-resolution weights at {path}; run `make train-upscaler` or use spatial=bicubic")
+            return
+        cuda = torch.cuda.is_available() and s.device in ("auto", "cuda")
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.dtype = torch.float16 if cuda else torch.bfloat16
+        self.net = net.to(self.device)
+        self.name = f"learned-{s.model}@{version}"
 
     def __call__(self, frame: np.ndarray, width: int, height: int) -> np.ndarray:
         if frame.shape[1] == width and frame.shape[0] == height:
             return frame
-        return cv2.resize(frame, (width, height), interpolation=cv2.INTER_CUBIC)
+        if self.net is None or width < frame.shape[1] or height < frame.shape[0]:
+            return cv2.resize(frame, (width, height), interpolation=cv2.INTER_CUBIC)
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
+            x = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 255.0  # (H, W, C) -> (1, C, H, W)
+            y = self.net(x)[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        if y.shape[1] != width or y.shape[0] != height:
+            shrink = y.shape[1] > width
+            y = cv2.resize(y, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+        return y
 
 
 def upscale_stream(
