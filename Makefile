@@ -33,6 +33,10 @@ train: install
 eval: install
 	$(BIN)/videomesh eval --json eval-results.json
 
+# Throughput figures: Ray batching/pipelining vs one at a time; bf16 vs fp32.
+bench: install
+	$(BIN)/python -m services.denoiser.bench
+
 # The upscaler's super-resolution network, then its evaluation table.
 train-upscaler: install
 	$(BIN)/python -m services.upscaler.train
