@@ -42,7 +42,7 @@ class TrainConfig:
     model: str = "default"
     seed: int = 0
     text: TextTrainConfig = field(default_factory=TextTrainConfig)
-    steps: int = 4000  # denoiser optimiser steps in all
+    steps: int = 3400  # denoiser optimiser steps in all
     expert_fraction: float = 0.3  # the last 30% fine-tune the two experts separately
     batch: int = 16
     lr: float = 3e-4
