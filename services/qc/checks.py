@@ -198,7 +198,7 @@ def _check_faces(boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, chan
     # the main face jumping: centre displacement per frame, relative to its size
     prev = None
     for i in idx:
-        if len(boxes[i]) != typical:  # compare only frames where the detector agrees with the clip
+        if not boxes[i] or len(boxes[i]) != typical:  # compare only frames where the detector agrees with the clip
             prev = None
             continue
         x, y, w, h = max(boxes[i], key=lambda r: r[2] * r[3])

@@ -46,3 +46,12 @@ def test_still_prompt_may_be_still_but_motion_prompt_may_not(th):
     frames = np.repeat(calibrate.world_clip(np.random.default_rng(1), "up")[:1], 30, axis=0)
     assert "frozen" not in failed(frames, th, expect_motion=False)
     assert "frozen" in failed(frames, th, expect_motion=True)
+
+
+def test_faces_check_with_no_typical_face_and_a_stray_detection(th):
+    # regression: most frames without a face and one stray detection crashed the check (max of nothing)
+    from services.qc.checks import _check_faces
+
+    boxes = {0: [], 6: [(0.1, 0.1, 0.2, 0.2)], 12: [], 18: []}
+    c = _check_faces(boxes, 20, np.zeros(20, bool), np.zeros(20), th)
+    assert c.name == "faces"
