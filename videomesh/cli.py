@@ -228,13 +228,19 @@ def cmd_serve(args, rest) -> int:
     return 0
 
 
+def _gateway(args) -> str | None:
+    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    if not address:
+        _err("give --gateway HOST:PORT (or set VIDEOMESH_GATEWAY); `videomesh up` prints it")
+    return address
+
+
 def cmd_review(args) -> int:
     from videomesh.client import VideoClient
     from videomesh.v1 import common_pb2
 
-    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    address = _gateway(args)
     if not address:
-        _err("give --gateway HOST:PORT")
         return 2
     with VideoClient(address, api_key=args.api_key) as c:
         try:
@@ -255,9 +261,8 @@ def cmd_review(args) -> int:
 def cmd_verify(args) -> int:
     from videomesh.client import VideoClient
 
-    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    address = _gateway(args)
     if not address:
-        _err("give --gateway HOST:PORT")
         return 2
     with VideoClient(address, api_key=args.api_key) as c:
         try:
@@ -275,9 +280,8 @@ def cmd_verify(args) -> int:
 def cmd_usage(args) -> int:
     from videomesh.client import VideoClient
 
-    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    address = _gateway(args)
     if not address:
-        _err("give --gateway HOST:PORT")
         return 2
     with VideoClient(address, api_key=args.api_key) as c:
         try:

@@ -135,3 +135,20 @@ def test_retention_deletes_old_files(tmp_path):
             assert c.get(v.id).deleted
     finally:
         mesh.stop()
+
+
+def test_cli_usage_verify_review(mesh2, capsys):
+    from videomesh.cli import main
+
+    mesh, data, key, _ = mesh2
+    with VideoClient(mesh.address, key) as c:
+        v = list(c.generate(common_pb2.VideoSpec(prompt="a red box moves down", num_steps=1)))[-1].completed.video
+    common = ["--gateway", mesh.address, "--api-key", key]
+    assert main(["usage", *common, "--templates"]) == 0
+    out = capsys.readouterr().out
+    assert "tenant studio" in out and "template shape_showcase" in out
+    assert main(["verify", v.result.uri.removeprefix("file://"), *common]) == 0
+    assert f"watermark {v.watermark}" in capsys.readouterr().out
+    assert main(["review", v.id, *common]) == 0
+    assert "watermark" in capsys.readouterr().out
+    assert main(["review", v.id, "--approve", *common]) == 1  # not held for review: FAILED_PRECONDITION
