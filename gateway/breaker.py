@@ -39,7 +39,11 @@ class CircuitBreaker:
                                   reason="CIRCUIT_OPEN")  # fmt: skip
             if self.state == HALF_OPEN:
                 if self._trial:
-                    raise Unavailable(f"{self.name} is being probed (circuit half-open)", retry_after=1.0, reason="CIRCUIT_OPEN")
+                    raise Unavailable(
+                        f"{self.name} is being probed (circuit half-open)",
+                        retry_after=1.0,
+                        reason="CIRCUIT_OPEN",
+                    )
                 self._trial = True
 
     def success(self) -> None:

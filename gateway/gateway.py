@@ -49,7 +49,18 @@ MOTION_WORDS = (
     "move", "moving", "moves", "roll", "slide", "drift", "travel", "head", "go", "bounce", "grow", "shrink", "jog",
     "run", "walk", "fly", "rise", "fall", "climb", "sink", "动", "移", "滚", "飞", "跑", "走", "升", "降", "動", "転", "飛",
 )  # fmt: skip
-STILL_WORDS = ("still", "static", "motionless", "not move", "stays put", "静止", "不动", "不動", "止ま", "動かない")
+STILL_WORDS = (
+    "still",
+    "static",
+    "motionless",
+    "not move",
+    "stays put",
+    "静止",
+    "不动",
+    "不動",
+    "止ま",
+    "動かない",
+)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -85,8 +96,12 @@ class GatewaySettings:
     s3_secure: bool = False
     url_expiry_seconds: float = 3600.0  # presigned links expire after this
     templates_file: Path | None = None  # default gateway/templates.toml
-    pregenerate_templates: bool = False  # render each `pregenerated` template's defaults into the cache at start-up
-    cache: bool = True  # serve a repeated request (same normalised spec, seed and model) from the stored result
+    pregenerate_templates: bool = (
+        False  # render each `pregenerated` template's defaults into the cache at start-up
+    )
+    cache: bool = (
+        True  # serve a repeated request (same normalised spec, seed and model) from the stored result
+    )
     retention_seconds: float = 0.0  # delete stored files older than this (0 = keep)
     safety_lists: Path | None = None  # TOML of blocked terms per category; default gateway/safety_terms.toml
     invisible_watermark: bool = True
@@ -121,7 +136,9 @@ class GatewaySettings:
         for t in tiers_from(self.tiers).values():
             extra = set(t.sizes) - set(self.sizes)
             if extra:
-                raise ValueError(f"tier {t.name!r} allows sizes {sorted(extra)} that the gateway does not offer ({self.sizes})")
+                raise ValueError(
+                    f"tier {t.name!r} allows sizes {sorted(extra)} that the gateway does not offer ({self.sizes})"
+                )
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -173,7 +190,9 @@ class VideoGateway:
                 break
             except grpc.RpcError as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"denoiser at {self.settings.denoiser} not reachable: {err.details()}") from err
+                    raise RuntimeError(
+                        f"denoiser at {self.settings.denoiser} not reachable: {err.details()}"
+                    ) from err
                 time.sleep(0.5)
         cap = max(1, self.model.capacity or 1)
         slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
@@ -195,12 +214,16 @@ class VideoGateway:
         """Queued jobs are queued again; jobs that were running when the gateway stopped re-run."""
         for job in self.store.by_status(common_pb2.QUEUED, common_pb2.RUNNING):
             if job.video.status == common_pb2.RUNNING:
-                log.warning("job %s was running at shutdown (attempt %d): re-running", job.id, job.video.attempt)
+                log.warning(
+                    "job %s was running at shutdown (attempt %d): re-running", job.id, job.video.attempt
+                )
                 self.store.update(job.id, _requeued)
             policy = self.tiers.get(job.tier, self.tiers["free"])
             pos = self.queue.push(job.id, job.tenant, policy.priority, policy.max_running, force=True)
             if job.video.status == common_pb2.RUNNING:
-                self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos)))
+                self.store.append_event(
+                    job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
+                )
 
     def close(self) -> None:
         self._stopping.set()
@@ -229,9 +252,13 @@ class VideoGateway:
         if not prompt:
             violations.append(("spec.prompt", "prompt is empty; describe the video you want"))
         elif len(spec.prompt) > MAX_PROMPT_CHARS:
-            violations.append(("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"))
+            violations.append(
+                ("spec.prompt", f"prompt has {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+            )
         if len(spec.negative_prompt) > MAX_PROMPT_CHARS:
-            violations.append(("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters"))
+            violations.append(
+                ("spec.negative_prompt", f"negative prompt longer than {MAX_PROMPT_CHARS} characters")
+            )
         if len(spec.style) > 100:
             violations.append(("spec.style", "style is longer than 100 characters"))
         if spec.width < 0 or spec.height < 0:
@@ -239,33 +266,70 @@ class VideoGateway:
         elif spec.width or spec.height:
             if f"{spec.width}x{spec.height}" not in sizes:
                 plan = f" on the {policy.name} tier" if policy and policy.sizes else ""
-                violations.append(("spec.width", f"size {spec.width}x{spec.height} is not offered{plan}; choose one of {', '.join(sizes)}"))
+                violations.append(
+                    (
+                        "spec.width",
+                        f"size {spec.width}x{spec.height} is not offered{plan}; choose one of {', '.join(sizes)}",
+                    )
+                )
         else:
             out.width, out.height = _size(s.default_size if s.default_size in sizes else sizes[0])
         if spec.fps < 0 or not math.isfinite(spec.fps):
             violations.append(("spec.fps", f"fps must be positive; got {spec.fps}"))
         elif spec.fps and spec.fps not in s.fps_choices:
-            violations.append(("spec.fps", f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}"))
+            violations.append(
+                (
+                    "spec.fps",
+                    f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}",
+                )
+            )
         elif not spec.fps:
             out.fps = s.default_fps
         model_duration = m.frame_counts[0] / m.fps
         if spec.duration_seconds < 0 or not math.isfinite(spec.duration_seconds):
-            violations.append(("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}"))
+            violations.append(
+                ("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}")
+            )
         elif spec.duration_seconds and abs(spec.duration_seconds - model_duration) > 1e-3:
             allowed = ", ".join(f"{c / m.fps:g}" for c in m.frame_counts)
-            violations.append(("spec.duration_seconds", f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s"))
+            violations.append(
+                (
+                    "spec.duration_seconds",
+                    f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s",
+                )
+            )
         else:
             out.duration_seconds = model_duration
             if policy and policy.max_duration and model_duration > policy.max_duration:
-                violations.append(("spec.duration_seconds", f"the {policy.name} tier allows clips up to {policy.max_duration:g} s"))
+                violations.append(
+                    (
+                        "spec.duration_seconds",
+                        f"the {policy.name} tier allows clips up to {policy.max_duration:g} s",
+                    )
+                )
         if spec.num_steps < 0 or spec.num_steps > m.max_steps:
-            violations.append(("spec.num_steps", f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}"))
+            violations.append(
+                (
+                    "spec.num_steps",
+                    f"num_steps must be in 1..{m.max_steps} (0 = default {m.default_steps}); got {spec.num_steps}",
+                )
+            )
         elif not spec.num_steps:
             out.num_steps = m.default_steps
         if not (0 <= spec.guidance_scale <= 30) or not math.isfinite(spec.guidance_scale):
-            violations.append(("spec.guidance_scale", f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}"))
+            violations.append(
+                (
+                    "spec.guidance_scale",
+                    f"guidance_scale must be in 0..30 (0 = default); got {spec.guidance_scale}",
+                )
+            )
         if spec.language and spec.language not in m.languages:
-            violations.append(("spec.language", f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}"))
+            violations.append(
+                (
+                    "spec.language",
+                    f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}",
+                )
+            )
         if violations:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         if not spec.HasField("seed"):
@@ -372,7 +436,9 @@ class VideoGateway:
             if stored.id != job.id:
                 return self.store.snapshot(stored.id)
             # the queued event goes in before a worker can see the job, so it is always event 1
-            self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=video.queue_position)))
+            self.store.append_event(
+                job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=video.queue_position))
+            )
             self.queue.push(job.id, tenant.name, policy.priority, policy.max_running, force=True)
         METRICS.jobs.labels(status="QUEUED", tier=policy.name).inc()
         METRICS.queue_depth.set(len(self.queue))
@@ -434,7 +500,9 @@ class VideoGateway:
         spec.prompt = t.render(dict(fields))
         spec.style = overrides.style or t.style
         if not overrides.HasField("seed"):
-            spec.seed = self._template_seed(t.id)  # a fixed seed: the same fields come back instantly from the cache
+            spec.seed = self._template_seed(
+                t.id
+            )  # a fixed seed: the same fields come back instantly from the cache
         return self.create(tenant, spec, request_id, template_id=t.id)
 
     @staticmethod
@@ -449,7 +517,9 @@ class VideoGateway:
         for t in self.templates.templates.values():
             if t.pregenerated:
                 try:
-                    self.create_from_template(system, t.id, {}, common_pb2.VideoSpec(), request_id=f"pregen:{t.id}")
+                    self.create_from_template(
+                        system, t.id, {}, common_pb2.VideoSpec(), request_id=f"pregen:{t.id}"
+                    )
                 except VideomeshError as err:
                     log.warning("could not pre-generate template %s: %s", t.id, err.message)
 
@@ -481,7 +551,9 @@ class VideoGateway:
     def delete(self, tenant: Tenant, video_id: str) -> gateway_pb2.Video:
         job = self.store.get(tenant.name, video_id)
         if job.video.status in (common_pb2.QUEUED, common_pb2.RUNNING):
-            raise FailedPrecondition(f"video {video_id} is still {common_pb2.VideoStatus.Name(job.video.status)}; cancel it first")
+            raise FailedPrecondition(
+                f"video {video_id} is still {common_pb2.VideoStatus.Name(job.video.status)}; cancel it first"
+            )
         return self._delete_file(job)
 
     def _delete_file(self, job: Job) -> gateway_pb2.Video:
@@ -519,7 +591,9 @@ class VideoGateway:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         raise InvalidArgument(
             f"the prompt was refused by the content policy ({verdict.category.replace('_', ' ')})",
-            reason="CONTENT_POLICY", field="spec.prompt", metadata={"category": verdict.category},
+            reason="CONTENT_POLICY",
+            field="spec.prompt",
+            metadata={"category": verdict.category},
         )
 
     def _admission(self, tenant: Tenant, policy: TierPolicy) -> None:
@@ -551,7 +625,9 @@ class VideoGateway:
         if video.status == common_pb2.QUEUED:
             video.queue_position = self.queue.positions().get(video_id, video.queue_position)
         if video.result.uri and not video.deleted:
-            video.result.url = self.storage.url(f"{tenant}/{video_id}.mp4")  # links expire: a fresh one per Get
+            video.result.url = self.storage.url(
+                f"{tenant}/{video_id}.mp4"
+            )  # links expire: a fresh one per Get
         return video
 
     def list(self, tenant: str, *, page_size: int = 20, page_token: str = "", status: int = 0):
@@ -596,7 +672,9 @@ class VideoGateway:
         deque(self.events(tenant, video_id, 0, lambda: time.monotonic() < deadline), maxlen=0)
         return self.get(tenant, video_id)
 
-    def regenerate(self, tenant: Tenant, video_id: str, seed: int | None, request_id: str) -> gateway_pb2.Video:
+    def regenerate(
+        self, tenant: Tenant, video_id: str, seed: int | None, request_id: str
+    ) -> gateway_pb2.Video:
         old = self.store.get(tenant.name, video_id).video
         spec = common_pb2.VideoSpec()
         spec.CopyFrom(old.spec)
@@ -616,7 +694,9 @@ class VideoGateway:
 
         def decide(v):
             if v.status != common_pb2.NEEDS_REVIEW:
-                raise FailedPrecondition(f"video {video_id} is {common_pb2.VideoStatus.Name(v.status)}, not NEEDS_REVIEW")
+                raise FailedPrecondition(
+                    f"video {video_id} is {common_pb2.VideoStatus.Name(v.status)}, not NEEDS_REVIEW"
+                )
             v.review_note = note
             if approve:
                 v.status = common_pb2.SUCCEEDED
@@ -647,7 +727,9 @@ class VideoGateway:
                 continue
             METRICS.queue_depth.set(len(self.queue))
             ctl = JobControl(
-                report=lambda stage, step, total, pct, _id=entry.job_id: self._progress(_id, stage, step, total, pct),
+                report=lambda stage, step, total, pct, _id=entry.job_id: self._progress(
+                    _id, stage, step, total, pct
+                ),
                 stage=lambda stage, _id=entry.job_id: self._stage(_id, stage),
                 deadline=time.monotonic() + self.settings.job_timeout,
             )
@@ -668,12 +750,17 @@ class VideoGateway:
             v.progress = max(v.progress, PROGRESS.get(stage, (0.0, 0.0))[0])
 
         self.store.update(job_id, mut)
-        self.store.append_event(job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage)))
+        self.store.append_event(
+            job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage))
+        )
 
     def _progress(self, job_id: str, stage: int, step: int, total: int, pct: float) -> None:
         self.store.update(job_id, lambda v: setattr(v, "progress", max(v.progress, pct)))
         self.store.append_event(
-            job_id, gateway_pb2.VideoEvent(progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct))
+            job_id,
+            gateway_pb2.VideoEvent(
+                progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct)
+            ),
         )
 
     def _execute(self, job_id: str, ctl: JobControl) -> None:
@@ -703,11 +790,17 @@ class VideoGateway:
                 return
             if err.code in RETRYABLE and video.attempt < self.settings.max_attempts:
                 delay = err.retry_after or self.settings.retry_backoff * 2 ** (video.attempt - 1)
-                log.warning("job %s attempt %d: %s; retrying in %.1fs", job_id, video.attempt, err.message, delay)
+                log.warning(
+                    "job %s attempt %d: %s; retrying in %.1fs", job_id, video.attempt, err.message, delay
+                )
                 self.store.update(job_id, _requeued)
                 policy = self.policy(job.tier)
-                pos = self.queue.push(job_id, job.tenant, policy.priority, policy.max_running, delay=delay, force=True)
-                self.store.append_event(job_id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos)))
+                pos = self.queue.push(
+                    job_id, job.tenant, policy.priority, policy.max_running, delay=delay, force=True
+                )
+                self.store.append_event(
+                    job_id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
+                )
                 return
             self._fail(job_id, err)
             return
@@ -739,7 +832,11 @@ class VideoGateway:
     def _finish_cancelled(self, job_id: str, why: str) -> None:
         def mut(v):
             v.status = common_pb2.CANCELLED
-            v.error.CopyFrom(gateway_pb2.VideoError(code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"))
+            v.error.CopyFrom(
+                gateway_pb2.VideoError(
+                    code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"
+                )
+            )
 
         final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
         if final is not None:
@@ -747,7 +844,11 @@ class VideoGateway:
 
     def _fail(self, job_id: str, err: VideomeshError) -> None:
         code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else int(err.code)
-        reason = "DOWNSTREAM_UNAVAILABLE" if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE" else err.reason
+        reason = (
+            "DOWNSTREAM_UNAVAILABLE"
+            if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE"
+            else err.reason
+        )
         error = gateway_pb2.VideoError(code=code, message=err.message, reason=reason)
 
         def mut(v):

@@ -22,11 +22,23 @@ def _build() -> _Metrics:
     return _Metrics(
         registry=r,
         jobs=Counter("videomesh_jobs", "Jobs by status reached", ["status", "tier"], registry=r),
-        rejected=Counter("videomesh_rejected", "Submissions refused by admission control", ["reason"], registry=r),
+        rejected=Counter(
+            "videomesh_rejected", "Submissions refused by admission control", ["reason"], registry=r
+        ),
         queue_depth=Gauge("videomesh_queue_depth", "Jobs waiting in the queue", registry=r),
-        stage_seconds=Histogram("videomesh_stage_seconds", "Wall time per pipeline stage", ["stage"], registry=r,
-                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)),  # fmt: skip
-        breaker_open=Gauge("videomesh_breaker_open", "1 while a downstream's circuit breaker is open", ["service"], registry=r),
+        stage_seconds=Histogram(
+            "videomesh_stage_seconds",
+            "Wall time per pipeline stage",
+            ["stage"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        ),  # fmt: skip
+        breaker_open=Gauge(
+            "videomesh_breaker_open",
+            "1 while a downstream's circuit breaker is open",
+            ["service"],
+            registry=r,
+        ),
     )
 
 

@@ -287,7 +287,9 @@ class Pipeline:
         )
         return Outcome(result=result, quality=report, seconds=secs)
 
-    def _upscale_check_store(self, job_id, object_key, plan: Plan, up_requests, ctl: JobControl, secs: dict, t0: float):
+    def _upscale_check_store(
+        self, job_id, object_key, plan: Plan, up_requests, ctl: JobControl, secs: dict, t0: float
+    ):
         """Upscaled frames go to ffmpeg and to the streaming QC call as they arrive; then store."""
         up_call = self.ds.upscaler.Upscale(iter(up_requests), timeout=ctl.remaining())
         ctl.track(up_call)
@@ -296,7 +298,9 @@ class Pipeline:
 
         def qc_requests():
             yield qc_pb2.InspectRequest(
-                settings=qc_pb2.InspectSettings(fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames)
+                settings=qc_pb2.InspectSettings(
+                    fps=plan.fps, expect_motion=plan.expect_motion, total_frames=plan.frames
+                )
             )
             while (item := qc_q.get()) is not end:
                 yield qc_pb2.InspectRequest(frames=item)
@@ -323,7 +327,9 @@ class Pipeline:
                         if len(pending) == QC_FRAMES_PER_CHUNK:
                             qc_q.put(next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))))
                             pending = []
-                    ctl.report(common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames)
+                    ctl.report(
+                        common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames
+                    )
                 if pending:
                     for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
                         qc_q.put(c)
@@ -364,7 +370,6 @@ class Pipeline:
             raise
         finally:
             tmp.unlink(missing_ok=True)
-
 
     def _watermark_check(self, path: Path, payload: str) -> common_pb2.CheckResult:
         from gateway.media import iter_frames

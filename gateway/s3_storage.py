@@ -29,7 +29,9 @@ class S3Storage(Storage):
         self.attempts = attempts
         self.backoff = backoff
         self.part_size = part_size
-        self._retry(lambda: self.client.bucket_exists(bucket) or self.client.make_bucket(bucket), "create bucket")
+        self._retry(
+            lambda: self.client.bucket_exists(bucket) or self.client.make_bucket(bucket), "create bucket"
+        )
 
     def _retry(self, fn, what: str):
         for attempt in range(1, self.attempts + 1):
@@ -39,16 +41,23 @@ class S3Storage(Storage):
                 if _is_not_found(err):
                     raise NotFound(f"object not found: {err}") from err
                 if attempt == self.attempts:
-                    raise Unavailable(f"object storage: {what} failed after {attempt} attempts: {err}", reason="STORAGE_UNAVAILABLE") from err
+                    raise Unavailable(
+                        f"object storage: {what} failed after {attempt} attempts: {err}",
+                        reason="STORAGE_UNAVAILABLE",
+                    ) from err
                 log.warning("object storage: %s failed (attempt %d): %s", what, attempt, err)
                 time.sleep(self.backoff * 2 ** (attempt - 1))
 
-    def put_file(self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None) -> StoredObject:
+    def put_file(
+        self, key: str, path: Path, *, content_type: str = "video/mp4", metadata: dict | None = None
+    ) -> StoredObject:
         sha, md5, size = digests(path)
         meta = {"sha256": sha, "md5": md5, **(metadata or {})}
         self._retry(lambda: self.client.fput_object(self.bucket, key, str(path), content_type=content_type, metadata=meta,
                                                     part_size=self.part_size), f"upload of {key}")  # fmt: skip
-        return StoredObject(uri=f"s3://{self.bucket}/{key}", url=self.url(key), sha256=sha, md5=md5, size=size)
+        return StoredObject(
+            uri=f"s3://{self.bucket}/{key}", url=self.url(key), sha256=sha, md5=md5, size=size
+        )
 
     def url(self, key: str) -> str:
         return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=self.url_expiry))
@@ -57,7 +66,10 @@ class S3Storage(Storage):
         from minio.commonconfig import CopySource
 
         st = self._retry(lambda: self.client.stat_object(self.bucket, src_key), f"stat of {src_key}")
-        self._retry(lambda: self.client.copy_object(self.bucket, dst_key, CopySource(self.bucket, src_key)), f"copy to {dst_key}")
+        self._retry(
+            lambda: self.client.copy_object(self.bucket, dst_key, CopySource(self.bucket, src_key)),
+            f"copy to {dst_key}",
+        )
         meta = {k.lower().removeprefix("x-amz-meta-"): v for k, v in (st.metadata or {}).items()}
         return StoredObject(uri=f"s3://{self.bucket}/{dst_key}", url=self.url(dst_key), sha256=meta.get("sha256", ""),
                             md5=meta.get("md5", ""), size=st.size)  # fmt: skip

@@ -36,7 +36,9 @@ def fold(text: str) -> str:
         cat = unicodedata.category(ch)
         if cat in ("Cf", "Cc"):  # zero-width joiners, soft hyphens, bidi marks, controls
             continue
-        if cat in ("Mn", "Me") and out and out[-1].isascii():  # ü -> u, but keep kana voicing marks (プ stays プ)
+        if (
+            cat in ("Mn", "Me") and out and out[-1].isascii()
+        ):  # ü -> u, but keep kana voicing marks (プ stays プ)
             continue
         out.append(ch)
     return unicodedata.normalize("NFC", "".join(out)).translate(_HOMOGLYPHS)
@@ -79,7 +81,9 @@ class SafetyFilter:
                 if not f.strip():
                     continue
                 if _is_cjk(f):
-                    self.terms.append((cat, t, "".join(re.findall(r"\w", f))))  # CJK: no word boundaries, substring
+                    self.terms.append(
+                        (cat, t, "".join(re.findall(r"\w", f)))
+                    )  # CJK: no word boundaries, substring
                 else:
                     self.terms.append((cat, t, " ".join(_words(f))))
 
@@ -94,7 +98,9 @@ class SafetyFilter:
             words = " " + " ".join(_words(folded)) + " "
             letters = "".join(re.findall(r"\w", folded))
             # letters written one by one ("a n.a.k.e.d person"): a term anywhere inside such a run counts
-            spelled = [re.sub(r"(.)\1+", r"\1", "".join(m.split())) for m in re.findall(r"(?:\b\w\b\W*){3,}", folded)]
+            spelled = [
+                re.sub(r"(.)\1+", r"\1", "".join(m.split())) for m in re.findall(r"(?:\b\w\b\W*){3,}", folded)
+            ]
             spelled = ["".join(re.findall(r"\w", s)) for s in spelled]
             for cat, term, pattern in self.terms:
                 if _is_cjk(pattern):

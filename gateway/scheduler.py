@@ -43,13 +43,24 @@ class JobQueue:
         with self._cv:
             return len(self._entries) >= self.capacity
 
-    def push(self, job_id: str, tenant: str, priority: int, max_running: int, *, delay: float = 0.0, force: bool = False) -> int:
+    def push(
+        self,
+        job_id: str,
+        tenant: str,
+        priority: int,
+        max_running: int,
+        *,
+        delay: float = 0.0,
+        force: bool = False,
+    ) -> int:
         """Enqueue; returns the queue position. `force` admits beyond capacity (recovery, retries)."""
         with self._cv:
             if not force and len(self._entries) >= self.capacity:
                 raise OverflowError("queue full")
             now = time.monotonic()
-            self._entries[job_id] = Entry(job_id, tenant, priority, max_running, now, next(self._seq), now + delay)
+            self._entries[job_id] = Entry(
+                job_id, tenant, priority, max_running, now, next(self._seq), now + delay
+            )
             self._cv.notify_all()
             return self._position(job_id)
 
@@ -71,7 +82,11 @@ class JobQueue:
         return (e.priority - (now - e.enqueued) / self.aging, e.seq)
 
     def _ready(self, now: float) -> list[Entry]:
-        return [e for e in self._entries.values() if e.not_before <= now and self._running[e.tenant] < e.max_running]
+        return [
+            e
+            for e in self._entries.values()
+            if e.not_before <= now and self._running[e.tenant] < e.max_running
+        ]
 
     def _position(self, job_id: str) -> int:
         now = time.monotonic()
@@ -81,7 +96,10 @@ class JobQueue:
     def positions(self) -> dict[str, int]:
         with self._cv:
             now = time.monotonic()
-            return {e.job_id: i for i, e in enumerate(sorted(self._entries.values(), key=lambda e: self._score(e, now)), 1)}
+            return {
+                e.job_id: i
+                for i, e in enumerate(sorted(self._entries.values(), key=lambda e: self._score(e, now)), 1)
+            }
 
     def pop(self, timeout: float | None = None) -> Entry | None:
         """Block until a job may run; mark its tenant as running one more. None when closed/timed out."""

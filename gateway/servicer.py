@@ -18,7 +18,9 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.tenants.authenticate(key_from_metadata(context.invocation_metadata()))
 
     def CreateVideo(self, request, context):
-        return self.gw.create(self._tenant(context), request.spec, request.request_id, webhook_url=request.webhook_url)
+        return self.gw.create(
+            self._tenant(context), request.spec, request.request_id, webhook_url=request.webhook_url
+        )
 
     def GenerateVideo(self, request, context):
         t = self._tenant(context)
@@ -57,7 +59,6 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         seed = request.seed if request.HasField("seed") else None
         return self.gw.regenerate(t, request.id, seed, request.request_id)
 
-
     def VerifyWatermark(self, request_iterator, context):
         return self.gw.verify_watermark(self._tenant(context), (r.chunk for r in request_iterator))
 
@@ -70,11 +71,17 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
 
     def ListTemplates(self, request, context):
         self._tenant(context)
-        return gateway_pb2.ListTemplatesResponse(templates=[t.proto() for t in self.gw.templates.templates.values()])
+        return gateway_pb2.ListTemplatesResponse(
+            templates=[t.proto() for t in self.gw.templates.templates.values()]
+        )
 
     def CreateVideoFromTemplate(self, request, context):
         return self.gw.create_from_template(
-            self._tenant(context), request.template_id, dict(request.fields), request.overrides, request.request_id
+            self._tenant(context),
+            request.template_id,
+            dict(request.fields),
+            request.overrides,
+            request.request_id,
         )
 
     def GetUsage(self, request, context):

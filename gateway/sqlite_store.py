@@ -70,7 +70,9 @@ class SQLiteJobStore(JobStore):
                    video=gateway_pb2.Video.FromString(blob))  # fmt: skip
 
     def _select(self, where: str, args: tuple) -> list[Job]:
-        rows = self._db.execute(f"SELECT id, tenant, request_id, tier, webhook, video FROM jobs WHERE {where}", args).fetchall()
+        rows = self._db.execute(
+            f"SELECT id, tenant, request_id, tier, webhook, video FROM jobs WHERE {where}", args
+        ).fetchall()
         return [self._row_to_job(r) for r in rows]
 
     # --- JobStore -------------------------------------------------------------------------------
@@ -83,8 +85,17 @@ class SQLiteJobStore(JobStore):
             self._db.execute(
                 "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.watermark, job.video.status,
-                 time.time(), job.video.SerializeToString()),  # fmt: skip
+                (
+                    job.id,
+                    job.tenant,
+                    job.request_id,
+                    job.tier,
+                    job.webhook,
+                    job.video.watermark,
+                    job.video.status,
+                    time.time(),
+                    job.video.SerializeToString(),
+                ),  # fmt: skip
             )
             return job
 
@@ -106,7 +117,11 @@ class SQLiteJobStore(JobStore):
         return self.load(job_id).video
 
     def list(self, tenant: str, *, status: int = 0, limit: int = 20, offset: int = 0) -> list[Job]:
-        q = "tenant = ?" + (" AND status = ?" if status else "") + " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+        q = (
+            "tenant = ?"
+            + (" AND status = ?" if status else "")
+            + " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+        )
         args = (tenant, status, limit, offset) if status else (tenant, limit, offset)
         with self._cond:
             return self._select(q, args)
@@ -124,7 +139,10 @@ class SQLiteJobStore(JobStore):
 
     def cache_put(self, key: str, job_id: str) -> None:
         with self._cond:
-            self._db.execute("INSERT OR REPLACE INTO cache (key, job_id, created) VALUES (?, ?, ?)", (key, job_id, time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO cache (key, job_id, created) VALUES (?, ?, ?)",
+                (key, job_id, time.time()),
+            )
 
     def cache_drop(self, job_id: str) -> None:
         with self._cond:
@@ -132,11 +150,16 @@ class SQLiteJobStore(JobStore):
 
     def add_feedback(self, fid: str, tenant: str, job_id: str, rating: int, reason: str) -> None:
         with self._cond:
-            self._db.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", (fid, tenant, job_id, rating, reason, time.time()))
+            self._db.execute(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
+                (fid, tenant, job_id, rating, reason, time.time()),
+            )
 
     def feedback_for(self, job_id: str) -> list[tuple[int, str]]:
         with self._cond:
-            return self._db.execute("SELECT rating, reason FROM feedback WHERE job_id = ? ORDER BY created", (job_id,)).fetchall()
+            return self._db.execute(
+                "SELECT rating, reason FROM feedback WHERE job_id = ? ORDER BY created", (job_id,)
+            ).fetchall()
 
     def add_blocked(self, tenant: str, category: str) -> None:
         with self._cond:
@@ -144,7 +167,9 @@ class SQLiteJobStore(JobStore):
 
     def count_blocked(self, tenant: str, since: float = 0.0) -> int:
         with self._cond:
-            return self._db.execute("SELECT COUNT(*) FROM blocked WHERE tenant = ? AND created >= ?", (tenant, since)).fetchone()[0]
+            return self._db.execute(
+                "SELECT COUNT(*) FROM blocked WHERE tenant = ? AND created >= ?", (tenant, since)
+            ).fetchone()[0]
 
     def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
         with self._cond:
@@ -153,7 +178,10 @@ class SQLiteJobStore(JobStore):
     def finished_before(self, before: float) -> list[Job]:
         """Jobs with a stored file created before `before` (retention)."""
         with self._cond:
-            return self._select("created < ? AND status IN (?, ?) ORDER BY created", (before, common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW))
+            return self._select(
+                "created < ? AND status IN (?, ?) ORDER BY created",
+                (before, common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW),
+            )
 
     def by_watermark(self, tenant: str, payload: str) -> Job | None:
         with self._cond:
@@ -163,7 +191,8 @@ class SQLiteJobStore(JobStore):
     def active_count(self, tenant: str) -> int:
         with self._cond:
             (n,) = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN (?, ?)", (tenant, common_pb2.QUEUED, common_pb2.RUNNING)
+                "SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN (?, ?)",
+                (tenant, common_pb2.QUEUED, common_pb2.RUNNING),
             ).fetchone()
         return n
 
@@ -175,7 +204,9 @@ class SQLiteJobStore(JobStore):
     def count_since(self, tenant: str, since: float) -> tuple[int, float | None]:
         """Jobs the tenant created since `since` (epoch s), and the oldest such creation time."""
         with self._cond:
-            n, oldest = self._db.execute("SELECT COUNT(*), MIN(created) FROM jobs WHERE tenant = ? AND created >= ?", (tenant, since)).fetchone()
+            n, oldest = self._db.execute(
+                "SELECT COUNT(*), MIN(created) FROM jobs WHERE tenant = ? AND created >= ?", (tenant, since)
+            ).fetchone()
         return n, oldest
 
     def update(self, job_id: str, mutate) -> gateway_pb2.Video:
@@ -188,7 +219,10 @@ class SQLiteJobStore(JobStore):
                 video = gateway_pb2.Video.FromString(row[0])
                 mutate(video)
                 video.update_time.CopyFrom(now_ts())
-                self._db.execute("UPDATE jobs SET video = ?, status = ? WHERE id = ?", (video.SerializeToString(), video.status, job_id))
+                self._db.execute(
+                    "UPDATE jobs SET video = ?, status = ? WHERE id = ?",
+                    (video.SerializeToString(), video.status, job_id),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -209,7 +243,10 @@ class SQLiteJobStore(JobStore):
                 video.update_time.CopyFrom(now_ts())
                 if event.WhichOneof("event") == "completed":
                     event.completed.video.CopyFrom(video)
-                self._db.execute("UPDATE jobs SET video = ?, status = ? WHERE id = ?", (video.SerializeToString(), video.status, job_id))
+                self._db.execute(
+                    "UPDATE jobs SET video = ?, status = ? WHERE id = ?",
+                    (video.SerializeToString(), video.status, job_id),
+                )
                 self._append(job_id, event)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -219,11 +256,16 @@ class SQLiteJobStore(JobStore):
             return video
 
     def _append(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
-        (last,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()
+        (last,) = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)
+        ).fetchone()
         event.video_id = job_id
         event.sequence = last + 1
         event.time.CopyFrom(now_ts())
-        self._db.execute("INSERT INTO events (job_id, seq, data) VALUES (?, ?, ?)", (job_id, event.sequence, event.SerializeToString()))
+        self._db.execute(
+            "INSERT INTO events (job_id, seq, data) VALUES (?, ?, ?)",
+            (job_id, event.sequence, event.SerializeToString()),
+        )
         return event
 
     def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
@@ -233,7 +275,9 @@ class SQLiteJobStore(JobStore):
             return event
 
     def _events_after(self, job_id: str, after: int) -> list[gateway_pb2.VideoEvent]:
-        rows = self._db.execute("SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)).fetchall()
+        rows = self._db.execute(
+            "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+        ).fetchall()
         return [gateway_pb2.VideoEvent.FromString(r[0]) for r in rows]
 
     def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]:
@@ -245,4 +289,3 @@ class SQLiteJobStore(JobStore):
                 if evs or left <= 0:
                     return evs
                 self._cond.wait(left)
-

@@ -35,14 +35,19 @@ class Template:
     def render(self, values: dict[str, str]) -> str:
         known = {f.name for f in self.fields}
         unknown = sorted(set(values) - known)
-        violations = [(f"fields.{k}", f"template {self.id!r} has no field {k!r}; fields: {', '.join(sorted(known))}") for k in unknown]
+        violations = [
+            (f"fields.{k}", f"template {self.id!r} has no field {k!r}; fields: {', '.join(sorted(known))}")
+            for k in unknown
+        ]
         filled = {}
         for f in self.fields:
             v = values.get(f.name, "").strip() or f.default
             if not v and f.required:
                 violations.append((f"fields.{f.name}", f"{f.name} is required"))
             elif f.choices and v not in f.choices:
-                violations.append((f"fields.{f.name}", f"{f.name} must be one of {', '.join(f.choices)}; got {v!r}"))
+                violations.append(
+                    (f"fields.{f.name}", f"{f.name} must be one of {', '.join(f.choices)}; got {v!r}")
+                )
             elif len(v) > 200:
                 violations.append((f"fields.{f.name}", f"{f.name} is longer than 200 characters"))
             filled[f.name] = v
@@ -79,5 +84,7 @@ class TemplateLibrary:
 
     def get(self, template_id: str) -> Template:
         if template_id not in self.templates:
-            raise NotFound(f"template {template_id!r} not found; ListTemplates shows the library", field="template_id")
+            raise NotFound(
+                f"template {template_id!r} not found; ListTemplates shows the library", field="template_id"
+            )
         return self.templates[template_id]

@@ -22,12 +22,36 @@ class TierPolicy:
 
 
 DEFAULT_TIERS: dict[str, TierPolicy] = {
-    "free": TierPolicy("free", priority=10, max_active=20, max_running=1, daily_quota=100, rate_per_minute=30, burst=20,
-                       visible_watermark=True),  # fmt: skip
-    "pro": TierPolicy("pro", priority=0, max_active=200, max_running=4, daily_quota=5000, rate_per_minute=600, burst=200,
-                      visible_watermark=False),  # fmt: skip
-    "enterprise": TierPolicy("enterprise", priority=0, max_active=1000, max_running=16, daily_quota=100_000,
-                             rate_per_minute=6000, burst=1000, visible_watermark=False),  # fmt: skip
+    "free": TierPolicy(
+        "free",
+        priority=10,
+        max_active=20,
+        max_running=1,
+        daily_quota=100,
+        rate_per_minute=30,
+        burst=20,
+        visible_watermark=True,
+    ),  # fmt: skip
+    "pro": TierPolicy(
+        "pro",
+        priority=0,
+        max_active=200,
+        max_running=4,
+        daily_quota=5000,
+        rate_per_minute=600,
+        burst=200,
+        visible_watermark=False,
+    ),  # fmt: skip
+    "enterprise": TierPolicy(
+        "enterprise",
+        priority=0,
+        max_active=1000,
+        max_running=16,
+        daily_quota=100_000,
+        rate_per_minute=6000,
+        burst=1000,
+        visible_watermark=False,
+    ),  # fmt: skip
 }
 
 

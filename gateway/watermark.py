@@ -29,7 +29,9 @@ def _basis(u: int, v: int) -> np.ndarray:
     x = np.arange(8)
     cu = np.sqrt(1 / 8) if u == 0 else np.sqrt(2 / 8)
     cv = np.sqrt(1 / 8) if v == 0 else np.sqrt(2 / 8)
-    return (cu * np.cos((2 * x + 1) * u * np.pi / 16))[:, None] * (cv * np.cos((2 * x + 1) * v * np.pi / 16))[None, :]
+    return (cu * np.cos((2 * x + 1) * u * np.pi / 16))[:, None] * (cv * np.cos((2 * x + 1) * v * np.pi / 16))[
+        None, :
+    ]
 
 
 _BASES = np.stack([_basis(u, v) for u, v in _COEFFS]).astype(np.float32)  # (K, 8, 8)
@@ -144,5 +146,7 @@ class VisibleMark:
         x = pad if "left" in self.position else w - tw - pad
         y = pad + th if "top" in self.position else h - pad - base
         overlay = frame.copy()
-        cv2.putText(overlay, self.text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        cv2.putText(
+            overlay, self.text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA
+        )
         return cv2.addWeighted(overlay, self.opacity, frame, 1 - self.opacity, 0)

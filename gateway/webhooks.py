@@ -45,7 +45,9 @@ class Delivery:
 
 
 class WebhookSender:
-    def __init__(self, *, attempts: int = 5, backoff: float = 0.5, timeout: float = 5.0, max_queue: int = 10_000):
+    def __init__(
+        self, *, attempts: int = 5, backoff: float = 0.5, timeout: float = 5.0, max_queue: int = 10_000
+    ):
         self.attempts = attempts
         self.backoff = backoff
         self.timeout = timeout

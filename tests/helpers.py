@@ -44,7 +44,9 @@ def health_status(address: str, service: str) -> int:
 class InProcessMesh:
     """encoder + denoiser + upscaler + qc + gateway, in this process, for fast tests."""
 
-    def __init__(self, data_dir: Path, *, model: str = "tiny", gateway: dict | None = None, qc: dict | None = None):
+    def __init__(
+        self, data_dir: Path, *, model: str = "tiny", gateway: dict | None = None, qc: dict | None = None
+    ):
         self.servers: dict[str, Server] = {}
         self._stops = []
         for name, kw in (

@@ -254,7 +254,9 @@ def cmd_review(args) -> int:
     print(f"{v.id}: {common_pb2.VideoStatus.Name(v.status)}")
     for ch in v.quality.checks:
         ranges = ", ".join(f"{r.start}-{r.end - 1}" for r in ch.frames)
-        print(f"  {'ok  ' if ch.passed else 'FAIL'} {ch.name:<13} {ch.detail}{f' (frames {ranges})' if ranges else ''}")
+        print(
+            f"  {'ok  ' if ch.passed else 'FAIL'} {ch.name:<13} {ch.detail}{f' (frames {ranges})' if ranges else ''}"
+        )
     return 0
 
 
@@ -273,7 +275,10 @@ def cmd_verify(args) -> int:
     if not r.present:
         print(f"no videomesh watermark found ({r.frames} frames read)")
         return 3
-    print(f"watermark {r.payload} (confidence {r.confidence:.2f}, {r.frames} frames)" + (f": video {r.video_id}" if r.video_id else ""))
+    print(
+        f"watermark {r.payload} (confidence {r.confidence:.2f}, {r.frames} frames)"
+        + (f": video {r.video_id}" if r.video_id else "")
+    )
     return 0
 
 
@@ -292,8 +297,12 @@ def cmd_usage(args) -> int:
             return 1
     print(f"tenant {u.tenant}")
     print("  jobs: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(u.jobs.items())) or "none"))
-    print(f"  output: {u.output_seconds:.1f} s of video; cache hits {u.cache_hits}; refused prompts {u.blocked_prompts}")
-    print("  compute: " + (", ".join(f"{k} {v:.1f} s" for k, v in sorted(u.compute_seconds.items())) or "none"))
+    print(
+        f"  output: {u.output_seconds:.1f} s of video; cache hits {u.cache_hits}; refused prompts {u.blocked_prompts}"
+    )
+    print(
+        "  compute: " + (", ".join(f"{k} {v:.1f} s" for k, v in sorted(u.compute_seconds.items())) or "none")
+    )
     for t in tpl:
         fields = ", ".join(f.name + (f" [{'|'.join(f.choices)}]" if f.choices else "") for f in t.fields)
         print(f"template {t.id}: {t.name} — {fields}")
@@ -380,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--api-key")
     us.add_argument("--templates", action="store_true", help="also list the template library")
 
-    sub.add_parser("train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False)
+    sub.add_parser(
+        "train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False
+    )
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
 
     t = sub.add_parser("tenants", help="manage tenants and API keys")

@@ -140,14 +140,20 @@ class VideoClient:
         return self.stub.VerifyWatermark(chunks(), metadata=self._metadata, timeout=120)
 
     def delete(self, video_id: str) -> gateway_pb2.Video:
-        return self.stub.DeleteVideo(gateway_pb2.DeleteVideoRequest(id=video_id), metadata=self._metadata, timeout=30)
+        return self.stub.DeleteVideo(
+            gateway_pb2.DeleteVideoRequest(id=video_id), metadata=self._metadata, timeout=30
+        )
 
     def feedback(self, video_id: str, rating: int, reason: str = "") -> str:
         req = gateway_pb2.SubmitFeedbackRequest(id=video_id, rating=rating, reason=reason)
         return self.stub.SubmitFeedback(req, metadata=self._metadata, timeout=30).feedback_id
 
     def templates(self) -> list[gateway_pb2.Template]:
-        return list(self.stub.ListTemplates(gateway_pb2.ListTemplatesRequest(), metadata=self._metadata, timeout=30).templates)
+        return list(
+            self.stub.ListTemplates(
+                gateway_pb2.ListTemplatesRequest(), metadata=self._metadata, timeout=30
+            ).templates
+        )
 
     def create_from_template(self, template_id: str, fields: dict[str, str], overrides: common_pb2.VideoSpec | None = None,
                              request_id: str = "") -> gateway_pb2.Video:  # fmt: skip
@@ -156,11 +162,15 @@ class VideoClient:
         return self.stub.CreateVideoFromTemplate(req, metadata=self._metadata, timeout=30)
 
     def usage(self, since_unix: int = 0) -> gateway_pb2.Usage:
-        return self.stub.GetUsage(gateway_pb2.GetUsageRequest(since_unix=since_unix), metadata=self._metadata, timeout=30)
+        return self.stub.GetUsage(
+            gateway_pb2.GetUsageRequest(since_unix=since_unix), metadata=self._metadata, timeout=30
+        )
 
     def review(self, video_id: str, approve: bool, note: str = "") -> gateway_pb2.Video:
         return self.stub.ReviewVideo(
-            gateway_pb2.ReviewVideoRequest(id=video_id, approve=approve, note=note), metadata=self._metadata, timeout=30
+            gateway_pb2.ReviewVideoRequest(id=video_id, approve=approve, note=note),
+            metadata=self._metadata,
+            timeout=30,
         )
 
     def regenerate(self, video_id: str, seed: int | None = None, request_id: str = "") -> gateway_pb2.Video:

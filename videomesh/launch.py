@@ -149,7 +149,13 @@ class DownstreamMonitor:
         "qc": "videomesh.v1.QualityCheck",
     }
 
-    def __init__(self, server: Server, channels: dict[str, grpc.Channel], breakers: dict | None = None, interval: float = 1.0):
+    def __init__(
+        self,
+        server: Server,
+        channels: dict[str, grpc.Channel],
+        breakers: dict | None = None,
+        interval: float = 1.0,
+    ):
         self.server = server
         self.channels = channels
         self.breakers = breakers or {}

@@ -54,7 +54,9 @@ def bench_ray(model: str, steps: int, n: int = 4) -> None:
         ray.shutdown()
     print(f"ray, model {model}, {n} requests x {steps} steps on 2 expert shards:")
     print(f"  one at a time: {serial:.2f} s ({n / serial:.2f} clips/s)")
-    print(f"  batched + pipelined: {concurrent:.2f} s ({n / concurrent:.2f} clips/s) -> x{serial / concurrent:.2f}")
+    print(
+        f"  batched + pipelined: {concurrent:.2f} s ({n / concurrent:.2f} clips/s) -> x{serial / concurrent:.2f}"
+    )
     print(f"  max batch per shard {max(max(v) for v in st['batch_sizes'].values())}, ticks with both experts busy "
           f"{st['pipelined_ticks']} of {st['ticks']}")  # fmt: skip
 

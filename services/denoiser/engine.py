@@ -46,7 +46,9 @@ class DenoiserSettings:
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be local or ray; got {self.executor!r}")
         if self.ray_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"ray_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {self.ray_strategy!r}")
+            raise ValueError(
+                f"ray_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {self.ray_strategy!r}"
+            )
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
         if self.device not in ("auto", "cpu", "cuda"):

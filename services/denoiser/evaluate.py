@@ -29,7 +29,11 @@ TARGETS = {"color": 0.95, "shape": 0.85, "motion": 0.90}
 
 
 def _seconds(events, stage_a: int, stage_b: int) -> float:
-    times = {e.stage_started.stage: e.time.ToNanoseconds() / 1e9 for e in events if e.WhichOneof("event") == "stage_started"}
+    times = {
+        e.stage_started.stage: e.time.ToNanoseconds() / 1e9
+        for e in events
+        if e.WhichOneof("event") == "stage_started"
+    }
     return times.get(stage_b, 0.0) - times.get(stage_a, 0.0)
 
 
@@ -41,7 +45,11 @@ def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:
         for lang in LANGS:
             unseen = heldout_only_words(lang)
             for i, (prompt, spec) in enumerate(heldout_prompts(lang, per_lang, seed=seed)):
-                events = list(client.generate(common_pb2.VideoSpec(prompt=prompt, seed=seed * 1000 + i, width=w, height=h)))
+                events = list(
+                    client.generate(
+                        common_pb2.VideoSpec(prompt=prompt, seed=seed * 1000 + i, width=w, height=h)
+                    )
+                )
                 last = events[-1]
                 if last.WhichOneof("event") != "completed":
                     raise RuntimeError(f"{prompt!r}: {last}")
@@ -60,10 +68,15 @@ def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:
     table = {}
     for lang in LANGS:
         rs = [r for r in rows if r["lang"] == lang]
-        table[lang] = {k: float(np.mean([r["score"][k] for r in rs])) for k in ("color", "shape", "motion", "size", "background")}
+        table[lang] = {
+            k: float(np.mean([r["score"][k] for r in rs]))
+            for k in ("color", "shape", "motion", "size", "background")
+        }
         table[lang]["n"] = len(rs)
         seen = [r for r in rs if not r["unseen_words"]]
-        table[lang]["motion_seen_words"] = float(np.mean([r["score"]["motion"] for r in seen])) if seen else float("nan")
+        table[lang]["motion_seen_words"] = (
+            float(np.mean([r["score"]["motion"] for r in seen])) if seen else float("nan")
+        )
     summary = {
         "table": table,
         "denoise_seconds_median": statistics.median(r["denoise_s"] for r in rows),
@@ -78,7 +91,9 @@ def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:
 
 def print_table(summary: dict) -> bool:
     ok = True
-    print(f"{'lang':<5} {'n':>4} {'colour':>8} {'shape':>8} {'motion':>8} {'size':>8} {'bg':>8}  motion(no unseen words)")
+    print(
+        f"{'lang':<5} {'n':>4} {'colour':>8} {'shape':>8} {'motion':>8} {'size':>8} {'bg':>8}  motion(no unseen words)"
+    )
     for lang, r in summary["table"].items():
         print(f"{lang:<5} {r['n']:>4} {r['color']:>8.1%} {r['shape']:>8.1%} {r['motion']:>8.1%} {r['size']:>8.1%} "
               f"{r['background']:>8.1%}  {r['motion_seen_words']:.1%}")  # fmt: skip
@@ -90,7 +105,9 @@ def print_table(summary: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="videomesh eval", description="prompt adherence on held-out phrasings, through the mesh")
+    p = argparse.ArgumentParser(
+        prog="videomesh eval", description="prompt adherence on held-out phrasings, through the mesh"
+    )
     p.add_argument("--per-lang", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="256x256")

@@ -86,7 +86,9 @@ class ExpertShard:
         return {"expert": self.expert, "node_id": self.node_id, "gpu_ids": self.gpu_ids, "device": str(self.device),
                 "pid": __import__("os").getpid()}  # fmt: skip
 
-    def velocity(self, x: np.ndarray, t: np.ndarray, cond: list, uncond: list, guidance: np.ndarray) -> np.ndarray:
+    def velocity(
+        self, x: np.ndarray, t: np.ndarray, cond: list, uncond: list, guidance: np.ndarray
+    ) -> np.ndarray:
         """One CFG step for a batch of requests: x (B, T, C, H, W), t (B,), per-request text."""
         self.batch_sizes.append(len(x))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
@@ -95,8 +97,12 @@ class ExpertShard:
             texts = [torch.from_numpy(c[0]) for c in cond] + [torch.from_numpy(u[0]) for u in uncond]
             masks = [torch.from_numpy(c[1]) for c in cond] + [torch.from_numpy(u[1]) for u in uncond]
             length = max(tx.shape[1] for tx in texts)
-            text = torch.cat([torch.nn.functional.pad(tx, (0, 0, 0, length - tx.shape[1])) for tx in texts]).to(self.device)
-            mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]).to(self.device)
+            text = torch.cat(
+                [torch.nn.functional.pad(tx, (0, 0, 0, length - tx.shape[1])) for tx in texts]
+            ).to(self.device)
+            mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]).to(
+                self.device
+            )
             v = self.net(torch.cat([xb, xb]), torch.cat([tb, tb]), text, mask).float()
             vc, vu = v.chunk(2)
             g = torch.from_numpy(guidance).to(self.device)[:, None, None, None, None]
@@ -194,11 +200,15 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=self.settings.num_cpus or None, **kw)
         gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = self.settings.use_gpus == "yes" or (self.settings.use_gpus == "auto" and gpus >= 2 * self.settings.replicas)
+        use_gpu = self.settings.use_gpus == "yes" or (
+            self.settings.use_gpus == "auto" and gpus >= 2 * self.settings.replicas
+        )
         self._bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         experts = list(MoEDenoiser._shard_modules)
         for r in range(self.settings.replicas):
-            pg = placement_group([dict(self._bundle) for _ in experts], strategy=self.settings.strategy, name=f"denoiser-{r}")
+            pg = placement_group(
+                [dict(self._bundle) for _ in experts], strategy=self.settings.strategy, name=f"denoiser-{r}"
+            )
             ready = ray.wait([pg.ready()], timeout=self.settings.placement_timeout)[0]
             if not ready:
                 ray.util.remove_placement_group(pg)
@@ -277,7 +287,9 @@ class RayExecutor:
                 self._pending = []
             for r in list(self._active):
                 if r.should_stop is not None and r.should_stop():
-                    self._finish(r, SamplingCancelled(f"stopped before step {r.step + 1} of {len(r.timesteps) - 1}"))
+                    self._finish(
+                        r, SamplingCancelled(f"stopped before step {r.step + 1} of {len(r.timesteps) - 1}")
+                    )
             if self._active:
                 self._tick()
 
@@ -306,8 +318,17 @@ class RayExecutor:
         for replica, expert, part, ref in calls:
             try:
                 v = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError) as err:
-                log.warning("shard %s of replica %d failed (%s): restarting it; the step is retried", expert, replica, err)
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.ActorUnavailableError,
+                ray.exceptions.NodeDiedError,
+            ) as err:
+                log.warning(
+                    "shard %s of replica %d failed (%s): restarting it; the step is retried",
+                    expert,
+                    replica,
+                    err,
+                )
                 self._restart(replica, expert)
                 continue  # these requests keep their latent and step; the next tick redoes the step
             for j, r in enumerate(part):

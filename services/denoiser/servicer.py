@@ -122,7 +122,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             encoder_model=e.encoder_model,
             trained=e.trained,
             max_steps=cfg.max_steps,
-            capacity=getattr(self.executor, "capacity", 1),  # generations at once: the gateway sizes its slots from it
+            capacity=getattr(
+                self.executor, "capacity", 1
+            ),  # generations at once: the gateway sizes its slots from it
         )
 
 

@@ -72,7 +72,9 @@ def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tenso
             texts.append("")  # the unconditional branch of classifier-free guidance
         else:
             texts.append(caption(spec, LANGS[rng.integers(len(LANGS))], rng, "train"))
-    x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0  # (B, T, H, W, C) -> (B, T, C, H, W)
+    x = (
+        torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+    )  # (B, T, H, W, C) -> (B, T, C, H, W)
     return x, texts
 
 
@@ -98,7 +100,11 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
     """
     mcfg = model.cfg
     model.eval()
-    prompts = [(lang, p, s) for lang in LANGS for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]]
+    prompts = [
+        (lang, p, s)
+        for lang in LANGS
+        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
+    ]
     texts = [p for _, p, _ in prompts]
     cond = encoder.encode(texts)
     uncond = encoder.encode([""] * len(texts))
@@ -164,7 +170,12 @@ def train(cfg: TrainConfig) -> dict:
     model = MoEDenoiser(mcfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    step, rng, trng, seconds = 0, np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed), 0.0
+    step, rng, trng, seconds = (
+        0,
+        np.random.default_rng(cfg.seed),
+        torch.Generator().manual_seed(cfg.seed),
+        0.0,
+    )
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
@@ -253,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--out", type=Path, default=TrainConfig.out)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-export", action="store_true", help="train (or resume) but do not overwrite the shipped weights")
+    p.add_argument(
+        "--no-export", action="store_true", help="train (or resume) but do not overwrite the shipped weights"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
     cfg = TrainConfig(model=a.model, steps=a.steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,

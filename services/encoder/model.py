@@ -81,7 +81,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.dim * cfg.mlp_ratio), nn.GELU(), nn.Linear(cfg.dim * cfg.mlp_ratio, cfg.dim)
+            nn.Linear(cfg.dim, cfg.dim * cfg.mlp_ratio),
+            nn.GELU(),
+            nn.Linear(cfg.dim * cfg.mlp_ratio, cfg.dim),
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

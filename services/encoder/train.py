@@ -72,7 +72,9 @@ def caption_batch(rng: np.random.Generator, n: int, omit_prob: float, split: str
 
 
 @torch.no_grad()
-def heldout_accuracy(encoder: TextEncoder, heads: AttributeHeads, n: int = 120) -> dict[str, dict[str, float]]:
+def heldout_accuracy(
+    encoder: TextEncoder, heads: AttributeHeads, n: int = 120
+) -> dict[str, dict[str, float]]:
     """Attribute read-out accuracy on the held-out phrasings, per language."""
     encoder.eval()
     out = {}
@@ -80,7 +82,11 @@ def heldout_accuracy(encoder: TextEncoder, heads: AttributeHeads, n: int = 120) 
         prompts = heldout_prompts(lang, n, seed=1)
         logits = heads(*encoder(**encoder.inputs([p for p, _ in prompts])))
         out[lang] = {
-            k: float((logits[k].argmax(-1) == torch.tensor([v.index(getattr(s, k)) for _, s in prompts])).float().mean())
+            k: float(
+                (logits[k].argmax(-1) == torch.tensor([v.index(getattr(s, k)) for _, s in prompts]))
+                .float()
+                .mean()
+            )
             for k, v in ATTRS.items()
         }
     encoder.train()
@@ -113,7 +119,13 @@ def train_text_encoder(cfg: TextTrainConfig, *, log_every: int = 250) -> tuple[T
         opt.step()
         sched.step()
         if step % log_every == 0 or step == cfg.steps:
-            log.info("text step %d/%d loss %.4f (%.0fs)", step, cfg.steps, float(loss.detach()), time.perf_counter() - t0)
+            log.info(
+                "text step %d/%d loss %.4f (%.0fs)",
+                step,
+                cfg.steps,
+                float(loss.detach()),
+                time.perf_counter() - t0,
+            )
     acc = heldout_accuracy(enc, heads)
     log.info("text encoder held-out accuracy: %s", acc)
     return enc.eval(), {"heldout_accuracy": acc, "seconds": time.perf_counter() - t0}

@@ -103,7 +103,9 @@ def corrupt(frames: np.ndarray, defect: str, rng: np.random.Generator) -> np.nda
                 out[j, y : y + h, x : x + w] = cv2.remap(region, gx + dxy[..., 0], gy + dxy[..., 1], cv2.INTER_LINEAR,
                                                          borderMode=cv2.BORDER_REFLECT)  # fmt: skip
             else:  # a second, smaller copy of the face beside the first, not covering it
-                face = cv2.resize(out[j, y : y + h, x : x + w], (int(w * 0.7), int(h * 0.7)), interpolation=cv2.INTER_AREA)
+                face = cv2.resize(
+                    out[j, y : y + h, x : x + w], (int(w * 0.7), int(h * 0.7)), interpolation=cv2.INTER_AREA
+                )
                 fh, fw = face.shape[:2]
                 nx = x + w + 4 if x + w / 2 < SIZE / 2 else x - fw - 4
                 nx = int(np.clip(nx, 0, SIZE - fw))
@@ -127,7 +129,9 @@ def suite(seed: int = 0, per_kind: int = 12) -> list[Clip]:
             clips.append(Clip(f"face{i}-{d}", corrupt(base_face, d, rng), True, d))
         for d in ("face_warp", "face_dup"):
             clips.append(Clip(f"face{i}-{d}", corrupt(base_face, d, rng), True, d))
-    still = render_clip(ClipSpec("gray", "square", "red", "large", "still"), num_frames=T, height=SIZE, width=SIZE, rng=rng)
+    still = render_clip(
+        ClipSpec("gray", "square", "red", "large", "still"), num_frames=T, height=SIZE, width=SIZE, rng=rng
+    )
     clips.append(Clip("world-still-ok", still, False))  # a still prompt: no motion is right
     clips.append(Clip("world-still-frozen", still, True, "frozen"))  # a motion prompt: frozen
     return clips
@@ -146,7 +150,11 @@ def evaluate(clips: list[Clip], th: QCThresholds) -> tuple[dict, float, list]:
         for f in clip.frames:
             stats.add(f)
         frames += len(clip.frames)
-        failed = {c.name for c in run_checks(stats, fps=FPS, expect_motion=clip.expect_motion, th=th) if not c.passed}
+        failed = {
+            c.name
+            for c in run_checks(stats, fps=FPS, expect_motion=clip.expect_motion, th=th)
+            if not c.passed
+        }
         want = {DEFECTS[clip.defect]} if clip.defect else set()
         for c in checks:
             if c in failed and c in want:
@@ -167,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="eval-qc", description=__doc__.splitlines()[0])
     p.add_argument("--per-kind", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="OpenCV threads (the service uses OpenCV's default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="OpenCV threads (the service uses OpenCV's default)"
+    )
     a = p.parse_args(argv)
     cv2.setNumThreads(a.threads)
     th = QCThresholds.load()
@@ -182,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput: {fps:.0f} frames/s with {a.threads} OpenCV thread(s) (all checks, faces included)")
     for e in errors[:20]:
         print("  ", *e)
-    print(f"targets (precision and recall ≥ {TARGET:.0%}, ≥ 500 frames/s): {'MET' if ok and fps >= 500 else 'NOT MET'}")
+    print(
+        f"targets (precision and recall ≥ {TARGET:.0%}, ≥ 500 frames/s): {'MET' if ok and fps >= 500 else 'NOT MET'}"
+    )
     return 0 if ok else 1
 
 

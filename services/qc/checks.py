@@ -68,7 +68,9 @@ def face_detector() -> cv2.CascadeClassifier:
     if _CASCADE is None:
         path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
         if not path.exists():
-            raise RuntimeError(f"{path} is missing: install opencv-python-headless<5 (5.x no longer ships the cascades)")
+            raise RuntimeError(
+                f"{path} is missing: install opencv-python-headless<5 (5.x no longer ships the cascades)"
+            )
         _CASCADE = cv2.CascadeClassifier(str(path))
     return _CASCADE
 
@@ -88,7 +90,9 @@ class FrameStats:
         self.faces = faces
         self.stride = face_stride
         self.luma: list[float] = []  # mean luma
-        self.peak: list[float] = []  # 99th-percentile luma: a dark background with a visible object is not "black"
+        self.peak: list[
+            float
+        ] = []  # 99th-percentile luma: a dark background with a visible object is not "black"
         self.floor: list[float] = []  # 1st-percentile luma
         self.diff: list[float] = []  # mean |Δ| between neighbours on a grey thumbnail
         self.changed: list[float] = []  # share of thumbnail pixels that changed by more than 6 levels
@@ -104,7 +108,9 @@ class FrameStats:
 
     def _detect(self, i: int, img: np.ndarray) -> int:
         ih, iw = img.shape
-        found = face_detector().detectMultiScale(img, scaleFactor=1.15, minNeighbors=4, minSize=(max(12, ih // 8),) * 2)
+        found = face_detector().detectMultiScale(
+            img, scaleFactor=1.15, minNeighbors=4, minSize=(max(12, ih // 8),) * 2
+        )
         self.boxes[i] = [(x / iw, y / ih, bw / iw, bh / ih) for x, y, bw, bh in (found if len(found) else [])]
         if self.boxes[i]:
             self._box = max(self.boxes[i], key=lambda r: r[2] * r[3])
@@ -131,11 +137,16 @@ class FrameStats:
         self._prev = t
         if self.faces:
             s = self.th.face_size / max(h, w)
-            img = cv2.resize(gray, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else gray
+            img = (
+                cv2.resize(gray, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+                if s < 1
+                else gray
+            )
             self.face_change.append(self._region_change(img))
             recent, blocks = self.diff[-9:-1], self.block[-9:-1]
             spike = len(recent) >= 4 and (
-                self.diff[-1] > 2.0 * float(np.median(recent)) + 1.0 or self.block[-1] > 2.0 * float(np.median(blocks)) + 4.0
+                self.diff[-1] > 2.0 * float(np.median(recent)) + 1.0
+                or self.block[-1] > 2.0 * float(np.median(blocks)) + 4.0
             )
             if i % self.stride and not spike:  # sampled, unless the frame changed abnormally
                 self._pending.append((i, img))
@@ -170,7 +181,9 @@ class FrameStats:
             self._sample(j, img)
 
 
-def _check_faces(boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, change: np.ndarray, th: QCThresholds) -> Check:
+def _check_faces(
+    boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, change: np.ndarray, th: QCThresholds
+) -> Check:
     idx = [i for i in sorted(boxes) if not ignore[i]]  # black/white frames say nothing about faces
     counts = np.array([len(boxes[i]) for i in idx])
     if not len(idx) or counts.max() == 0:
@@ -188,7 +201,12 @@ def _check_faces(boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, chan
     # a face that vanishes for a few frames and comes back while its region changes abnormally
     for s, e in runs(counts < typical):
         lo, hi = idx[s], idx[e - 1] + 1
-        if s > 0 and e < len(idx) and hi - lo <= th.face_dropout_frames + 3 and distorted[max(0, lo - 1) : hi + 1].any():
+        if (
+            s > 0
+            and e < len(idx)
+            and hi - lo <= th.face_dropout_frames + 3
+            and distorted[max(0, lo - 1) : hi + 1].any()
+        ):
             bad[lo:hi] = True
             reasons.append(f"face lost in frames {lo}-{hi - 1}")
     for s, e in runs(counts > max(typical, 1)):
@@ -198,7 +216,9 @@ def _check_faces(boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, chan
     # the main face jumping: centre displacement per frame, relative to its size
     prev = None
     for i in idx:
-        if not boxes[i] or len(boxes[i]) != typical:  # compare only frames where the detector agrees with the clip
+        if (
+            not boxes[i] or len(boxes[i]) != typical
+        ):  # compare only frames where the detector agrees with the clip
             prev = None
             continue
         x, y, w, h = max(boxes[i], key=lambda r: r[2] * r[3])
@@ -209,7 +229,13 @@ def _check_faces(boxes: dict[int, list[tuple]], n: int, ignore: np.ndarray, chan
                 bad[i] = True
                 reasons.append(f"face jumps at frame {i}")
         prev = (i, c, w)
-    return Check("faces", float(bad.mean()), not bad.any(), "; ".join(reasons[:5]) or f"{typical} stable face(s)", runs(bad))
+    return Check(
+        "faces",
+        float(bad.mean()),
+        not bad.any(),
+        "; ".join(reasons[:5]) or f"{typical} stable face(s)",
+        runs(bad),
+    )
 
 
 def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThresholds) -> list[Check]:
@@ -220,9 +246,25 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
     checks = []
 
     black = np.asarray(stats.peak) < th.black_luma  # nothing in the frame is brighter than near-black
-    checks.append(Check("black_frames", float(black.mean()), not black.any(), f"{int(black.sum())} of {n} frames are black", runs(black)))
+    checks.append(
+        Check(
+            "black_frames",
+            float(black.mean()),
+            not black.any(),
+            f"{int(black.sum())} of {n} frames are black",
+            runs(black),
+        )
+    )
     white = np.asarray(stats.floor) > th.white_luma
-    checks.append(Check("white_frames", float(white.mean()), not white.any(), f"{int(white.sum())} of {n} frames are blown out", runs(white)))
+    checks.append(
+        Check(
+            "white_frames",
+            float(white.mean()),
+            not white.any(),
+            f"{int(white.sum())} of {n} frames are blown out",
+            runs(white),
+        )
+    )
 
     # flicker: brightness jumps far beyond the clip's usual change, not caused by black/white frames
     jumps = np.abs(np.diff(luma)) if n > 1 else np.zeros(0)
@@ -235,7 +277,11 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
         if n > 1 else jumps
     )  # fmt: skip
     rbase = float(np.median(rel)) if len(rel) else 0.0
-    spikes = ((jumps > th.flicker_luma_jump + 3 * base) | (rel > th.flicker_ratio + 3 * rbase)) & ~extreme[1:] & ~extreme[:-1]
+    spikes = (
+        ((jumps > th.flicker_luma_jump + 3 * base) | (rel > th.flicker_ratio + 3 * rbase))
+        & ~extreme[1:]
+        & ~extreme[:-1]
+    )
     flick = np.zeros(n, bool)
     flick[1:] |= spikes
     checks.append(Check("flicker", float((jumps[spikes] - base).max()) if spikes.any() else 0.0, not spikes.any(),
@@ -259,7 +305,9 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
     soft = (sharp < th.blur_ratio * ref) & ~extreme if ref > 1.0 else np.zeros(n, bool)
     blur_runs = [(s, e) for s, e in runs(soft) if e - s >= th.blur_min_frames]
     score = float(sharp.min() / ref) if ref > 1.0 else 1.0
-    checks.append(Check("blur", score, not blur_runs, f"sharpest/softest {score:.2f} of the clip's median", blur_runs))
+    checks.append(
+        Check("blur", score, not blur_runs, f"sharpest/softest {score:.2f} of the clip's median", blur_runs)
+    )
 
     if stats.faces:
         checks.append(_check_faces(stats.boxes, n, extreme, np.asarray(stats.face_change), th))

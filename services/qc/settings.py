@@ -26,7 +26,9 @@ class QCSettings:
 
     def thresholds(self) -> QCThresholds:
         names = {f.name for f in fields(QCThresholds)}
-        return QCThresholds.load(self.thresholds_file, **{k: getattr(self, k) for k in names if hasattr(self, k)})
+        return QCThresholds.load(
+            self.thresholds_file, **{k: getattr(self, k) for k in names if hasattr(self, k)}
+        )
 
     def validate(self) -> None:
         self.thresholds()

@@ -66,16 +66,24 @@ def flicker_and_throughput(sr: SpatialUpscaler, seed: int, n: int = 6) -> dict:
     ours, bic, fps = [], [], []
     for _ in range(n):
         base = render_clip(sample_spec(rng, CORE_MOTIONS), num_frames=16, height=32, width=32, rng=rng)
-        plan = UpscalePlan(input_frames=16, input_fps=4, width=256, height=256, output_frames=96, output_fps=24)
+        plan = UpscalePlan(
+            input_frames=16, input_fps=4, width=256, height=256, output_frames=96, output_fps=24
+        )
         t0 = time.perf_counter()
         out = np.stack(list(upscale_stream(plan, iter(base), sr)))
         fps.append(len(out) / (time.perf_counter() - t0))
         # flicker of the spatial stage itself: the same 16 frames, SR vs bicubic, frame-to-frame change
         sr_frames = np.stack([sr(f, 256, 256) for f in base]).astype(np.float32)
-        bicubic_in = np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_CUBIC) for f in base]).astype(np.float32)
+        bicubic_in = np.stack(
+            [cv2.resize(f, (256, 256), interpolation=cv2.INTER_CUBIC) for f in base]
+        ).astype(np.float32)
         ours.append(np.abs(np.diff(sr_frames, axis=0)).mean())
         bic.append(np.abs(np.diff(bicubic_in, axis=0)).mean())
-    return {"flicker_ours": float(np.mean(ours)), "flicker_bicubic": float(np.mean(bic)), "fps": float(np.median(fps))}
+    return {
+        "flicker_ours": float(np.mean(ours)),
+        "flicker_bicubic": float(np.mean(bic)),
+        "fps": float(np.median(fps)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
               + f"  {gain:+.2f} dB")  # fmt: skip
         ok &= gain >= (1.5 if name == "world" else 0.0)
     it = interpolation_table(a.seed)
-    print(f"interpolation (every other frame dropped, {it['frames']} frames): flow {it['flow']:.2f} dB vs blend {it['blend']:.2f} dB")
+    print(
+        f"interpolation (every other frame dropped, {it['frames']} frames): flow {it['flow']:.2f} dB vs blend {it['blend']:.2f} dB"
+    )
     ok &= it["flow"] > it["blend"]
     ft = flicker_and_throughput(sr, a.seed)
     ratio = ft["flicker_ours"] / ft["flicker_bicubic"]
     print(f"flicker (mean |Δ| between consecutive frames): ours {ft['flicker_ours']:.3f} vs bicubic input {ft['flicker_bicubic']:.3f} "
           f"(ratio {ratio:.3f}, limit 1.05)")  # fmt: skip
     ok &= ratio <= 1.05
-    print(f"throughput: {ft['fps']:.0f} output frames/s at 256x256 (16 frames 32x32 @4 fps -> 96 frames @24 fps)")
+    print(
+        f"throughput: {ft['fps']:.0f} output frames/s at 256x256 (16 frames 32x32 @4 fps -> 96 frames @24 fps)"
+    )
     print(f"targets: {'MET' if ok else 'NOT MET'}")
     return 0 if ok else 1
 

@@ -22,7 +22,11 @@ class SRConfig:
     blocks: int = 4
 
 
-SR_MODELS = {"x8": SRConfig(scale=8), "x4": SRConfig(scale=4), "tiny": SRConfig(scale=2, channels=8, blocks=1)}
+SR_MODELS = {
+    "x8": SRConfig(scale=8),
+    "x4": SRConfig(scale=4),
+    "tiny": SRConfig(scale=2, channels=8, blocks=1),
+}
 
 
 class ResidualESPCN(nn.Module):
@@ -31,7 +35,9 @@ class ResidualESPCN(nn.Module):
         self.cfg = cfg
         c = cfg.channels
         self.head = nn.Conv2d(3, c, 5, padding=2)
-        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.SiLU()) for _ in range(cfg.blocks)])
+        self.body = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.SiLU()) for _ in range(cfg.blocks)]
+        )
         self.tail = nn.Conv2d(c, 3 * cfg.scale**2, 3, padding=1)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)

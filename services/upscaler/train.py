@@ -52,7 +52,9 @@ def degrade(hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
 def world_pairs(rng, n: int, scale: int, hr: int = 128):
     out = []
     for _ in range(n):
-        f = render_clip(sample_spec(rng), num_frames=2, height=hr, width=hr, rng=rng, texture=bool(rng.random() < 0.5))[0]
+        f = render_clip(
+            sample_spec(rng), num_frames=2, height=hr, width=hr, rng=rng, texture=bool(rng.random() < 0.5)
+        )[0]
         out.append((degrade(f, scale, rng), f))
     return out
 
@@ -68,10 +70,14 @@ def natural_pairs(rng, images, n: int, scale: int, hr: int = 128):
 
 
 def to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255.0  # (N, H, W, C) -> (N, C, H, W)
+    return (
+        torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255.0
+    )  # (N, H, W, C) -> (N, C, H, W)
 
 
-def train(model_name: str = "x8", steps: int = 4000, batch: int = 16, lr: float = 2e-3, seed: int = 0, hr: int = 128) -> ResidualESPCN:
+def train(
+    model_name: str = "x8", steps: int = 4000, batch: int = 16, lr: float = 2e-3, seed: int = 0, hr: int = 128
+) -> ResidualESPCN:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cfg = SR_MODELS[model_name]
@@ -81,7 +87,9 @@ def train(model_name: str = "x8", steps: int = 4000, batch: int = 16, lr: float 
     images = natural_images("train")
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        pairs = world_pairs(rng, batch // 2, cfg.scale, hr) + natural_pairs(rng, images, batch - batch // 2, cfg.scale, hr)
+        pairs = world_pairs(rng, batch // 2, cfg.scale, hr) + natural_pairs(
+            rng, images, batch - batch // 2, cfg.scale, hr
+        )
         x, y = to_tensor([p[0] for p in pairs]), to_tensor([p[1] for p in pairs])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(x)
@@ -91,7 +99,9 @@ def train(model_name: str = "x8", steps: int = 4000, batch: int = 16, lr: float 
         opt.step()
         sched.step()
         if step % 100 == 0:
-            log.info("sr step %d/%d L1 %.4f (%.0fs)", step, steps, float(loss.detach()), time.perf_counter() - t0)
+            log.info(
+                "sr step %d/%d L1 %.4f (%.0fs)", step, steps, float(loss.detach()), time.perf_counter() - t0
+            )
     return net.eval()
 
 

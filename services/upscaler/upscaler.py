@@ -91,7 +91,9 @@ class SpatialUpscaler:
         version = load_into(net, path)
         if version == UNTRAINED:
             if s.spatial == "learned":
-                raise RuntimeError(f"no super-resolution weights at {path}; run `make train-upscaler` or use spatial=bicubic")
+                raise RuntimeError(
+                    f"no super-resolution weights at {path}; run `make train-upscaler` or use spatial=bicubic"
+                )
             return
         cuda = torch.cuda.is_available() and s.device in ("auto", "cuda")
         self.device = torch.device("cuda" if cuda else "cpu")
@@ -107,7 +109,9 @@ class SpatialUpscaler:
         import torch
 
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
-            x = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 255.0  # (H, W, C) -> (1, C, H, W)
+            x = (
+                torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+            )  # (H, W, C) -> (1, C, H, W)
             y = self.net(x)[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
         if y.shape[1] != width or y.shape[0] != height:
             shrink = y.shape[1] > width

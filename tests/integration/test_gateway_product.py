@@ -21,7 +21,9 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 
 def spec(steps=2, **kw):
-    return common_pb2.VideoSpec(prompt="a red ball moves left on a black background", seed=5, num_steps=steps, **kw)
+    return common_pb2.VideoSpec(
+        prompt="a red ball moves left on a black background", seed=5, num_steps=steps, **kw
+    )
 
 
 def wait_all(client, ids, timeout=120):
@@ -58,7 +60,9 @@ def test_restart_with_queued_and_running_jobs_finishes_each_exactly_once(tmp_pat
         assert videos[0].attempt == 2 and all(v.attempt == 1 for v in videos[1:])
         files = sorted(p.name for p in (tmp_path / "videos" / "acme").iterdir())
         assert files == sorted(f"{i}.mp4" for i in ids)  # one output per job, no duplicates, no partials
-        print(f"restart: jobs=4 finished={len(done)} lost=0 duplicated=0 attempts={[v.attempt for v in videos]}")
+        print(
+            f"restart: jobs=4 finished={len(done)} lost=0 duplicated=0 attempts={[v.attempt for v in videos]}"
+        )
     finally:
         mesh.stop()
 
@@ -77,7 +81,9 @@ def test_pro_job_starts_before_ten_queued_free_jobs(tmp_path):
             return next(e.time.ToNanoseconds() for e in events if e.WhichOneof("event") == "stage_started")
 
         assert all(started(all_events[pro_id]) < started(all_events[f]) for f in free_ids)
-        assert all(all_events[f][-1].WhichOneof("event") == "completed" for f in free_ids)  # free jobs still finish
+        assert all(
+            all_events[f][-1].WhichOneof("event") == "completed" for f in free_ids
+        )  # free jobs still finish
     finally:
         mesh.stop()
 
@@ -140,7 +146,9 @@ def test_downstream_outage_retries_then_completes_and_breaker_cycles(tmp_path):
 
 
 def test_downstream_outage_beyond_retry_budget_fails_unavailable(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"workers": 1, "retry_backoff": 0.2, "max_attempts": 2, "retries": 2})
+    mesh = InProcessMesh(
+        tmp_path, gateway={"workers": 1, "retry_backoff": 0.2, "max_attempts": 2, "retries": 2}
+    )
     try:
         key = mesh.tenants.add("ops", "pro")
         mesh.servers["qc"].stop(0)

@@ -21,7 +21,10 @@ def mesh2(tmp_path_factory):
     m.stop()
 
 
-@pytest.mark.parametrize("prompt", ["make Trump dance", "make t r u m p dance", "让特朗普跳舞", "トランプが踊る", "a ｎａｋｅｄ man"])
+@pytest.mark.parametrize(
+    "prompt",
+    ["make Trump dance", "make t r u m p dance", "让特朗普跳舞", "トランプが踊る", "a ｎａｋｅｄ man"],
+)
 def test_blocked_prompt_never_reaches_the_encoder_and_is_audited(mesh2, prompt):
     mesh, data, key, _ = mesh2
     encoder = mesh.servers["encoder"].servicer
@@ -43,17 +46,25 @@ def test_blocked_prompt_never_reaches_the_encoder_and_is_audited(mesh2, prompt):
 def test_delivered_video_carries_a_verifiable_watermark(mesh2):
     mesh, data, key, rival = mesh2
     with VideoClient(mesh.address, key) as c:
-        v = list(c.generate(common_pb2.VideoSpec(prompt="a cyan box moves right on a gray background", num_steps=2)))[-1]
+        v = list(
+            c.generate(
+                common_pb2.VideoSpec(prompt="a cyan box moves right on a gray background", num_steps=2)
+            )
+        )[-1]
         v = v.completed.video
         assert v.watermark and len(v.watermark) == 8
         wm = next(ch for ch in v.quality.checks if ch.name == "watermark")
         assert wm.passed, wm.detail  # re-read from the encoded MP4 by the gateway itself
         path = v.result.uri.removeprefix("file://")
         r = c.verify_watermark(path)
-        assert r.present and r.payload == v.watermark and r.video_id == v.id and r.frames == v.result.num_frames
+        assert (
+            r.present and r.payload == v.watermark and r.video_id == v.id and r.frames == v.result.num_frames
+        )
     with VideoClient(mesh.address, rival) as c:
         r = c.verify_watermark(path)
-        assert r.present and r.payload == v.watermark and r.video_id == ""  # another tenant learns nothing more
+        assert (
+            r.present and r.payload == v.watermark and r.video_id == ""
+        )  # another tenant learns nothing more
         with pytest.raises(grpc.RpcError) as e:
             c.verify_watermark(__file__)  # not a video
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -76,7 +87,10 @@ def test_templates_cache_usage_feedback_delete(mesh2):
         fields = {"color": "green", "direction": "left"}
         overrides = common_pb2.VideoSpec(width=64, height=64, num_steps=2)
         first = c.create_from_template("shape_showcase", fields, overrides)
-        assert first.spec.prompt == "a large green ball moving left on a black background" and first.template_id == "shape_showcase"
+        assert (
+            first.spec.prompt == "a large green ball moving left on a black background"
+            and first.template_id == "shape_showcase"
+        )
         first_events = list(c.watch(first.id))
         assert first_events[-1].WhichOneof("event") == "completed"
         first = c.get(first.id)
@@ -86,7 +100,11 @@ def test_templates_cache_usage_feedback_delete(mesh2):
         assert second.status == common_pb2.SUCCEEDED and second.cached
         assert second.result.sha256 == first.result.sha256 and second.result.uri != first.result.uri
         # a new seed is a new video
-        third = c.create(common_pb2.VideoSpec(prompt=first.spec.prompt, width=64, height=64, num_steps=2, seed=first.spec.seed + 1))
+        third = c.create(
+            common_pb2.VideoSpec(
+                prompt=first.spec.prompt, width=64, height=64, num_steps=2, seed=first.spec.seed + 1
+            )
+        )
         assert not third.cached
         list(c.watch(third.id))
         fid = c.feedback(first.id, 2, "wrong direction")
@@ -122,7 +140,9 @@ def test_retention_deletes_old_files(tmp_path):
     try:
         key = mesh.tenants.add("short", "pro")
         with VideoClient(mesh.address, key) as c:
-            v = list(c.generate(common_pb2.VideoSpec(prompt="a blue ball moves up", num_steps=1)))[-1].completed.video
+            v = list(c.generate(common_pb2.VideoSpec(prompt="a blue ball moves up", num_steps=1)))[
+                -1
+            ].completed.video
             path = v.result.uri.removeprefix("file://")
             import os
             import time
@@ -142,7 +162,9 @@ def test_cli_usage_verify_review(mesh2, capsys):
 
     mesh, data, key, _ = mesh2
     with VideoClient(mesh.address, key) as c:
-        v = list(c.generate(common_pb2.VideoSpec(prompt="a red box moves down", num_steps=1)))[-1].completed.video
+        v = list(c.generate(common_pb2.VideoSpec(prompt="a red box moves down", num_steps=1)))[
+            -1
+        ].completed.video
     common = ["--gateway", mesh.address, "--api-key", key]
     assert main(["usage", *common, "--templates"]) == 0
     out = capsys.readouterr().out

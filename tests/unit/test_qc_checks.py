@@ -27,7 +27,11 @@ def test_runs():
 @pytest.mark.parametrize("kind", ["world", "face"])
 def test_clean_clips_pass_and_each_defect_is_caught(kind, th):
     rng = np.random.default_rng(3)
-    base = calibrate.world_clip(rng, "right") if kind == "world" else calibrate.face_clip(rng, calibrate._astronaut())
+    base = (
+        calibrate.world_clip(rng, "right")
+        if kind == "world"
+        else calibrate.face_clip(rng, calibrate._astronaut())
+    )
     assert failed(base, th) == {}
     defects = ["black", "flicker", "frozen", "blur"] + (["face_warp", "face_dup"] if kind == "face" else [])
     for d in defects:

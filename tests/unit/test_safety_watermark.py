@@ -41,7 +41,11 @@ def test_custom_lists():
 @pytest.mark.parametrize("kind", ["world", "face"])
 def test_invisible_watermark_survives_h264(tmp_path, kind):
     rng = np.random.default_rng(0)
-    clip = calibrate.world_clip(rng, "left") if kind == "world" else calibrate.face_clip(rng, calibrate._astronaut())
+    clip = (
+        calibrate.world_clip(rng, "left")
+        if kind == "world"
+        else calibrate.face_clip(rng, calibrate._astronaut())
+    )
     wm = InvisibleWatermark(key="test")
     payload = payload_for("vid_123")
     marked = np.stack([wm.embed(f, payload) for f in clip])
@@ -55,7 +59,9 @@ def test_invisible_watermark_survives_h264(tmp_path, kind):
     decoded = read_frames(out)
     truth = _bits(payload)
     per_frame = np.mean([np.mean((wm.votes(f) > 0) == truth) for f in decoded])
-    print(f"{kind}: PSNR {psnr:.1f} dB, bit accuracy per frame after H.264 {per_frame:.4f} over {TOTAL_BITS} bits")
+    print(
+        f"{kind}: PSNR {psnr:.1f} dB, bit accuracy per frame after H.264 {per_frame:.4f} over {TOTAL_BITS} bits"
+    )
     assert per_frame >= 0.95
     got, conf, ok = wm.extract(decoded)
     assert ok and got == payload
