@@ -112,16 +112,5 @@ def iter_frames(path: Path):
 
 def read_frames(path: Path) -> np.ndarray:
     """All frames of a video as (T, H, W, 3) uint8 RGB."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    out = []
-    try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            out.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
-    return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+    frames = list(iter_frames(path))
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)

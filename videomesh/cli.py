@@ -141,9 +141,8 @@ def generate(address: str, args) -> int:
 
 
 def cmd_generate(args) -> int:
-    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    address = _gateway(args)
     if not address:
-        _err("give --gateway HOST:PORT (or set VIDEOMESH_GATEWAY); `videomesh up` prints it")
         return 2
     return generate(address, args)
 
@@ -201,9 +200,8 @@ def cmd_health(args) -> int:
 
     from videomesh.mesh import SERVICE_NAMES
 
-    address = args.gateway or os.environ.get("VIDEOMESH_GATEWAY")
+    address = _gateway(args)
     if not address:
-        _err("give --gateway HOST:PORT")
         return 2
     bad = 0
     with grpc.insecure_channel(address) as ch:

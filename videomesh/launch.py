@@ -48,8 +48,8 @@ def settings_class(name: str):
     raise ValueError(f"unknown service {name!r}; one of {', '.join(NAMES)}")
 
 
-def load_settings(name: str, **overrides):
-    return config.load(settings_class(name), f"VIDEOMESH_{name.upper()}_", **overrides)
+def load_settings(name: str, *, env: dict | None = None, **overrides):
+    return config.load(settings_class(name), f"VIDEOMESH_{name.upper()}_", env=env, **overrides)
 
 
 def _threads(n: int) -> None:

@@ -19,9 +19,8 @@ import torch
 
 from services.denoiser.model import MODELS, ModelConfig, MoEDenoiser, count_parameters
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
-from services.encoder.model import TEXT_ENCODERS
 from videomesh.errors import FailedPrecondition, InvalidArgument
-from videomesh.weights import UNTRAINED, load_into
+from videomesh.weights import UNTRAINED, file_version, load_into
 
 log = logging.getLogger("videomesh.denoiser")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -109,8 +108,6 @@ class DenoiserEngine:
         path = self.settings.weights or WEIGHTS_DIR / f"{self.cfg.name}.safetensors"
         self.version = load_into(model, path)
         enc_path = ENCODER_WEIGHTS_DIR / f"{self.cfg.encoder}.safetensors"
-        from videomesh.weights import file_version
-
         enc_version = file_version(enc_path) if enc_path.exists() else UNTRAINED
         self.encoder_model = f"{self.cfg.encoder}@{enc_version}"
         self.model = model.to(self.device)
@@ -216,7 +213,3 @@ class DenoiserEngine:
         log.debug("generated in %.2fs", time.perf_counter() - t0)
         frames = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T, C, H, W)
         return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def encoder_config_for(model: str):
-    return TEXT_ENCODERS[MODELS[model].encoder]
