@@ -4,6 +4,11 @@
 2. Train one U-Net on all noise levels with the flow-matching loss (the shared phase).
 3. Fork it into the two experts, as Wan2.2 forks Wan2.1: the high-noise expert fine-tunes on
    t >= boundary (layout and motion), the low-noise expert on t < boundary (detail).
+4. The motion phase: the high-noise expert alone, t uniform on [boundary, 1], with a
+   temporal-difference term. Logit-normal t (phases 2-3) almost never draws t > 0.95
+   (P = 0.2%), yet the first sampling steps from pure noise are where a clip's layout over
+   time, its motion, is decided: after phase 3 the model's x0 prediction at t = 1 was the
+   same centred blob for every motion word (measured; MODEL_CARD.md).
 
 Data come from the procedural world (videomesh.world), rendered on the fly. Every
 `eval_every` steps the EMA weights sample held-out prompts in each language and the
@@ -42,12 +47,15 @@ class TrainConfig:
     model: str = "default"
     seed: int = 0
     text: TextTrainConfig = field(default_factory=TextTrainConfig)
-    steps: int = 3400  # denoiser optimiser steps in all
+    steps: int = 3400  # denoiser optimiser steps of phases 2 and 3
     expert_fraction: float = 0.3  # the last 30% fine-tune the two experts separately
     batch: int = 16
     lr: float = 3e-4
     warmup: int = 200
     ema: float = 0.999
+    motion_steps: int = 2000  # phase 4, after `steps`
+    motion_lr: float = 1e-4
+    motion_td: float = 4.0  # weight of MSE(frame differences of x0-hat, of x0)
     cfg_dropout: float = 0.1
     texture_prob: float = 0.3
     eval_every: int = 500
@@ -130,6 +138,9 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
+    if step >= cfg.steps:  # the motion phase: its own cosine from motion_lr to a tenth of it
+        p = (step - cfg.steps) / max(1, cfg.motion_steps)
+        return cfg.motion_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -187,18 +198,23 @@ def train(cfg: TrainConfig) -> dict:
         trng.set_state(st["trng"])
         log.info("resumed at step %d (%.0f s trained)", step, seconds)
     fork_at = int(cfg.steps * (1 - cfg.expert_fraction))
-    log.info("denoiser %s: %d params per expert; %d shared steps, then %d expert steps",
-             cfg.model, count_parameters(model.experts["high_noise"]), fork_at, cfg.steps - fork_at)  # fmt: skip
+    total = cfg.steps + cfg.motion_steps
+    log.info("denoiser %s: %d params per expert; %d shared steps, %d expert steps, %d motion steps",
+             cfg.model, count_parameters(model.experts["high_noise"]), fork_at, cfg.steps - fork_at,
+             cfg.motion_steps)  # fmt: skip
     t_start = time.perf_counter() - seconds
     losses: list[float] = []
-    while step < cfg.steps:
+    while step < total:
         if step == fork_at:  # both experts start from the shared weights (and so do their EMAs)
             model.experts["low_noise"].load_state_dict(model.experts["high_noise"].state_dict())
             ema.experts["low_noise"].load_state_dict(ema.experts["high_noise"].state_dict())
             log.info("step %d: forked into high-noise and low-noise experts", step)
         x0, texts = batch(rng, cfg, mcfg)
         states, mask = encoder.encode(texts)
-        if step < fork_at:
+        if step >= cfg.steps:
+            expert = "high_noise"
+            t = mcfg.boundary + (1 - mcfg.boundary) * torch.rand(cfg.batch, generator=trng)
+        elif step < fork_at:
             expert, t = "high_noise", sample_t(trng, cfg.batch)
         elif step % 2 == 0:
             expert, t = "high_noise", sample_t(trng, cfg.batch, lo=mcfg.boundary)
@@ -210,8 +226,13 @@ def train(cfg: TrainConfig) -> dict:
         for grp in opt.param_groups:
             grp["lr"] = _lr(cfg, step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            v = model.experts[expert](xt, t, states, mask)
-        loss = F.mse_loss(v.float(), noise - x0)
+            v = model.experts[expert](xt, t, states, mask).float()
+        loss = F.mse_loss(v, noise - x0)
+        if step >= cfg.steps and cfg.motion_td:
+            # The clean clip the model implies, compared by its frame-to-frame change: the same
+            # optimum as the MSE above (the posterior mean), more weight on the motion component.
+            x0hat = xt - tt * v
+            loss = loss + cfg.motion_td * F.mse_loss(x0hat[:, 1:] - x0hat[:, :-1], x0[:, 1:] - x0[:, :-1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -226,14 +247,14 @@ def train(cfg: TrainConfig) -> dict:
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             el = time.perf_counter() - t_start
-            log.info("step %d/%d loss %.4f lr %.2e  %.2fs/step  %.1f min", step, cfg.steps, np.mean(losses[-50:]),
+            log.info("step %d/%d loss %.4f lr %.2e  %.2fs/step  %.1f min", step, total, np.mean(losses[-50:]),
                      _lr(cfg, step), el / max(1, step), el / 60)  # fmt: skip
             record(step=step, loss=float(np.mean(losses[-50:])), minutes=el / 60)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step in (cfg.steps, total):
             table = evaluate(ema, encoder, per_lang=cfg.eval_per_lang, single_expert=step <= fork_at)
             log.info("step %d held-out adherence: %s", step, json.dumps(table))
             record(step=step, eval=table)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step in (cfg.steps, total):
             _save_ckpt(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                               "seconds": time.perf_counter() - t_start, "rng": rng.bit_generator.state,
                               "trng": trng.get_state(), "config": repr(cfg)})  # fmt: skip
@@ -259,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="videomesh train", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--motion-steps", type=int, default=TrainConfig.motion_steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--text-steps", type=int, default=TextTrainConfig.steps)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
@@ -269,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    cfg = TrainConfig(model=a.model, steps=a.steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
+    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
                       text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
     res = train(cfg)
     log.info("trained in %.1f minutes", res["minutes"])

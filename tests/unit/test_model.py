@@ -116,16 +116,21 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     from services.denoiser import train as tr
     from services.encoder.train import TextTrainConfig
 
-    cfg = tr.TrainConfig(model="tiny", steps=4, batch=2, warmup=1, eval_every=4, eval_per_lang=1, ckpt_every=2,
-                         out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
+    cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
+                         ckpt_every=2, out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
     res = tr.train(cfg)
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
     log = (tmp_path / "ckpt" / "log.jsonl").read_text()
     assert '"eval"' in log and '"phase": "text"' in log
-    # resume: a longer run continues from step 4 instead of starting over
-    cfg2 = tr.TrainConfig(**{**cfg.__dict__, "steps": 6})
+    before = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["ema"]
+    # resume: a longer run (the motion phase added) continues from step 4 instead of starting over
+    cfg2 = tr.TrainConfig(**{**cfg.__dict__, "motion_steps": 2})
     tr.train(cfg2)
-    assert torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["step"] == 6
+    after = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)
+    assert after["step"] == 6
+    # the motion phase trains the high-noise expert only
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after["ema"][k])}
+    assert changed == {"high_noise"}
     monkeypatch.setattr(tr, "ROOT", tmp_path)
     den, enc = tr.export(res["ema"], res["encoder"], cfg, {"train_minutes": "0"})
     from safetensors import safe_open
