@@ -38,7 +38,7 @@ def main(seconds: float = 480.0) -> None:
     rng, gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
     t0, step = time.time(), 0
     while time.time() - t0 < seconds:
-        x0, texts = tr.batch(rng, tc, cfg)
+        x0, texts, _ = tr.batch(rng, tc, cfg)
         states, mask = enc.encode(texts)
         t = tr.sample_t(gen, tc.batch, lo=0.7)
         noise = torch.randn(x0.shape, generator=gen)

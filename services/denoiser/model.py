@@ -9,7 +9,14 @@ Two conditioning paths are there for motion, the hard part of text-to-video at t
 - a per-frame embedding (frame position ⊕ pooled text → MLP) modulates every ResBlock per
   frame, so "moving left" can change what frame t looks like, not just the whole clip;
 - coordinate channels on the input, so convolutions can tie that modulation to a place
-  in the frame (where the object should be at time t).
+  in the frame (where the object should be at time t);
+- trajectory-aligned temporal layers: a head reads a clip-level motion vector from the
+  pooled text, and every temporal convolution and temporal attention works on frames
+  shifted back along that trajectory (frame t by -v * (t/(T-1) - 1/2)), then shifts its
+  output forward again. Along the trajectory a moving object is still, which the temporal
+  layers already model well, so "moves right" becomes "still, in coordinates that move
+  right". The head is trained from the clips' motion (an auxiliary loss in the motion phase,
+  services/denoiser/train.py); at zero (its initialisation) the layers are plain temporal ones.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class UNetConfig:
     text_dim: int = 128
     emb_dim: int = 256
     max_frames: int = 32
+    align: bool = True  # trajectory-aligned temporal layers (a motion-vector head on the text)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,20 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def shift_frames(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    """Sample frame i of x (N, C, H, W) at p + d[i] (d: (N, 2) as (x, y) in [-1, 1] units, the
+    frame's full width and height being 2): content moves by -d. Borders repeat the edge."""
+    if d is None:
+        return x
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = d.float()
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(x.dtype)
+
+
 def _groups(c: int) -> int:
     return min(32, c // 4) if c >= 8 else 1
 
@@ -103,16 +125,18 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.tconv.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
-        # x: (B*T, C, H, W); emb: (B*T, E)
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, frames: int, track: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B*T, C, H, W); emb: (B*T, E); track: (B*T, 2) trajectory offsets or None
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(F.silu(emb)).chunk(2, dim=-1)
         h = self.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         h = self.conv2(F.silu(h))
         bt, c, hh, ww = h.shape
-        # (B*T, C, H, W) -> (B*H*W, C, T)
+        # (B*T, C, H, W) -> (B*H*W, C, T), along the trajectory
         t = (
-            self.tnorm(h)
+            self.tnorm(shift_frames(h, track))
             .reshape(bt // frames, frames, c, hh, ww)
             .permute(0, 3, 4, 2, 1)
             .reshape(-1, c, frames)
@@ -120,7 +144,7 @@ class ResBlock(nn.Module):
         t = self.tconv(F.silu(t))
         # (B*H*W, C, T) -> (B*T, C, H, W)
         t = t.reshape(bt // frames, hh, ww, c, frames).permute(0, 4, 3, 1, 2).reshape(bt, c, hh, ww)
-        return self.skip(x) + h + t
+        return self.skip(x) + h + shift_frames(t, None if track is None else -track)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
@@ -177,16 +201,21 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, track: torch.Tensor | None = None) -> torch.Tensor:
         bt, c, h, w = x.shape
-        # (B*T, C, H, W) -> (B*H*W, T, C)
-        s = self.norm(x).reshape(bt // frames, frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(-1, frames, c)
+        # (B*T, C, H, W) -> (B*H*W, T, C), along the trajectory
+        s = (
+            self.norm(shift_frames(x, track))
+            .reshape(bt // frames, frames, c, h, w)
+            .permute(0, 3, 4, 1, 2)
+            .reshape(-1, frames, c)
+        )
         s = s + self.pos[:frames]
         q, k, v = self.qkv(s).chunk(3, dim=-1)
         o = self.out(_attend(q, k, v, self.heads))
         # (B*H*W, T, C) -> (B*T, C, H, W)
         o = o.reshape(bt // frames, h, w, frames, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
-        return x + o
+        return x + shift_frames(o, None if track is None else -track)
 
 
 class CrossAttention(nn.Module):
@@ -223,11 +252,11 @@ class Level(nn.Module):
             self.temporal = TemporalAttention(cout, cfg.heads, cfg.max_frames)
             self.cross = CrossAttention(cout, cfg.text_dim, cfg.heads)
 
-    def forward(self, x, emb, text, mask, frames):
-        x = self.res(x, emb, frames)
+    def forward(self, x, emb, text, mask, frames, track=None):
+        x = self.res(x, emb, frames, track)
         if self.attn:
             x = self.spatial(x)
-            x = self.temporal(x, frames)
+            x = self.temporal(x, frames, track)
             x = self.cross(x, text, mask, frames)
         return x
 
@@ -246,6 +275,12 @@ class UNet(nn.Module):
         nn.init.normal_(self.frame_pos, std=0.02)
         # frame position ⊕ pooled text -> per-frame modulation (the direct motion path)
         self.frame_mlp = nn.Sequential(nn.Linear(2 * e, e), nn.SiLU(), nn.Linear(e, e))
+        # pooled text -> the clip's motion vector (x, y): net displacement over the clip in
+        # [-1, 1] frame units; zero-init, so an untrained head leaves the temporal layers plain
+        self.motion = nn.Linear(cfg.text_dim, 2) if cfg.align else None
+        if self.motion is not None:
+            nn.init.zeros_(self.motion.weight)
+            nn.init.zeros_(self.motion.bias)
         pc = cfg.channels * cfg.patch**2
         self.stem = nn.Conv2d(pc + 2, chans[0], 3, padding=1)  # +2 coordinate channels
         self.down = nn.ModuleList()
@@ -267,6 +302,24 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @staticmethod
+    def pool(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(text.dtype).unsqueeze(-1)
+        return (text * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, L, D) -> (B, D)
+
+    def motion_vector(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """(B, D) pooled text -> (B, 2) motion vector, or None without the head."""
+        return None if self.motion is None else self.motion(pooled.float())
+
+    def track(self, pooled: torch.Tensor, frames: int) -> torch.Tensor | None:
+        """Per-frame offsets along the text's trajectory, (B*T, 2) centred on the middle frame;
+        None when there is no head or it is exactly zero (untrained: plain temporal layers)."""
+        v = self.motion_vector(pooled)
+        if v is None or not bool(torch.any(v != 0)):
+            return None
+        tau = torch.linspace(-0.5, 0.5, frames, device=v.device) if frames > 1 else v.new_zeros(1)
+        return (v[:, None, :] * tau[None, :, None]).reshape(-1, 2)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -276,8 +329,8 @@ class UNet(nn.Module):
         mult = self.cfg.patch * 2 ** (len(self.cfg.mults) - 1)
         if h % mult or w % mult:
             raise ValueError(f"height and width must be multiples of {mult}; got {h}x{w}")
-        m = mask.to(text.dtype).unsqueeze(-1)
-        pooled = (text * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+        pooled = self.pool(text, mask)  # (B, D)
+        track = self.track(pooled, frames)
         temb = self.time_mlp(timestep_embedding(t, self.cfg.emb_dim).to(x.dtype)) + self.text_proj(
             pooled
         )  # (B, E)
@@ -296,15 +349,15 @@ class UNet(nn.Module):
         hcur = self.stem(torch.cat([xin, coords], dim=1))  # (B*T, C0, H/p, W/p)
         skips = []
         for level, ds in zip(self.down, self.downsample, strict=True):
-            hcur = level(hcur, emb, text, mask, frames)
+            hcur = level(hcur, emb, text, mask, frames, track)
             skips.append(hcur)
             hcur = ds(hcur)
-        hcur = self.mid(hcur, emb, text, mask, frames)
+        hcur = self.mid(hcur, emb, text, mask, frames, track)
         for level in self.up:
             s = skips.pop()
             if hcur.shape[-2:] != s.shape[-2:]:
                 hcur = F.interpolate(hcur, size=s.shape[-2:], mode="nearest")
-            hcur = level(torch.cat([hcur, s], dim=1), emb, text, mask, frames)
+            hcur = level(torch.cat([hcur, s], dim=1), emb, text, mask, frames, track)
         out = self.conv_out(F.silu(self.norm_out(hcur)))
         if p > 1:
             out = F.pixel_shuffle(out, p)  # (B*T, C*p*p, H/p, W/p) -> (B*T, C, H, W)

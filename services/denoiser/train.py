@@ -9,6 +9,9 @@
    (P = 0.2%), yet the first sampling steps from pure noise are where a clip's layout over
    time, its motion, is decided: after phase 3 the model's x0 prediction at t = 1 was the
    same centred blob for every motion word (measured; MODEL_CARD.md).
+5. The aligned phase: both experts (alternating) learn to use trajectory-aligned temporal
+   layers (services/denoiser/model.py): each expert's motion head is fitted to the clips'
+   motion vectors by an auxiliary loss while the denoising loss adapts the layers.
 
 Data come from the procedural world (videomesh.world), rendered on the fly. Every
 `eval_every` steps the EMA weights sample held-out prompts in each language and the
@@ -56,6 +59,10 @@ class TrainConfig:
     motion_steps: int = 2000  # phase 4, after `steps`
     motion_lr: float = 1e-4
     motion_td: float = 4.0  # weight of MSE(frame differences of x0-hat, of x0)
+    align_steps: int = 1200  # phase 5, after the motion phase
+    align_lr: float = 1e-4
+    align_aux: float = 1.0  # weight of MSE(motion head, the clip's motion vector)
+    align_ema: float = 0.99  # each expert's EMA updates every other step here
     cfg_dropout: float = 0.1
     texture_prob: float = 0.3
     eval_every: int = 500
@@ -68,9 +75,15 @@ class TrainConfig:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tensor, list[str]]:
-    """-> clips (B, T, 3, H, W) in [-1, 1] and one caption per clip (random language)."""
-    clips, texts = [], []
+# Net displacement over a clip in [-1, 1] frame units (x right, y down): the world's mean
+# travel is half the frame side (TRAVEL_RANGE), i.e. 1.0 in these units.
+MOTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """-> clips (B, T, 3, H, W) in [-1, 1], one caption per clip (random language) and the
+    motion vector (B, 2) that caption asks for (zero for still clips and dropped captions)."""
+    clips, texts, vectors = [], [], []
     for _ in range(cfg.batch):
         spec = sample_spec(rng)
         frames = render_clip(spec, num_frames=mcfg.frames, height=mcfg.height, width=mcfg.width, rng=rng,
@@ -78,12 +91,14 @@ def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tenso
         clips.append(frames)
         if rng.random() < cfg.cfg_dropout:
             texts.append("")  # the unconditional branch of classifier-free guidance
+            vectors.append((0.0, 0.0))
         else:
             texts.append(caption(spec, LANGS[rng.integers(len(LANGS))], rng, "train"))
+            vectors.append(MOTION_VECTORS.get(spec.motion, (0.0, 0.0)))
     x = (
         torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
     )  # (B, T, H, W, C) -> (B, T, C, H, W)
-    return x, texts
+    return x, texts, torch.tensor(vectors)
 
 
 def sample_t(rng: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -138,6 +153,9 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
+    if step >= cfg.steps + cfg.motion_steps:  # the aligned phase: the same shape from align_lr
+        p = (step - cfg.steps - cfg.motion_steps) / max(1, cfg.align_steps)
+        return cfg.align_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
     if step >= cfg.steps:  # the motion phase: its own cosine from motion_lr to a tenth of it
         p = (step - cfg.steps) / max(1, cfg.motion_steps)
         return cfg.motion_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
@@ -188,20 +206,25 @@ def train(cfg: TrainConfig) -> dict:
         0.0,
     )
     ckpt = out / "ckpt.pt"
+    align_at = cfg.steps + cfg.motion_steps
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
+        for m, key in ((model, "model"), (ema, "ema")):
+            missing, unexpected = m.load_state_dict(st[key], strict=False)
+            if unexpected or any(".motion." not in k for k in missing):
+                raise RuntimeError(f"{ckpt} does not fit model {cfg.model}: {missing} {unexpected}")
         step, seconds = st["step"], st["seconds"]
+        if step != align_at:  # the aligned phase starts with an optimiser of its own
+            opt.load_state_dict(st["opt"])
         rng.bit_generator.state = st["rng"]
         trng.set_state(st["trng"])
         log.info("resumed at step %d (%.0f s trained)", step, seconds)
     fork_at = int(cfg.steps * (1 - cfg.expert_fraction))
-    total = cfg.steps + cfg.motion_steps
+    total = align_at + cfg.align_steps
     log.info("denoiser %s: %d params per expert; %d shared steps, %d expert steps, %d motion steps",
              cfg.model, count_parameters(model.experts["high_noise"]), fork_at, cfg.steps - fork_at,
              cfg.motion_steps)  # fmt: skip
+    log.info("then %d aligned steps", cfg.align_steps)
     t_start = time.perf_counter() - seconds
     losses: list[float] = []
     while step < total:
@@ -209,9 +232,15 @@ def train(cfg: TrainConfig) -> dict:
             model.experts["low_noise"].load_state_dict(model.experts["high_noise"].state_dict())
             ema.experts["low_noise"].load_state_dict(ema.experts["high_noise"].state_dict())
             log.info("step %d: forked into high-noise and low-noise experts", step)
-        x0, texts = batch(rng, cfg, mcfg)
+        if step == align_at:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.align_lr, weight_decay=0.01)
+            log.info("step %d: the aligned phase", step)
+        x0, texts, vectors = batch(rng, cfg, mcfg)
         states, mask = encoder.encode(texts)
-        if step >= cfg.steps:
+        aligned = step >= align_at
+        if aligned and step % 2 == 1:
+            expert, t = "low_noise", sample_t(trng, cfg.batch, hi=mcfg.boundary)
+        elif step >= cfg.steps:
             expert = "high_noise"
             t = mcfg.boundary + (1 - mcfg.boundary) * torch.rand(cfg.batch, generator=trng)
         elif step < fork_at:
@@ -228,11 +257,14 @@ def train(cfg: TrainConfig) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             v = model.experts[expert](xt, t, states, mask).float()
         loss = F.mse_loss(v, noise - x0)
-        if step >= cfg.steps and cfg.motion_td:
+        if expert == "high_noise" and step >= cfg.steps and cfg.motion_td:
             # The clean clip the model implies, compared by its frame-to-frame change: the same
             # optimum as the MSE above (the posterior mean), more weight on the motion component.
             x0hat = xt - tt * v
             loss = loss + cfg.motion_td * F.mse_loss(x0hat[:, 1:] - x0hat[:, :-1], x0[:, 1:] - x0[:, :-1])
+        if aligned:
+            net = model.experts[expert]
+            loss = loss + cfg.align_aux * F.mse_loss(net.motion_vector(net.pool(states, mask)), vectors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,7 +272,9 @@ def train(cfg: TrainConfig) -> dict:
         with torch.no_grad():
             src = model.experts[expert]
             dst = ema.experts[expert]
-            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early averages forget the init
+            decay = min(
+                cfg.align_ema if aligned else cfg.ema, (1 + step) / (10 + step)
+            )  # warm-up: forget the init
             for pe, pm in zip(dst.parameters(), src.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         step += 1
@@ -281,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--motion-steps", type=int, default=TrainConfig.motion_steps)
+    p.add_argument("--align-steps", type=int, default=TrainConfig.align_steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--text-steps", type=int, default=TextTrainConfig.steps)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
@@ -291,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
+    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, align_steps=a.align_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
                       text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
     res = train(cfg)
     log.info("trained in %.1f minutes", res["minutes"])

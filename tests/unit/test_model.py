@@ -116,7 +116,7 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     from services.denoiser import train as tr
     from services.encoder.train import TextTrainConfig
 
-    cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
+    cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, align_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
                          ckpt_every=2, out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
     res = tr.train(cfg)
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
@@ -131,6 +131,13 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     # the motion phase trains the high-noise expert only
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after["ema"][k])}
     assert changed == {"high_noise"}
+    assert not any(v.any() for k, v in after["ema"].items() if ".motion." in k)  # heads untouched so far
+    # the aligned phase fits both experts' motion heads (zero until then)
+    tr.train(tr.TrainConfig(**{**cfg2.__dict__, "align_steps": 2}))
+    last = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)
+    assert last["step"] == 8
+    for expert in ("high_noise", "low_noise"):
+        assert last["ema"][f"experts.{expert}.motion.bias"].any()
     monkeypatch.setattr(tr, "ROOT", tmp_path)
     den, enc = tr.export(res["ema"], res["encoder"], cfg, {"train_minutes": "0"})
     from safetensors import safe_open
@@ -139,3 +146,25 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
         assert f.metadata()["model"] == "tiny"
         assert any(k.startswith("experts.low_noise.") for k in f.keys())
     assert np.isfinite(res["minutes"])
+
+
+def test_shift_frames_moves_content_and_the_track_follows_the_text_head():
+    from services.denoiser.model import UNet, shift_frames
+
+    x = torch.zeros(2, 1, 8, 8)
+    x[:, :, 3, 3] = 1.0
+    d = torch.tensor([[2 / 8, 0.0], [0.0, -2 / 8]])  # one pixel, in [-1, 1] units
+    y = shift_frames(x, d)
+    assert y[0, 0, 3, 2] == pytest.approx(1.0) and y[0, 0, 3, 3] == pytest.approx(0.0)  # content moves by -d
+    assert y[1, 0, 4, 3] == pytest.approx(1.0)
+    assert torch.allclose(shift_frames(y, -d), x, atol=1e-6)
+    assert shift_frames(x, None) is x
+
+    net = UNet(MODELS["tiny"].unet)
+    pooled = torch.randn(3, MODELS["tiny"].unet.text_dim)
+    assert net.track(pooled, 4) is None  # untrained head: plain temporal layers
+    with torch.no_grad():
+        net.motion.bias.copy_(torch.tensor([1.0, 0.0]))
+    track = net.track(pooled, 4).reshape(3, 4, 2)
+    assert torch.allclose(track[0, :, 0], torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]))
+    assert torch.all(track[..., 1] == 0)
