@@ -109,7 +109,7 @@ def pair_loss(net: ResidualESPCN, pairs, temporal: float) -> torch.Tensor:
     return loss
 
 
-def train(model_name: str = "x8", steps: int = 3000, batch: int = 8, lr: float = 2e-3, seed: int = 0,
+def train(model_name: str = "x8", steps: int = 3000, batch: int = 8, lr: float = 5e-4, seed: int = 0,
           temporal: float = 1.0, world_weight: float = 4.0) -> ResidualESPCN:  # fmt: skip
     """`batch` frame pairs a step: half world clips at 256 px, half photograph crops at 128 px."""
     torch.manual_seed(seed)
@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--temporal", type=float, default=1.0)
     p.add_argument("--world-weight", type=float, default=4.0)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
     if a.threads:
         torch.set_num_threads(a.threads)
-    net = train(a.model, a.steps, temporal=a.temporal, world_weight=a.world_weight)
+    net = train(a.model, a.steps, lr=a.lr, temporal=a.temporal, world_weight=a.world_weight)
     path = WEIGHTS_DIR / f"{a.model}.safetensors"
     weights.save(
         net.state_dict(),
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": str(a.steps),
             "temporal": str(a.temporal),
             "world_weight": str(a.world_weight),
+            "lr": str(a.lr),
         },
     )
     log.info("wrote %s", path)

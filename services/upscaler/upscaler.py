@@ -23,8 +23,8 @@ MAX_OUTPUT_FRAMES = 24 * 60
 
 @dataclass(frozen=True)
 class UpscalerSettings:
-    # bicubic until the learned network meets its targets (issue #4: +0.5 dB on world frames, +1.5 asked;
-    # 12% more flicker, 5% allowed — `make eval-upscaler`)
+    # bicubic until the learned network meets its flicker bound (issue #4: +2.6 dB on world frames,
+    # +0.3 dB on photos, but 21% more frame-to-frame change than bicubic, 5% allowed — `make eval-upscaler`)
     spatial: str = "bicubic"  # bicubic | auto (learned when its weights are installed) | learned
     model: str = "x8"
     weights: Path | None = None  # default services/upscaler/weights/<model>.safetensors
