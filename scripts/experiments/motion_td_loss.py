@@ -47,9 +47,7 @@ def main(seconds: float = 480.0) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             v = net(xt, t, states, mask).float()
         x0hat = xt - tt * v  # (B, T, C, H, W): the clean clip the model implies
-        loss = F.mse_loss(v, noise - x0) + 4.0 * F.mse_loss(
-            x0hat[:, 1:] - x0hat[:, :-1], x0[:, 1:] - x0[:, :-1]
-        )
+        loss = F.mse_loss(v, noise - x0) + 4.0 * tr.temporal_difference_loss(x0hat, x0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -152,17 +152,29 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
 # --- training -----------------------------------------------------------------------------------
 
 
+def _cosine(peak: float, done: int, length: int) -> float:
+    """Cosine decay from `peak` to a tenth of it over `length` steps (`done` of them taken)."""
+    p = min(1.0, done / max(1, length))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
 def _lr(cfg: TrainConfig, step: int) -> float:
-    if step >= cfg.steps + cfg.motion_steps:  # the aligned phase: the same shape from align_lr
-        p = (step - cfg.steps - cfg.motion_steps) / max(1, cfg.align_steps)
-        return cfg.align_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-    if step >= cfg.steps:  # the motion phase: its own cosine from motion_lr to a tenth of it
-        p = (step - cfg.steps) / max(1, cfg.motion_steps)
-        return cfg.motion_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    """Phases 2-3 warm up, then decay; the motion and aligned phases each decay from their own peak."""
+    align_at = cfg.steps + cfg.motion_steps
+    if step >= align_at:
+        return _cosine(cfg.align_lr, step - align_at, cfg.align_steps)
+    if step >= cfg.steps:
+        return _cosine(cfg.motion_lr, step - cfg.steps, cfg.motion_steps)
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    return _cosine(cfg.lr, step - cfg.warmup, cfg.steps - cfg.warmup)
+
+
+def temporal_difference_loss(x0hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """MSE between the frame-to-frame changes of the implied clean clip and of the true one,
+    (B, T, C, H, W) each: the same optimum as the flow loss (the posterior mean), more weight
+    on the motion component."""
+    return F.mse_loss(x0hat[:, 1:] - x0hat[:, :-1], x0[:, 1:] - x0[:, :-1])
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
@@ -258,10 +270,9 @@ def train(cfg: TrainConfig) -> dict:
             v = model.experts[expert](xt, t, states, mask).float()
         loss = F.mse_loss(v, noise - x0)
         if expert == "high_noise" and step >= cfg.steps and cfg.motion_td:
-            # The clean clip the model implies, compared by its frame-to-frame change: the same
-            # optimum as the MSE above (the posterior mean), more weight on the motion component.
-            x0hat = xt - tt * v
-            loss = loss + cfg.motion_td * F.mse_loss(x0hat[:, 1:] - x0hat[:, :-1], x0[:, 1:] - x0[:, :-1])
+            loss = loss + cfg.motion_td * temporal_difference_loss(
+                xt - tt * v, x0
+            )  # x0-hat: the implied clip
         if aligned:
             net = model.experts[expert]
             loss = loss + cfg.align_aux * F.mse_loss(net.motion_vector(net.pool(states, mask)), vectors)
