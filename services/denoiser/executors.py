@@ -31,7 +31,7 @@ import torch
 
 from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
 from services.denoiser.model import MODELS, MoEDenoiser
-from services.denoiser.sampling import SamplingCancelled, flow_timesteps
+from services.denoiser.sampling import SamplingCancelled, flow_timesteps, pad_text
 
 log = logging.getLogger("videomesh.executors")
 
@@ -94,15 +94,10 @@ class ExpertShard:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
             xb = torch.from_numpy(x).to(self.device)
             tb = torch.from_numpy(t).to(self.device)
-            texts = [torch.from_numpy(c[0]) for c in cond] + [torch.from_numpy(u[0]) for u in uncond]
-            masks = [torch.from_numpy(c[1]) for c in cond] + [torch.from_numpy(u[1]) for u in uncond]
-            length = max(tx.shape[1] for tx in texts)
-            text = torch.cat(
-                [torch.nn.functional.pad(tx, (0, 0, 0, length - tx.shape[1])) for tx in texts]
-            ).to(self.device)
-            mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]).to(
-                self.device
-            )
+            length = max(tx.shape[1] for tx, _ in cond + uncond)
+            padded = [pad_text(torch.from_numpy(tx), torch.from_numpy(m), length) for tx, m in cond + uncond]
+            text = torch.cat([tx for tx, _ in padded]).to(self.device)
+            mask = torch.cat([m for _, m in padded]).to(self.device)
             v = self.net(torch.cat([xb, xb]), torch.cat([tb, tb]), text, mask).float()
             vc, vu = v.chunk(2)
             g = torch.from_numpy(guidance).to(self.device)[:, None, None, None, None]
@@ -302,17 +297,15 @@ class RayExecutor:
         import ray
 
         cfg = self.engine.cfg
-        model = MoEDenoiser.__new__(MoEDenoiser)  # routing helpers only; no weights
-        model.cfg = cfg
         groups: dict[tuple[int, str], list[_Request]] = defaultdict(list)
         for i, r in enumerate(self._active):
             replica = i % len(self.shards)
-            groups[(replica, model.expert_for(r.t))].append(r)
+            groups[(replica, cfg.expert_for(r.t))].append(r)
         calls = []
         for (replica, expert), reqs in groups.items():
             for k in range(0, len(reqs), self.settings.max_batch):
                 part = reqs[k : k + self.settings.max_batch]
-                calls.append((replica, expert, part, self._submit(replica, expert, part, model)))
+                calls.append((replica, expert, part, self._submit(replica, expert, part)))
         self.ticks += 1
         self.pipelined_ticks += len({e for _, e, _, _ in calls}) > 1
         for replica, expert, part, ref in calls:
@@ -340,12 +333,12 @@ class RayExecutor:
                 if r.step == len(r.timesteps) - 1:
                     self._finish(r)
 
-    def _submit(self, replica: int, expert: str, reqs: list[_Request], model: MoEDenoiser):
+    def _submit(self, replica: int, expert: str, reqs: list[_Request]):
         x = np.concatenate([r.x for r in reqs]).astype(np.float32)
         t = np.array([r.t for r in reqs], np.float32)
         cond = [(r.job.text.float().numpy(), r.job.text_mask.numpy()) for r in reqs]
         uncond = [(r.job.negative.float().numpy(), r.job.negative_mask.numpy()) for r in reqs]
-        g = np.array([r.job.guidance or model.guidance_for(expert) for r in reqs], np.float32)
+        g = np.array([r.job.guidance or self.engine.cfg.guidance_for(expert) for r in reqs], np.float32)
         return self.shards[replica][expert].velocity.remote(x, t, cond, uncond, g)
 
     def _restart(self, replica: int, expert: str) -> None:

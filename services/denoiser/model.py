@@ -62,6 +62,13 @@ class ModelConfig:
     max_steps: int = 100
     languages: tuple[str, ...] = ("en", "zh", "ja")
 
+    def expert_for(self, t: float) -> str:
+        """Which expert runs the step at time t (routing needs no weights)."""
+        return "high_noise" if t >= self.boundary else "low_noise"
+
+    def guidance_for(self, expert: str) -> float:
+        return self.guidance_high if expert == "high_noise" else self.guidance_low
+
 
 MODELS = {
     "tiny": ModelConfig(
@@ -381,10 +388,10 @@ class MoEDenoiser(nn.Module):
         self.experts = nn.ModuleDict({"high_noise": UNet(cfg.unet), "low_noise": UNet(cfg.unet)})
 
     def expert_for(self, t: float) -> str:
-        return "high_noise" if t >= self.cfg.boundary else "low_noise"
+        return self.cfg.expert_for(t)
 
     def guidance_for(self, expert: str) -> float:
-        return self.cfg.guidance_high if expert == "high_noise" else self.cfg.guidance_low
+        return self.cfg.guidance_for(expert)
 
     def forward(self, x, t, text, mask, expert: str | None = None) -> torch.Tensor:
         expert = expert or self.expert_for(float(t.flatten()[0]))

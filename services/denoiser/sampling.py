@@ -56,8 +56,8 @@ def cfg_velocity(
     """
     (ct, cm), (ut, um) = cond, uncond
     length = max(ct.shape[1], ut.shape[1])
-    ct, cm = _pad(ct, cm, length)
-    ut, um = _pad(ut, um, length)
+    ct, cm = pad_text(ct, cm, length)
+    ut, um = pad_text(ut, um, length)
     text = torch.cat([ct, ut])
     mask = torch.cat([cm, um])
 
@@ -72,7 +72,8 @@ def cfg_velocity(
     return model
 
 
-def _pad(text: torch.Tensor, mask: torch.Tensor, length: int):
+def pad_text(text: torch.Tensor, mask: torch.Tensor, length: int):
+    """Zero-pad text states (B, L, D) and mask (B, L) to `length` tokens."""
     if text.shape[1] == length:
         return text, mask
     pad = length - text.shape[1]
