@@ -2,8 +2,8 @@
 
 Data: frames of the procedural world (as the denoiser renders them) and patches of the
 natural photographs that scikit-learn and scikit-image ship. The low-resolution side is
-degraded like the denoiser's output — area downscaling, a slight blur and noise, mild
-colour jitter — not only clean bicubic downscaling.
+degraded like the denoiser's output — area downscaling, a slight blur and noise — not only
+clean bicubic downscaling.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -39,6 +40,22 @@ def natural_images(split: str = "train") -> list[np.ndarray]:
     return [imgs[k] for k in HELD_OUT_IMAGES]
 
 
+@dataclass(frozen=True)
+class SRTrainConfig:
+    model: str = "x8"
+    steps: int = 3000
+    batch: int = 8  # frame pairs a step: half world clips at 256 px, half photograph crops at 128 px
+    lr: float = 5e-4
+    seed: int = 0
+    temporal: float = 1.0  # weight of the frame-difference term (flicker)
+    world_weight: float = 4.0
+
+
+def _blur_sigma(rng: np.random.Generator) -> float:
+    """The denoiser-like blur: 70% of inputs get sigma in [0.3, 0.8] low-resolution pixels."""
+    return rng.uniform(0.3, 0.8) if rng.random() < 0.7 else 0.0
+
+
 def degrade(hr: np.ndarray, scale: int, rng: np.random.Generator, blur: float | None = None) -> np.ndarray:
     """HR uint8 -> LR uint8, the way the denoiser's frames look.
 
@@ -48,7 +65,7 @@ def degrade(hr: np.ndarray, scale: int, rng: np.random.Generator, blur: float | 
     h, w = hr.shape[:2]
     lr = cv2.resize(hr, (w // scale, h // scale), interpolation=cv2.INTER_AREA).astype(np.float32)
     if blur is None:
-        blur = rng.uniform(0.3, 0.8) if rng.random() < 0.7 else 0.0
+        blur = _blur_sigma(rng)
     if blur > 0:
         lr = cv2.GaussianBlur(lr, (0, 0), blur)
     lr += rng.normal(0, rng.uniform(0, 4), lr.shape)
@@ -56,7 +73,7 @@ def degrade(hr: np.ndarray, scale: int, rng: np.random.Generator, blur: float | 
 
 
 def _pair(frames: list[np.ndarray], scale: int, rng: np.random.Generator):
-    blur = rng.uniform(0.3, 0.8) if rng.random() < 0.7 else 0.0
+    blur = _blur_sigma(rng)
     return [degrade(f, scale, rng, blur) for f in frames], frames
 
 
@@ -109,15 +126,14 @@ def pair_loss(net: ResidualESPCN, pairs, temporal: float) -> torch.Tensor:
     return loss
 
 
-def train(model_name: str = "x8", steps: int = 3000, batch: int = 8, lr: float = 5e-4, seed: int = 0,
-          temporal: float = 1.0, world_weight: float = 4.0) -> ResidualESPCN:  # fmt: skip
-    """`batch` frame pairs a step: half world clips at 256 px, half photograph crops at 128 px."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    cfg = SR_MODELS[model_name]
+def train(tc: SRTrainConfig) -> ResidualESPCN:
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    cfg = SR_MODELS[tc.model]
     net = ResidualESPCN(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    batch, steps, temporal = tc.batch, tc.steps, tc.temporal
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=steps, pct_start=0.05)
     images = natural_images("train")
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -125,7 +141,7 @@ def train(model_name: str = "x8", steps: int = 3000, batch: int = 8, lr: float =
         natural = natural_pairs(rng, images, batch - batch // 2, cfg.scale, hr=16 * cfg.scale)
         # world frames are mostly flat background, so their mean loss is small next to a photo's:
         # weighted up, or the network learns photographs and leaves the world's edges to bicubic
-        loss = world_weight * pair_loss(net, world, temporal) + pair_loss(net, natural, temporal)
+        loss = tc.world_weight * pair_loss(net, world, temporal) + pair_loss(net, natural, temporal)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,29 +155,18 @@ def train(model_name: str = "x8", steps: int = 3000, batch: int = 8, lr: float =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train-upscaler")
-    p.add_argument("--model", default="x8")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--temporal", type=float, default=1.0)
-    p.add_argument("--world-weight", type=float, default=4.0)
-    p.add_argument("--lr", type=float, default=5e-4)
+    for f in fields(SRTrainConfig):  # one flag per setting, its default from the config
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     p.add_argument("--threads", type=int, default=0)
-    a = p.parse_args(argv)
+    a = vars(p.parse_args(argv))
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    net = train(a.model, a.steps, lr=a.lr, temporal=a.temporal, world_weight=a.world_weight)
-    path = WEIGHTS_DIR / f"{a.model}.safetensors"
-    weights.save(
-        net.state_dict(),
-        path,
-        metadata={
-            "model": a.model,
-            "steps": str(a.steps),
-            "temporal": str(a.temporal),
-            "world_weight": str(a.world_weight),
-            "lr": str(a.lr),
-        },
-    )
+    threads = a.pop("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    tc = SRTrainConfig(**a)
+    net = train(tc)
+    path = WEIGHTS_DIR / f"{tc.model}.safetensors"
+    weights.save(net.state_dict(), path, metadata={k: str(v) for k, v in asdict(tc).items()})
     log.info("wrote %s", path)
     return 0
 

@@ -51,3 +51,23 @@ def test_stream_yields_exact_count_in_order_with_bounded_input():
     pos = output_positions(5, 13)
     for (consumed, _), p in zip(out, pos, strict=True):
         assert consumed <= int(np.ceil(p)) + 1
+
+
+def test_training_learns_from_frame_pairs_and_cli_defaults_come_from_the_config(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from services.upscaler import train as sr_train
+    from videomesh.weights import load_into
+
+    monkeypatch.setattr(sr_train, "WEIGHTS_DIR", tmp_path)
+    assert sr_train.main(["--model", "tiny", "--steps", "2", "--batch", "2"]) == 0
+    with safe_open(str(tmp_path / "tiny.safetensors"), "pt") as f:
+        meta = f.metadata()
+    defaults = sr_train.SRTrainConfig()
+    assert (
+        meta["steps"] == "2" and meta["lr"] == str(defaults.lr) and meta["temporal"] == str(defaults.temporal)
+    )
+    # the last layer starts at zero; two steps on pairs must move it (the loss reaches the network)
+    net = ResidualESPCN(SR_MODELS["tiny"])
+    load_into(net, tmp_path / "tiny.safetensors")
+    assert net.tail.weight.abs().sum() > 0
