@@ -23,9 +23,9 @@ MAX_OUTPUT_FRAMES = 24 * 60
 
 @dataclass(frozen=True)
 class UpscalerSettings:
-    # bicubic until the learned network meets its flicker bound (issue #4: +2.6 dB on world frames,
-    # +0.3 dB on photos, but 21% more frame-to-frame change than bicubic, 5% allowed — `make eval-upscaler`)
-    spatial: str = "bicubic"  # bicubic | auto (learned when its weights are installed) | learned
+    # the learned network with its anti-ringing clamp beats bicubic on world frames and photos
+    # with less frame-to-frame change than bicubic (`make eval-upscaler`, MODEL_CARD.md)
+    spatial: str = "auto"  # auto (learned when its weights are installed, else bicubic) | learned | bicubic
     model: str = "x8"
     weights: Path | None = None  # default services/upscaler/weights/<model>.safetensors
     device: str = "auto"

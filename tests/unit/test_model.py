@@ -138,6 +138,13 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert last["step"] == 8
     for expert in ("high_noise", "low_noise"):
         assert last["ema"][f"experts.{expert}.motion.bias"].any()
+    # resumed inside the aligned phase: the optimiser keeps its two groups (heads at 10x the rate)
+    tr.train(tr.TrainConfig(**{**cfg2.__dict__, "align_steps": 4}))
+    resumed = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)
+    assert resumed["step"] == 10
+    groups = resumed["opt"]["param_groups"]
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 10.0]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
     monkeypatch.setattr(tr, "ROOT", tmp_path)
     den, enc = tr.export(res["ema"], res["encoder"], cfg, {"train_minutes": "0"})
     from safetensors import safe_open
@@ -163,8 +170,9 @@ def test_shift_frames_moves_content_and_the_track_follows_the_text_head():
     net = UNet(MODELS["tiny"].unet)
     pooled = torch.randn(3, MODELS["tiny"].unet.text_dim)
     assert net.track(pooled, 4) is None  # untrained head: plain temporal layers
+    assert torch.equal(net.motion_vector(pooled), torch.zeros(3, 2))  # uniform over the classes: no motion
     with torch.no_grad():
-        net.motion.bias.copy_(torch.tensor([1.0, 0.0]))
+        net.motion.bias.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0, 0.0]))  # surely "right"
     track = net.track(pooled, 4).reshape(3, 4, 2)
     assert torch.allclose(track[0, :, 0], torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]))
     assert torch.all(track[..., 1] == 0)

@@ -1,5 +1,7 @@
 """Upscaler parts: SR network shape/identity at init, interpolation beats blending, streaming order."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -9,12 +11,28 @@ from services.upscaler.upscaler import SpatialUpscaler, UpscalePlan, UpscalerSet
 from videomesh.world import ClipSpec, render_clip
 
 
-def test_sr_starts_as_bicubic():
-    net = ResidualESPCN(SR_MODELS["x8"])
+def test_sr_starts_as_bicubic_and_the_clamp_cuts_only_overshoot():
     x = torch.rand(2, 3, 8, 8)
-    y = net(x)
     ref = torch.nn.functional.interpolate(x, scale_factor=8, mode="bicubic", align_corners=False)
-    assert y.shape == (2, 3, 64, 64) and torch.allclose(y, ref)
+    plain = ResidualESPCN(replace(SR_MODELS["x8"], antiring=0))
+    assert plain(x).shape == (2, 3, 64, 64) and torch.allclose(plain(x), ref)
+    # served: each output pixel within the range of the 3x3 input pixels around its own
+    y = ResidualESPCN(SR_MODELS["x8"])(x).detach()
+    xn = x.numpy()
+    lo, hi = np.empty_like(ref.numpy()), np.empty_like(ref.numpy())
+    for i in range(64):
+        for j in range(64):
+            win = xn[:, :, max(0, i // 8 - 1) : i // 8 + 2, max(0, j // 8 - 1) : j // 8 + 2]
+            lo[:, :, i, j], hi[:, :, i, j] = win.min(axis=(2, 3)), win.max(axis=(2, 3))
+    np.testing.assert_allclose(y.numpy(), np.clip(ref.numpy(), lo, hi), atol=1e-6)
+    assert (ref.numpy() < lo - 1e-3).any() or (ref.numpy() > hi + 1e-3).any()  # bicubic did overshoot
+    # a sharp edge: bicubic rings past both sides, the served output stays within them
+    edge = torch.zeros(1, 3, 8, 8)
+    edge[..., 4:] = 1.0
+    ringing = torch.nn.functional.interpolate(edge, scale_factor=8, mode="bicubic", align_corners=False)
+    assert ringing.min() < -0.01 and ringing.max() > 1.01
+    out = ResidualESPCN(SR_MODELS["x8"])(edge).detach()
+    assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_output_positions_align_ends():
