@@ -49,18 +49,12 @@ MOTION_WORDS = (
     "move", "moving", "moves", "roll", "slide", "drift", "travel", "head", "go", "bounce", "grow", "shrink", "jog",
     "run", "walk", "fly", "rise", "fall", "climb", "sink", "动", "移", "滚", "飞", "跑", "走", "升", "降", "動", "転", "飛",
 )  # fmt: skip
+# Checked before MOTION_WORDS: "not moving", "没有移动" and "微動だにしない" contain motion words.
 STILL_WORDS = (
-    "still",
-    "static",
-    "motionless",
-    "not move",
-    "stays put",
-    "静止",
-    "不动",
-    "不動",
-    "止ま",
-    "動かない",
-)
+    "still", "static", "motionless", "stationary", "not move", "not moving", "without moving", "stays put",
+    "staying put", "in place", "at rest", "静止", "不动", "没有移动", "不移动", "停在", "原地", "不動", "止ま",
+    "動かない", "動いていない", "じっと", "微動だにしない",
+)  # fmt: skip
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 

@@ -12,6 +12,8 @@
 5. The aligned phase: both experts (alternating) learn to use trajectory-aligned temporal
    layers (services/denoiser/model.py): each expert's motion head learns to classify the
    caption's motion (an auxiliary cross-entropy) while the denoising loss adapts the layers.
+6. The detail phase: the low-noise expert alone (t < boundary), which draws the outline —
+   it had only half of phases 3 and 5.
 
 Data come from the procedural world (videomesh.world), rendered on the fly. Every
 `eval_every` steps the EMA weights sample held-out prompts in each language and the
@@ -64,6 +66,8 @@ class TrainConfig:
     head_lr_scale: float = 10.0  # the motion heads (linear, on frozen text) learn at 10x align_lr
     align_aux: float = 1.0  # weight of the motion head's cross-entropy on the caption's motion
     align_ema: float = 0.99  # each expert's EMA updates every other step here
+    detail_steps: int = 600  # phase 6, after the aligned phase: the low-noise expert alone
+    detail_lr: float = 1e-4
     cfg_dropout: float = 0.1
     texture_prob: float = 0.3
     eval_every: int = 500
@@ -159,8 +163,11 @@ def _cosine(peak: float, done: int, length: int) -> float:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Phases 2-3 warm up, then decay; the motion and aligned phases each decay from their own peak."""
+    """Phases 2-3 warm up, then decay; phases 4, 5 and 6 each decay from their own peak."""
     align_at = cfg.steps + cfg.motion_steps
+    detail_at = align_at + cfg.align_steps
+    if step >= detail_at:
+        return _cosine(cfg.detail_lr, step - detail_at, cfg.detail_steps)
     if step >= align_at:
         return _cosine(cfg.align_lr, step - align_at, cfg.align_steps)
     if step >= cfg.steps:
@@ -246,11 +253,12 @@ def train(cfg: TrainConfig) -> dict:
         trng.set_state(st["trng"])
         log.info("resumed at step %d (%.0f s trained)", step, seconds)
     fork_at = int(cfg.steps * (1 - cfg.expert_fraction))
-    total = align_at + cfg.align_steps
+    detail_at = align_at + cfg.align_steps
+    total = detail_at + cfg.detail_steps
     log.info("denoiser %s: %d params per expert; %d shared steps, %d expert steps, %d motion steps",
              cfg.model, count_parameters(model.experts["high_noise"]), fork_at, cfg.steps - fork_at,
              cfg.motion_steps)  # fmt: skip
-    log.info("then %d aligned steps", cfg.align_steps)
+    log.info("then %d aligned steps, %d detail steps", cfg.align_steps, cfg.detail_steps)
     t_start = time.perf_counter() - seconds
     losses: list[float] = []
     while step < total:
@@ -264,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
         x0, texts, motions = batch(rng, cfg, mcfg)
         states, mask = encoder.encode(texts)
         aligned = step >= align_at
-        if aligned and step % 2 == 1:
+        if step >= detail_at or (aligned and step % 2 == 1):
             expert, t = "low_noise", sample_t(trng, cfg.batch, hi=mcfg.boundary)
         elif step >= cfg.steps:
             expert = "high_noise"
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--motion-steps", type=int, default=TrainConfig.motion_steps)
     p.add_argument("--align-steps", type=int, default=TrainConfig.align_steps)
+    p.add_argument("--detail-steps", type=int, default=TrainConfig.detail_steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--text-steps", type=int, default=TextTrainConfig.steps)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, align_steps=a.align_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
+    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, align_steps=a.align_steps, detail_steps=a.detail_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed,
                       text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
     res = train(cfg)
     log.info("trained in %.1f minutes", res["minutes"])

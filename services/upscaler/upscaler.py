@@ -109,6 +109,8 @@ class SpatialUpscaler:
             return cv2.resize(frame, (width, height), interpolation=cv2.INTER_CUBIC)
         import torch
 
+        if not frame.flags.writeable:  # frames decoded from a message are read-only views
+            frame = frame.copy()
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
             x = (
                 torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 255.0

@@ -84,3 +84,16 @@ def test_webhook_signature():
     assert not verify("other", body, header)
     assert not verify("s3cret", body + b" ", header)
     assert not verify("s3cret", body, sign("s3cret", body, int(time.time()) - 3600))  # replayed old delivery
+
+
+def test_expects_motion_reads_still_phrasings_in_three_languages():
+    from gateway.gateway import expects_motion
+
+    still = ["Show me a huge orange round dot not moving", "a small green block staying in place",
+             "a blue box remains stationary", "a red ball staying put", "一个蓝绿色的大盒子停在原地",
+             "一个红色的小球没有移动", "白色背景上，一动不动的是一个绿色的小盒子", "オレンジの大きい円がじっとしている",
+             "紫色の三角が微動だにしない", "a cube sitting motionless"]  # fmt: skip
+    moving = ["a red ball moving right", "一个红色的小球向右移动", "赤いボールが右へ動く", "a woman jogging at dawn",
+              "a box slides to the left"]  # fmt: skip
+    assert [expects_motion(p) for p in still] == [False] * len(still)
+    assert [expects_motion(p) for p in moving] == [True] * len(moving)

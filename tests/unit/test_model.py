@@ -116,7 +116,7 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     from services.denoiser import train as tr
     from services.encoder.train import TextTrainConfig
 
-    cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, align_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
+    cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, align_steps=0, detail_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
                          ckpt_every=2, out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
     res = tr.train(cfg)
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
@@ -145,6 +145,14 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     groups = resumed["opt"]["param_groups"]
     assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 10.0]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    # the detail phase trains the low-noise expert only
+    tr.train(tr.TrainConfig(**{**cfg2.__dict__, "align_steps": 4, "detail_steps": 2}))
+    detail = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)
+    assert detail["step"] == 12
+    changed = {
+        k.split(".")[1] for k in resumed["ema"] if not torch.equal(resumed["ema"][k], detail["ema"][k])
+    }
+    assert changed == {"low_noise"}
     monkeypatch.setattr(tr, "ROOT", tmp_path)
     den, enc = tr.export(res["ema"], res["encoder"], cfg, {"train_minutes": "0"})
     from safetensors import safe_open
