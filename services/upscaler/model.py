@@ -66,9 +66,8 @@ def antiring(y: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     s = y.shape[-1] // x.shape[-1]
     r = k // 2
     p = F.pad(x.float(), (r, r, r, r), mode="replicate")
-    hi = F.max_pool2d(p, k, 1)  # (N, C, h, w)
-    lo = -F.max_pool2d(-p, k, 1)
-    # nearest input pixel -> output grid (a pixel shuffle of s*s copies would do the same)
-    hi = hi.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
-    lo = lo.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+    bounds = torch.cat([-F.max_pool2d(-p, k, 1), F.max_pool2d(p, k, 1)], dim=1)  # (N, 2C, h, w): min, max
+    lo, hi = F.interpolate(bounds, scale_factor=s, mode="nearest").chunk(
+        2, dim=1
+    )  # each output pixel's input pixel
     return torch.minimum(torch.maximum(y, lo), hi)
