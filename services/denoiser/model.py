@@ -116,18 +116,33 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def _bilinear_shift_matrix(offset: torch.Tensor, size: int) -> torch.Tensor:
+    """(N,) offsets in pixels -> (N, size, size) A with (A @ v)[j] = v sampled at j + offset,
+    linear between neighbours, the position clamped to the row (borders repeat the edge)."""
+    idx = torch.arange(size, device=offset.device, dtype=torch.float32)
+    pos = (idx[None, :] + offset[:, None]).clamp(0, size - 1)  # (N, size): where output j reads
+    return (1 - (idx[None, None, :] - pos[:, :, None]).abs()).clamp(min=0)
+
+
 def shift_frames(x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
     """Sample frame i of x (N, C, H, W) at p + d[i] (d: (N, 2) as (x, y) in [-1, 1] units, the
-    frame's full width and height being 2): content moves by -d. Borders repeat the edge."""
+    frame's full width and height being 2): content moves by -d. Borders repeat the edge.
+
+    What F.grid_sample (bilinear, border padding, align_corners=False) computes on a
+    translation grid, as two batched matrix products A_y @ x @ A_x^T in x's dtype (a pure
+    translation is separable). On CPU grid_sample runs in fp32 only and its backward was ~18%
+    of a training step; in bf16 these products take a third of its time.
+    """
     if d is None:
         return x
     n, c, h, w = x.shape
-    theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = d.float()
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.to(x.dtype)
+    d = d.float()
+    ax = _bilinear_shift_matrix(d[:, 0] * (w / 2), w).to(x.dtype)  # (N, W, W)
+    ay = _bilinear_shift_matrix(d[:, 1] * (h / 2), h).to(x.dtype)  # (N, H, H)
+    y = torch.bmm(x.reshape(n, c * h, w), ax.transpose(1, 2))  # along the rows: (N, C*H, W)
+    y = y.reshape(n, c, h, w).transpose(2, 3).reshape(n, c * w, h)
+    y = torch.bmm(y, ay.transpose(1, 2))  # along the columns: (N, C*W, H)
+    return y.reshape(n, c, w, h).transpose(2, 3).contiguous()
 
 
 def _groups(c: int) -> int:
