@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.denoiser.model import MODELS, MoEDenoiser, UNet, UNetConfig
 from services.denoiser.sampling import SamplingCancelled, cfg_velocity, flow_timesteps, sample_euler
@@ -184,3 +185,31 @@ def test_shift_frames_moves_content_and_the_track_follows_the_text_head():
     track = net.track(pooled, 4).reshape(3, 4, 2)
     assert torch.allclose(track[0, :, 0], torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]))
     assert torch.all(track[..., 1] == 0)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (8, 12), (4, 4)])
+def test_shift_frames_computes_what_grid_sample_does_with_its_gradients(size):
+    """The separable matrix form against F.grid_sample on a translation grid (bilinear, border,
+    align_corners=False), sub-pixel and beyond-the-edge shifts, values and both gradients."""
+    from services.denoiser.model import shift_frames
+
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, h, w, generator=g, requires_grad=True)
+    d = (torch.rand(24, 2, generator=g) * 3 - 1.5).requires_grad_(True)  # up to 1.5 half-frames
+    theta = torch.zeros(24, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = d
+    grid = F.affine_grid(theta, [24, 3, h, w], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = shift_frames(x, d)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w_out = torch.randn(out.shape, generator=g)
+    gx_ref, gd_ref = torch.autograd.grad((ref * w_out).sum(), (x, d))
+    gx, gd = torch.autograd.grad((out * w_out).sum(), (x, d))
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gd, gd_ref, atol=1e-3, rtol=1e-4)
+    # bf16 in, bf16 out (autocast's dtype), within bf16 rounding of the fp32 result
+    out16 = shift_frames(x.detach().bfloat16(), d.detach())
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), ref.detach(), atol=0.05, rtol=0.02)
