@@ -1,7 +1,7 @@
 """`make eval-qc`: precision and recall of every quality check on a labelled suite.
 
 The suite is generated here, deterministically: clean clips (moving shapes from the world
-generator; pan/zoom clips over the face in scikit-image's `astronaut` photograph) and copies
+generator, some drifting slowly; pan/zoom clips over the face in scikit-image's `astronaut` photograph) and copies
 with one known defect each — inserted black frames, brightness flicker, a frozen run, a
 blurred run, a warped or a duplicated face. A check is right on a clip when it fails
 exactly the clips carrying its defect. Also prints throughput in frames per second.
@@ -134,6 +134,15 @@ def suite(seed: int = 0, per_kind: int = 12) -> list[Clip]:
     )
     clips.append(Clip("world-still-ok", still, False))  # a still prompt: no motion is right
     clips.append(Clip("world-still-frozen", still, True, "frozen"))  # a motion prompt: frozen
+    # slow drifts (across the frame in 8 s, low contrast in grey): the generated clips' pace,
+    # which consecutive 24 fps frames alone mistook for frozen
+    for i, (bg, color) in enumerate(
+        (("gray", "green"), ("gray", "cyan"), ("navy", "blue"), ("white", "yellow"))
+    ):
+        slow = render_clip(ClipSpec(bg, "circle", color, "small", motions[i]), num_frames=4 * T, height=SIZE,
+                           width=SIZE, rng=rng)  # fmt: skip
+        clips.append(Clip(f"world-slow{i}", slow, True))
+        clips.append(Clip(f"world-slow{i}-frozen", corrupt(slow, "frozen", rng), True, "frozen"))
     return clips
 
 

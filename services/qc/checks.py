@@ -95,7 +95,10 @@ class FrameStats:
         ] = []  # 99th-percentile luma: a dark background with a visible object is not "black"
         self.floor: list[float] = []  # 1st-percentile luma
         self.diff: list[float] = []  # mean |Δ| between neighbours on a grey thumbnail
-        self.changed: list[float] = []  # share of thumbnail pixels that changed by more than 6 levels
+        # share of colour-thumbnail pixels where some channel changed by more than 6 levels (in
+        # grey a green object on a grey background can all but vanish)
+        self.changed: list[float] = []
+        self.thumbs: list[np.ndarray] = []  # the colour thumbnails (uint8): changes over a quarter second
         self.block: list[float] = []  # largest change of one eighth-by-eighth block of the thumbnail
         self.sharp: list[float] = []  # variance of the Laplacian at 128 px
         self.boxes: dict[int, list[tuple[float, float, float, float]]] = {}  # frame -> faces (relative units)
@@ -127,11 +130,17 @@ class FrameStats:
         self.floor.append(float(lo))
         self.peak.append(float(hi))
         self.sharp.append(float(cv2.Laplacian(small, cv2.CV_32F).var()))
+        rgb = cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) if max(h, w) > 128 else frame
+        rgb = cv2.resize(rgb, (self.thumb, self.thumb), interpolation=cv2.INTER_AREA)
+        if self.thumbs:
+            self.changed.append(
+                float((np.abs(rgb.astype(np.int16) - self.thumbs[-1]).max(axis=2) > 6).mean())
+            )
+        self.thumbs.append(rgb)
         t = thumb.astype(np.float32)
         if self._prev is not None:
             d = np.abs(t - self._prev)
             self.diff.append(float(d.mean()))
-            self.changed.append(float((d > 6).mean()))
             b = self.thumb // 8  # the most-changed 8x8 block: something appearing in one place
             self.block.append(float(d.reshape(8, b, 8, b).mean(axis=(1, 3)).max()))
         self._prev = t
@@ -241,7 +250,6 @@ def _check_faces(
 def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThresholds) -> list[Check]:
     stats.finish()
     luma = np.asarray(stats.luma)
-    diff = np.asarray(stats.diff)
     n = len(luma)
     checks = []
 
@@ -287,14 +295,29 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
     checks.append(Check("flicker", float((jumps[spikes] - base).max()) if spikes.any() else 0.0, not spikes.any(),
                         f"{int(spikes.sum())} brightness jumps (clip's median change {base:.1f})", runs(flick)))  # fmt: skip
 
-    # identical = almost no thumbnail pixel changed (a mean would miss a small moving object)
-    same = (np.asarray(stats.changed) < th.frozen_changed) if expect_motion else np.zeros(len(diff), bool)
+    # Identical = almost no thumbnail pixel changed (a mean would miss a small moving object),
+    # both since the previous frame and over a quarter second: at 24 fps a slowly moving object
+    # (a low-contrast one on grey crossing the frame in 4 s) changes too few pixels between
+    # neighbouring frames to tell from a frozen clip, but not over six of them.
+    lag = max(1, int(round(0.25 * fps)))
+    changed = np.asarray(stats.changed)
+    if n > lag:
+        thumbs = np.stack(stats.thumbs).astype(np.int16)
+        lagged = (np.abs(thumbs[lag:] - thumbs[:-lag]).max(axis=3) > 6).mean(
+            axis=(1, 2)
+        )  # frame i vs i - lag
+    else:
+        lag, lagged = 1, changed
     run_len = max(2, int(round(th.frozen_run_seconds * fps)))
     frozen = np.zeros(n, bool)
-    for s, e in runs(same):
-        if e - s + 1 >= run_len:
-            frozen[s : e + 1] = True
-    motion = float(np.mean(stats.changed)) if len(diff) else 0.0
+    if expect_motion and len(lagged):
+        # held[j]: frame j + lag equals frame j + lag - 1 and frame j; a run [s, e) of them spans
+        # frames s .. e - 1 + lag
+        held = (lagged < th.frozen_changed) & (changed[lag - 1 :] < th.frozen_changed)
+        for s, e in runs(held):
+            if e + lag - s >= run_len:
+                frozen[s : e + lag] = True
+    motion = float(np.mean(lagged)) if len(lagged) else 0.0
     still = expect_motion and motion < th.min_motion
     checks.append(Check("frozen", motion, not frozen.any() and not still,
                         ("no motion although the prompt asks for it; " if still else "") + f"{int(frozen.sum())} frames in identical runs",

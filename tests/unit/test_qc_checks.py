@@ -52,6 +52,22 @@ def test_still_prompt_may_be_still_but_motion_prompt_may_not(th):
     assert "frozen" in failed(frames, th, expect_motion=True)
 
 
+@pytest.mark.parametrize("bg,color", [("gray", "green"), ("gray", "red"), ("navy", "blue")])
+def test_a_slow_low_contrast_drift_is_motion_and_a_frozen_run_inside_it_is_caught(bg, color, th):
+    # regression: 96 frames at 24 fps of a green ball crossing a grey frame were "frozen" (the
+    # consecutive grey thumbnails barely change); the clip's pace is the generated clips'
+    from videomesh.world import ClipSpec, render_clip
+
+    frames = render_clip(ClipSpec(bg, "circle", color, "small", "right"), num_frames=192, height=256, width=256,
+                         rng=np.random.default_rng(0))  # fmt: skip
+    assert failed(frames, th) == {}
+    frames[40:72] = frames[40]  # 32 identical frames, 1.3 s
+    got = failed(frames, th)
+    assert set(got) == {"frozen"}
+    ((s, e),) = got["frozen"].frames
+    assert abs(s - 40) <= 1 and e == 72
+
+
 def test_faces_check_with_no_typical_face_and_a_stray_detection(th):
     # regression: most frames without a face and one stray detection crashed the check (max of nothing)
     from services.qc.checks import _check_faces
