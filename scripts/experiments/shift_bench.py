@@ -88,7 +88,10 @@ def main() -> None:
             f"{name:<22} clip {statistics.median(d['clip'][1:]):.2f} s   train step {statistics.median(d['train step'][1:]):.2f} s"
         )
     a, b = clips.values()
-    print(f"largest difference between the two clips: {(a - b).abs().max().item():.4f} (values in [-1, 1])")
+    diff = (a - b).abs()
+    print(
+        f"difference between the two clips (values in [-1, 1]): mean {diff.mean().item():.4f}, largest {diff.max().item():.4f}"
+    )
 
 
 if __name__ == "__main__":
