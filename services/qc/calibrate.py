@@ -155,7 +155,7 @@ def evaluate(clips: list[Clip], th: QCThresholds) -> tuple[dict, float, list]:
     frames = 0
     t0 = time.perf_counter()
     for clip in clips:
-        stats = FrameStats(th)
+        stats = FrameStats(th, fps=FPS)
         for f in clip.frames:
             stats.add(f)
         frames += len(clip.frames)

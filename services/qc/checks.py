@@ -8,6 +8,7 @@ services/qc/thresholds.toml (QCThresholds), calibrated by services/qc/calibrate.
 from __future__ import annotations
 
 import tomllib
+from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -94,8 +95,17 @@ class FrameStats:
     vanishes for a single frame is still seen.
     """
 
-    def __init__(self, th: QCThresholds, *, thumb: int = 64, faces: bool = True, face_stride: int = 6):
+    def __init__(
+        self,
+        th: QCThresholds,
+        *,
+        fps: float = 24.0,
+        thumb: int = 64,
+        faces: bool = True,
+        face_stride: int = 6,
+    ):
         self.th = th
+        self.lag = max(1, int(round(0.25 * fps)))  # frames in a quarter second
         self.thumb = thumb
         self.faces = faces
         self.stride = face_stride
@@ -108,7 +118,8 @@ class FrameStats:
         # share of colour-thumbnail pixels where some channel changed by more than 6 levels (in
         # grey a green object on a grey background can all but vanish)
         self.changed: list[float] = []
-        self.thumbs: list[np.ndarray] = []  # the colour thumbnails (uint8): changes over a quarter second
+        self.lagged: list[float] = []  # the same share between frame i and frame i - lag
+        self._thumbs: deque[np.ndarray] = deque(maxlen=self.lag)  # the last colour thumbnails
         self.block: list[float] = []  # largest change of one eighth-by-eighth block of the thumbnail
         self.sharp: list[float] = []  # variance of the Laplacian at 128 px
         self.boxes: dict[int, list[tuple[float, float, float, float]]] = {}  # frame -> faces (relative units)
@@ -142,9 +153,11 @@ class FrameStats:
         self.sharp.append(float(cv2.Laplacian(small, cv2.CV_32F).var()))
         rgb = cv2.resize(frame, (128, 128), interpolation=cv2.INTER_AREA) if max(h, w) > 128 else frame
         rgb = cv2.resize(rgb, (self.thumb, self.thumb), interpolation=cv2.INTER_AREA)  # two halvings: fast
-        if self.thumbs:
-            self.changed.append(changed_share(rgb, self.thumbs[-1]))
-        self.thumbs.append(rgb)
+        if self._thumbs:
+            self.changed.append(changed_share(rgb, self._thumbs[-1]))
+        if len(self._thumbs) == self.lag:  # the oldest one is frame i - lag
+            self.lagged.append(changed_share(rgb, self._thumbs[0]))
+        self._thumbs.append(rgb)
         t = thumb.astype(np.float32)
         if self._prev is not None:
             d = np.abs(t - self._prev)
@@ -307,12 +320,8 @@ def run_checks(stats: FrameStats, *, fps: float, expect_motion: bool, th: QCThre
     # both since the previous frame and over a quarter second: at 24 fps a slowly moving object
     # (a low-contrast one on grey crossing the frame in 4 s) changes too few pixels between
     # neighbouring frames to tell from a frozen clip, but not over six of them.
-    lag = max(1, int(round(0.25 * fps)))
     changed = np.asarray(stats.changed)
-    if n > lag:  # frame i against frame i - lag
-        lagged = np.array([changed_share(stats.thumbs[k], stats.thumbs[k - lag]) for k in range(lag, n)])
-    else:
-        lag, lagged = 1, changed
+    lag, lagged = (stats.lag, np.asarray(stats.lagged)) if stats.lagged else (1, changed)
     run_len = max(2, int(round(th.frozen_run_seconds * fps)))
     frozen = np.zeros(n, bool)
     if expect_motion and len(lagged):

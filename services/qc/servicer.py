@@ -39,7 +39,7 @@ class QualityCheckServicer(qc_pb2_grpc.QualityCheckServicer):
         s = first.settings
         if s.fps <= 0:
             raise InvalidArgument(f"settings.fps must be positive; got {s.fps}", field="settings.fps")
-        stats = FrameStats(self.thresholds, faces=self.faces)
+        stats = FrameStats(self.thresholds, fps=s.fps, faces=self.faces)
         asm = codec.FrameAssembler()
         for msg in request_iterator:
             if msg.WhichOneof("request") != "frames":
