@@ -155,8 +155,8 @@ class FrameStats:
         rgb = cv2.resize(rgb, (self.thumb, self.thumb), interpolation=cv2.INTER_AREA)  # two halvings: fast
         if self._thumbs:
             self.changed.append(changed_share(rgb, self._thumbs[-1]))
-        if len(self._thumbs) == self.lag:  # the oldest one is frame i - lag
-            self.lagged.append(changed_share(rgb, self._thumbs[0]))
+        if self.lag > 1 and len(self._thumbs) == self.lag:  # the oldest one is frame i - lag
+            self.lagged.append(changed_share(rgb, self._thumbs[0]))  # (lag 1: run_checks uses `changed`)
         self._thumbs.append(rgb)
         t = thumb.astype(np.float32)
         if self._prev is not None:
