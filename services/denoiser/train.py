@@ -207,6 +207,22 @@ def _optimizer(model: MoEDenoiser, cfg: TrainConfig, aligned: bool) -> torch.opt
                              lr=cfg.align_lr, weight_decay=0.01)  # fmt: skip
 
 
+def _with_new_params(saved: dict, model: MoEDenoiser, missing: list[str]) -> dict:
+    """A single-group optimiser state saved before the parameters `missing` existed (checkpoints
+    from before the motion heads) -> the same state for today's model: the saved slots move to
+    their parameters' new positions, the new ones start empty (they get no gradient before the
+    aligned phase, whose optimiser starts fresh)."""
+    if not missing:
+        return saved
+    names = [n for n, _ in model.named_parameters()]
+    old = [n for n in names if n not in set(missing)]
+    if len(saved["param_groups"]) != 1 or len(saved["param_groups"][0]["params"]) != len(old):
+        raise RuntimeError(f"optimiser state does not fit the model less {len(missing)} new parameters")
+    where = {n: i for i, n in enumerate(names)}
+    group = dict(saved["param_groups"][0], params=list(range(len(names))))
+    return {"state": {where[old[k]]: v for k, v in saved["state"].items()}, "param_groups": [group]}
+
+
 def _save_ckpt(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -259,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
         step, seconds = st["step"], st["seconds"]
         if step != align_at:  # the aligned phase starts with an optimiser of its own
             opt = _optimizer(model, cfg, aligned=step > align_at)
-            opt.load_state_dict(st["opt"])
+            opt.load_state_dict(_with_new_params(st["opt"], model, missing))
         rng.bit_generator.state = st["rng"]
         trng.set_state(st["trng"])
         log.info("resumed at step %d (%.0f s trained)", step, seconds)

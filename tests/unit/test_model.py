@@ -164,6 +164,32 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert np.isfinite(res["minutes"])
 
 
+def test_optimiser_state_from_before_the_motion_heads_resumes_in_place():
+    """A checkpoint saved before the motion heads existed: the saved Adam moments land on the
+    same parameters of today's model; the heads start with none."""
+    from services.denoiser import train as tr
+
+    torch.manual_seed(0)
+    model = MoEDenoiser(MODELS["tiny"])
+    heads = [n for n, _ in model.named_parameters() if ".motion." in n]
+    assert heads
+    old = torch.optim.AdamW([p for n, p in model.named_parameters() if ".motion." not in n], lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    saved = old.state_dict()
+    new = tr._optimizer(model, tr.TrainConfig(), aligned=False)
+    new.load_state_dict(tr._with_new_params(saved, model, heads))
+    for name, p in model.named_parameters():
+        if name in heads:
+            assert p not in new.state
+        else:
+            assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    with pytest.raises(RuntimeError, match="does not fit"):
+        tr._with_new_params(saved, model, heads[:1])
+    assert tr._with_new_params(saved, model, []) is saved
+
+
 def test_shift_frames_moves_content_and_the_track_follows_the_text_head():
     from services.denoiser.model import UNet, shift_frames
 
