@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.denoiser.model import MODELS, ModelConfig, MoEDenoiser, count_parameters
+from services.denoiser.model import (
+    ATTENTION_BACKENDS,
+    MODELS,
+    ModelConfig,
+    MoEDenoiser,
+    count_parameters,
+    set_attention,
+)
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
 from videomesh.errors import FailedPrecondition, InvalidArgument
 from videomesh.weights import UNTRAINED, file_version, load_into
@@ -33,6 +40,9 @@ class DenoiserSettings:
     weights: Path | None = None  # default: services/denoiser/weights/<model>.safetensors
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    attention: str = (
+        "auto"  # long sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
+    )
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
@@ -54,6 +64,10 @@ class DenoiserSettings:
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32; got {self.precision!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}"
+            )
 
 
 @dataclass
@@ -97,12 +111,14 @@ class DenoiserEngine:
         self.encoder_model = ""
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.attention = "matmul"  # the kernel for long attention sequences (CUDA only)
         self._lock = threading.Lock()  # one generation at a time per engine (the executor batches later)
 
     # --- lifecycle --------------------------------------------------------------------------
     def load(self) -> None:
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.settings.precision, self.device)
+        self.attention = set_attention(self.settings.attention) if self.device.type == "cuda" else "matmul"
         torch.manual_seed(0)  # untrained weights are identical on every replica
         model = MoEDenoiser(self.cfg).eval()
         path = self.settings.weights or WEIGHTS_DIR / f"{self.cfg.name}.safetensors"
@@ -112,11 +128,12 @@ class DenoiserEngine:
         self.encoder_model = f"{self.cfg.encoder}@{enc_version}"
         self.model = model.to(self.device)
         log.info(
-            "denoiser %s@%s on %s/%s, %d params per expert",
+            "denoiser %s@%s on %s/%s (attention: %s), %d params per expert",
             self.cfg.name,
             self.version,
             self.device,
             self.dtype,
+            self.attention,
             count_parameters(model.experts["high_noise"]),
         )
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
-from services.denoiser.model import MODELS, MoEDenoiser
+from services.denoiser.model import MODELS, MoEDenoiser, set_attention
 from services.denoiser.sampling import SamplingCancelled, flow_timesteps, pad_text
 
 log = logging.getLogger("videomesh.executors")
@@ -63,7 +63,9 @@ class LocalExecutor:
 class ExpertShard:
     """One expert of the MoE denoiser. A plain class; `shard_actor()` makes it a Ray actor."""
 
-    def __init__(self, model: str, expert: str, weights: str | None, precision: str = "auto"):
+    def __init__(
+        self, model: str, expert: str, weights: str | None, precision: str = "auto", attention: str = "auto"
+    ):
         import os
 
         from videomesh.weights import load_into
@@ -73,6 +75,7 @@ class ExpertShard:
         cuda = torch.cuda.is_available() and bool(self.gpu_ids)
         self.device = torch.device("cuda" if cuda else "cpu")  # Ray has set CUDA_VISIBLE_DEVICES for us
         self.dtype = torch.float16 if (cuda and precision == "fp16") else torch.bfloat16
+        self.attention = set_attention(attention) if cuda else "matmul"
         torch.manual_seed(0)
         full = MoEDenoiser(MODELS[model])
         prefix = MoEDenoiser._shard_modules[expert] + "."
@@ -84,7 +87,7 @@ class ExpertShard:
 
     def info(self) -> dict:
         return {"expert": self.expert, "node_id": self.node_id, "gpu_ids": self.gpu_ids, "device": str(self.device),
-                "pid": __import__("os").getpid()}  # fmt: skip
+                "attention": self.attention, "pid": __import__("os").getpid()}  # fmt: skip
 
     def velocity(
         self, x: np.ndarray, t: np.ndarray, cond: list, uncond: list, guidance: np.ndarray
@@ -224,7 +227,7 @@ class RayExecutor:
                           scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index))  # fmt: skip
         s = self.engine.settings
         weights = str(s.weights) if s.weights else str(_weights_path(self.engine.cfg.name))
-        return cls.remote(self.engine.cfg.name, expert, weights, s.precision)
+        return cls.remote(self.engine.cfg.name, expert, weights, s.precision, s.attention)
 
     def placement(self) -> list[dict]:
         import ray

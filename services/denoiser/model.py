@@ -188,19 +188,57 @@ class ResBlock(nn.Module):
         return self.skip(x) + h + shift_frames(t, None if track is None else -track)
 
 
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "matmul")
+_attention = "sdpa"  # what long CUDA sequences use; set_attention() chooses it at load time
+
+
+def set_attention(name: str) -> str:
+    """Choose the kernel for long attention sequences on CUDA; returns the one in effect.
+
+    "auto": xFormers' memory-efficient kernel where the package imports, else torch SDPA;
+    "xformers" requires the package (pip install 'videomesh[gpu]'); "sdpa"; "matmul" (plain
+    batched matmuls everywhere). CPU tensors always take plain matmuls (see `_attend`)."""
+    global _attention
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    if name in ("auto", "xformers"):
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as e:
+            if name == "xformers":
+                raise RuntimeError(f"attention=xformers, but xformers does not import: {e}") from e
+            name = "sdpa"
+        else:
+            name = "xformers"
+    _attention = name
+    return name
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
     """(N, Lq, C), (N, Lk, C) -> (N, Lq, C), multi-head.
 
     Plain batched matmuls rather than F.scaled_dot_product_attention: the sequences here are
     short (16 frames, 64 positions, ~40 tokens) and many, where the CPU flash kernel's
-    backward is ~4x slower than two bf16 GEMMs. Long sequences on CUDA go to SDPA.
+    backward is ~4x slower than two bf16 GEMMs. Long sequences on CUDA go to the kernel
+    `set_attention` chose: xFormers (unmasked: the spatial attention) or SDPA.
     """
     n, lq, c = q.shape
     lk = k.shape[1]
+    long_cuda = q.is_cuda and lq * lk >= 4096 and _attention != "matmul"
+    if long_cuda and _attention == "xformers" and mask is None:
+        import xformers.ops as xops
+
+        # xFormers takes (N, L, heads, C/heads) as it is: no transposes
+        out = xops.memory_efficient_attention(
+            q.reshape(n, lq, heads, c // heads),
+            k.reshape(n, lk, heads, c // heads),
+            v.reshape(n, lk, heads, c // heads),
+        )
+        return out.reshape(n, lq, c)
     q = q.reshape(n, lq, heads, c // heads).transpose(1, 2)
     k = k.reshape(n, lk, heads, c // heads).transpose(1, 2)
     v = v.reshape(n, lk, heads, c // heads).transpose(1, 2)
-    if q.is_cuda and lq * lk >= 4096:
+    if long_cuda:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
         w = (q @ k.transpose(-1, -2)) * (c // heads) ** -0.5  # (N, heads, Lq, Lk)

@@ -239,3 +239,29 @@ def test_shift_frames_computes_what_grid_sample_does_with_its_gradients(size):
     out16 = shift_frames(x.detach().bfloat16(), d.detach())
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), ref.detach(), atol=0.05, rtol=0.02)
+
+
+def test_attention_backend_is_chosen_at_load_time_with_clear_errors():
+    import importlib.util
+
+    from services.denoiser import model as m
+    from services.denoiser.engine import DenoiserSettings
+
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    try:
+        assert m.set_attention("auto") == ("xformers" if has_xformers else "sdpa")
+        assert m.set_attention("matmul") == "matmul"
+        with pytest.raises(ValueError, match="attention must be one of"):
+            m.set_attention("flash")
+        if not has_xformers:
+            with pytest.raises(RuntimeError, match="xformers does not import"):
+                m.set_attention("xformers")
+        # CPU tensors take plain matmuls whatever the setting
+        q, k, v = (torch.randn(2, 128, 32) for _ in range(3))
+        ref = m._attend(q, k, v, heads=4)
+        m.set_attention("sdpa")
+        assert torch.equal(m._attend(q, k, v, heads=4), ref)
+    finally:
+        m.set_attention("sdpa")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DenoiserSettings(attention="flash").validate()
