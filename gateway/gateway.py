@@ -33,6 +33,7 @@ from gateway.tiers import RateLimiter, TierPolicy, tiers_from
 from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, payload_for
 from gateway.webhooks import WebhookSender
 from services.encoder.model import MAX_PROMPT_CHARS
+from videomesh.adapters import owner as lora_owner
 from videomesh.errors import (
     Cancelled,
     FailedPrecondition,
@@ -95,6 +96,9 @@ class GatewaySettings:
     )
     cache: bool = (
         True  # serve a repeated request (same normalised spec, seed and model) from the stored result
+    )
+    model_refresh_seconds: float = (
+        5.0  # re-read the denoiser's ModelInfo (new style adapters) at most this often
     )
     retention_seconds: float = 0.0  # delete stored files older than this (0 = keep)
     safety_lists: Path | None = None  # TOML of blocked terms per category; default gateway/safety_terms.toml
@@ -161,6 +165,7 @@ class VideoGateway:
                                        breaker_cooldown=settings.breaker_cooldown)  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.model: denoiser_pb2.ModelInfo | None = None
+        self._model_read = 0.0  # monotonic time of the last GetModelInfo
         self.queue = JobQueue(settings.queue_size, settings.aging_seconds)
         self.limiter = RateLimiter()
         self.webhooks = WebhookSender(attempts=settings.webhook_attempts, backoff=settings.webhook_backoff)
@@ -181,6 +186,7 @@ class VideoGateway:
             try:
                 self.model = self.downstreams.denoiser.GetModelInfo(denoiser_pb2.GetModelInfoRequest(), timeout=5,
                                                                     wait_for_ready=True)  # fmt: skip
+                self._model_read = time.monotonic()
                 break
             except grpc.RpcError as err:
                 if time.monotonic() > deadline:
@@ -232,7 +238,8 @@ class VideoGateway:
         self.downstreams.close()
 
     # --- spec ---------------------------------------------------------------------------------
-    def normalize(self, spec: common_pb2.VideoSpec, policy: TierPolicy | None = None) -> common_pb2.VideoSpec:
+    def normalize(self, spec: common_pb2.VideoSpec, policy: TierPolicy | None = None,
+                  tenant: str = "") -> common_pb2.VideoSpec:  # fmt: skip
         """Validate a user spec and fill defaults. Errors name the field and the allowed values."""
         m = self.model
         if m is None:
@@ -324,12 +331,42 @@ class VideoGateway:
                     f"language {spec.language!r} is not supported; choose one of {', '.join(m.languages)}",
                 )
             )
+        if spec.style_adapter:
+            usable = [a.name for a in self.adapters_for(tenant)]
+            if spec.style_adapter not in usable:
+                self._refresh_model()  # installed since the gateway started?
+                usable = [a.name for a in self.adapters_for(tenant)]
+            if spec.style_adapter not in usable:  # another tenant's reads as absent: nothing leaks
+                violations.append(("spec.style_adapter", f"style adapter {spec.style_adapter!r} is not available; "
+                                   f"choose one of: {', '.join(usable) or 'none installed'}"))  # fmt: skip
+            if not (0 <= spec.style_strength <= 2) or not math.isfinite(spec.style_strength):
+                violations.append(("spec.style_strength",
+                                   f"style_strength must be in 0..2 (0 = 1); got {spec.style_strength}"))  # fmt: skip
+            elif not spec.style_strength:
+                out.style_strength = 1.0
+        elif spec.style_strength:
+            violations.append(("spec.style_strength", "style_strength needs a style_adapter"))
         if violations:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         if not spec.HasField("seed"):
             out.seed = random.randrange(1, 2**31)
         out.prompt = prompt
         return out
+
+    def adapters_for(self, tenant: str) -> list[common_pb2.AdapterInfo]:
+        """The style adapters `tenant` may use: public ones and those in its own folder."""
+        return [a for a in self.model.adapters if lora_owner(a.name) in ("", tenant)]
+
+    def _refresh_model(self) -> None:
+        """Re-read the denoiser's ModelInfo (new adapters), at most every model_refresh_seconds; keep
+        the old one on failure."""
+        if time.monotonic() - self._model_read < self.settings.model_refresh_seconds:
+            return
+        self._model_read = time.monotonic()
+        try:
+            self.model = self.downstreams.denoiser.GetModelInfo(denoiser_pb2.GetModelInfoRequest(), timeout=5)
+        except grpc.RpcError as err:
+            log.warning("could not refresh the denoiser's model info: %s", err.details())
 
     def plan(self, spec: common_pb2.VideoSpec, watermark: str = "", visible: bool = False) -> Plan:
         m = self.model
@@ -352,6 +389,8 @@ class VideoGateway:
             expect_motion=expects_motion(spec.prompt),
             watermark=watermark,
             visible_mark=visible,
+            adapter=spec.style_adapter,
+            adapter_strength=spec.style_strength,
         )
 
     def _plan(self, job: Job, video: gateway_pb2.Video) -> Plan:
@@ -409,7 +448,7 @@ class VideoGateway:
             found = self.store.by_request(tenant.name, request_id)
             if found is not None:
                 return self.get(tenant.name, found.id)
-        norm = self.normalize(spec, policy)
+        norm = self.normalize(spec, policy, tenant.name)
         self._screen(tenant, norm)
         if self.settings.cache:
             hit = self._from_cache(tenant, norm, request_id, webhook_url, regenerated_from, template_id)
@@ -445,7 +484,8 @@ class VideoGateway:
         m = self.model
         parts = [spec.prompt.strip().casefold(), spec.negative_prompt.strip().casefold(), spec.style.strip().casefold(),
                  f"{spec.width}x{spec.height}", f"{spec.fps:g}", f"{spec.duration_seconds:g}", str(spec.num_steps),
-                 f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model]  # fmt: skip
+                 f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model,
+                 spec.style_adapter, f"{spec.style_strength:g}"]  # fmt: skip
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
     def _from_cache(self, tenant: Tenant, spec, request_id, webhook_url, regenerated_from, template_id):

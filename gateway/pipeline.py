@@ -143,6 +143,8 @@ class Plan:
     expect_motion: bool = True
     watermark: str = ""  # invisible payload (hex); empty = none
     visible_mark: bool = False
+    adapter: str = ""  # brand style adapter (LoRA) for the denoiser
+    adapter_strength: float = 0.0
 
 
 @dataclass
@@ -233,6 +235,8 @@ class Pipeline:
             num_steps=plan.steps,
             guidance_scale=plan.guidance,
             encoder_model=enc.model,
+            adapter=plan.adapter,
+            adapter_strength=plan.adapter_strength,
         )
         call = self.ds.denoiser.Denoise(req, timeout=ctl.remaining())
         ctl.track(call)

@@ -87,6 +87,11 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
     def GetUsage(self, request, context):
         return self.gw.usage(self._tenant(context), float(request.since_unix))
 
+    def ListStyleAdapters(self, request, context):
+        return gateway_pb2.ListStyleAdaptersResponse(
+            adapters=self.gw.adapters_for(self._tenant(context).name)
+        )
+
     def ReviewVideo(self, request, context):
         return self.gw.review(self._tenant(context), request.id, request.approve, request.note)
 

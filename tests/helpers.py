@@ -42,13 +42,14 @@ class InProcessMesh:
     """encoder + denoiser + upscaler + qc + gateway, in this process, for fast tests."""
 
     def __init__(
-        self, data_dir: Path, *, model: str = "tiny", gateway: dict | None = None, qc: dict | None = None
-    ):
+        self, data_dir: Path, *, model: str = "tiny", gateway: dict | None = None, qc: dict | None = None,
+        denoiser: dict | None = None,
+    ):  # fmt: skip
         self.servers: dict[str, Server] = {}
         self._stops = []
         for name, kw in (
             ("encoder", {"model": "tiny" if model == "tiny" else "default"}),
-            ("denoiser", {"model": model}),
+            ("denoiser", {"model": model, **(denoiser or {})}),
             ("upscaler", {}),
             ("qc", qc or {}),
         ):
@@ -88,3 +89,22 @@ class InProcessMesh:
         self._gw_stop()
         for s in self._stops:
             s()
+
+
+def random_adapter(name: str, seed: int, scale: float = 0.3):
+    """Random deltas for the tiny model: enough to change every clip visibly."""
+    import torch
+
+    from services.denoiser import lora
+    from services.denoiser.model import MODELS, MoEDenoiser
+
+    model = MoEDenoiser(MODELS["tiny"])
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, mod in lora.adaptable(model, lora.LoRAConfig()).items():
+        fan_in, out = mod.weight[0].numel(), mod.weight.shape[0]
+        layers[path] = (
+            torch.randn(2, fan_in, generator=g) / fan_in**0.5,
+            torch.randn(out, 2, generator=g) * scale,
+        )
+    return lora.Adapter(name, "tiny", 2, 2.0, layers, f"test adapter {name}")

@@ -33,6 +33,10 @@ def _spec(args):
     )
     if args.seed is not None:
         spec.seed = args.seed
+    if args.adapter:
+        spec.style_adapter = args.adapter
+    if args.adapter_strength:
+        spec.style_strength = args.adapter_strength
     if args.duration:
         spec.duration_seconds = args.duration
     if args.fps:
@@ -290,6 +294,7 @@ def cmd_usage(args) -> int:
         try:
             u = c.usage()
             tpl = c.templates() if args.templates else []
+            adapters = c.style_adapters() if args.adapters else []
         except grpc.RpcError as e:
             _err(f"{e.code().name}: {e.details()}")
             return 1
@@ -304,6 +309,10 @@ def cmd_usage(args) -> int:
     for t in tpl:
         fields = ", ".join(f.name + (f" [{'|'.join(f.choices)}]" if f.choices else "") for f in t.fields)
         print(f"template {t.id}: {t.name} — {fields}")
+    for a in adapters:
+        print(f"style adapter {a.name}: {a.description}")
+    if args.adapters and not adapters:
+        print("no style adapters installed for you")
     return 0
 
 
@@ -336,6 +345,11 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 256x256")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--style", help="style word, e.g. documentary")
+    p.add_argument(
+        "--adapter",
+        help="brand style adapter (LoRA), e.g. brand-banner; `videomesh usage --adapters` lists yours",
+    )
+    p.add_argument("--adapter-strength", type=float, help="0..2 (default 1)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--api-key", help="default: $VIDEOMESH_API_KEY or the key `videomesh up` wrote")
@@ -386,11 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--gateway")
     us.add_argument("--api-key")
     us.add_argument("--templates", action="store_true", help="also list the template library")
+    us.add_argument("--adapters", action="store_true", help="also list the brand style adapters you may use")
 
     sub.add_parser(
         "train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False
     )
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
+    sub.add_parser("train-adapter", help="fit a brand style adapter (LoRA) on the shipped denoiser",
+                   add_help=False)  # fmt: skip
 
     t = sub.add_parser("tenants", help="manage tenants and API keys")
     t.add_argument("action", choices=["add", "list", "revoke", "rotate"])
@@ -415,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.denoiser.evaluate import main as eval_main
 
         return eval_main(rest)
+    if args.cmd == "train-adapter":
+        from services.denoiser.train_adapter import main as adapter_main
+
+        return adapter_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "tenants" and args.action != "list" and not args.name:

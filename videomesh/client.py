@@ -155,6 +155,14 @@ class VideoClient:
             ).templates
         )
 
+    def style_adapters(self) -> list[common_pb2.AdapterInfo]:
+        """The brand style adapters this tenant may use (public ones and its own)."""
+        return list(
+            self.stub.ListStyleAdapters(
+                gateway_pb2.ListStyleAdaptersRequest(), metadata=self._metadata, timeout=30
+            ).adapters
+        )
+
     def create_from_template(self, template_id: str, fields: dict[str, str], overrides: common_pb2.VideoSpec | None = None,
                              request_id: str = "") -> gateway_pb2.Video:  # fmt: skip
         req = gateway_pb2.CreateVideoFromTemplateRequest(template_id=template_id, fields=fields, request_id=request_id,

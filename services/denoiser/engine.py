@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.denoiser.lora import Adapter, AdapterSlot, check_name
 from services.denoiser.model import (
     ATTENTION_BACKENDS,
     MODELS,
@@ -26,12 +27,13 @@ from services.denoiser.model import (
     set_attention,
 )
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
-from videomesh.errors import FailedPrecondition, InvalidArgument
+from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from videomesh.weights import UNTRAINED, file_version, load_into
 
 log = logging.getLogger("videomesh.denoiser")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 ENCODER_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "encoder" / "weights"
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # <name>.safetensors, <tenant>/<name>.safetensors
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ class DenoiserSettings:
     weights: Path | None = None  # default: services/denoiser/weights/<model>.safetensors
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    attention: str = (
-        "auto"  # long sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
-    )
+    adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
+    # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
+    attention: str = "auto"
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
@@ -82,6 +84,8 @@ class DenoiseJob:
     seed: int
     steps: int
     guidance: float  # 0 = the per-expert defaults
+    adapter: str = ""  # a brand style adapter (LoRA) by name; "" = the base model
+    adapter_strength: float = 1.0  # how much of the adapter's delta is added (0 < s <= 2)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -112,6 +116,8 @@ class DenoiserEngine:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.attention = "matmul"  # the kernel for long attention sequences (CUDA only)
+        self._adapters: dict[str, Adapter] = {}  # loaded on first use
+        self._slot: AdapterSlot | None = None
         self._lock = threading.Lock()  # one generation at a time per engine (the executor batches later)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -127,6 +133,7 @@ class DenoiserEngine:
         enc_version = file_version(enc_path) if enc_path.exists() else UNTRAINED
         self.encoder_model = f"{self.cfg.encoder}@{enc_version}"
         self.model = model.to(self.device)
+        self._slot = AdapterSlot(self.model)
         log.info(
             "denoiser %s@%s on %s/%s (attention: %s), %d params per expert",
             self.cfg.name,
@@ -136,6 +143,37 @@ class DenoiserEngine:
             self.attention,
             count_parameters(model.experts["high_noise"]),
         )
+
+    # --- brand style adapters -------------------------------------------------------------------
+    @property
+    def adapters_dir(self) -> Path:
+        return Path(self.settings.adapters_dir or ADAPTERS_DIR)
+
+    def adapter_names(self) -> list[str]:
+        """Installed adapters: <dir>/<name>.safetensors (public), <dir>/<tenant>/<name>.safetensors."""
+        d = self.adapters_dir
+        names = [p.stem for p in d.glob("*.safetensors")] + [
+            f"{p.parent.name}/{p.stem}" for p in d.glob("*/*.safetensors")
+        ]
+        return sorted(n for n in names if _valid_name(n))
+
+    def adapter(self, name: str) -> Adapter:
+        """Load (once) and check an installed adapter; NotFound for a name that is not installed."""
+        if name in self._adapters:
+            return self._adapters[name]
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise InvalidArgument(str(e), field="adapter") from None
+        path = self.adapters_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise NotFound(f"no style adapter {name!r} is installed", reason="ADAPTER_NOT_FOUND")
+        adapter = Adapter.load(path, name)
+        if adapter.base_model != self.cfg.name:
+            raise FailedPrecondition(f"adapter {name!r} was trained for model {adapter.base_model!r}, this denoiser "
+                                     f"runs {self.cfg.name!r}", reason="ADAPTER_MISMATCH")  # fmt: skip
+        self._adapters[name] = adapter
+        return adapter
 
     @property
     def trained(self) -> bool:
@@ -174,6 +212,11 @@ class DenoiserEngine:
             raise InvalidArgument(
                 f"guidance_scale must be in 0..30 (0 = default); got {job.guidance}", field="guidance_scale"
             )
+        if job.adapter:
+            self.adapter(job.adapter)
+            if not (0 < job.adapter_strength <= 2) or not np.isfinite(job.adapter_strength):
+                raise InvalidArgument(f"adapter_strength must be in (0, 2]; got {job.adapter_strength}",
+                                      field="adapter_strength")  # fmt: skip
         if encoder_model and encoder_model != self.encoder_model:
             raise FailedPrecondition(
                 f"text embeddings come from encoder {encoder_model}, but this denoiser was trained with "
@@ -225,8 +268,19 @@ class DenoiserEngine:
                 on_step(step, total, model.expert_for(t), t)
 
         t0 = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            out = sample_euler(velocity, x, ts, callback=callback, should_stop=should_stop)
+        with self._lock:
+            # the base weights come back bit for bit when the next request asks for none
+            self._slot.use(self.adapter(job.adapter) if job.adapter else None, job.adapter_strength)
+            with torch.inference_mode():
+                out = sample_euler(velocity, x, ts, callback=callback, should_stop=should_stop)
         log.debug("generated in %.2fs", time.perf_counter() - t0)
         frames = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T, C, H, W)
         return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+        return True
+    except ValueError:
+        return False

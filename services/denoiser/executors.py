@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
+from services.denoiser.lora import Adapter, AdapterSlot
 from services.denoiser.model import MODELS, MoEDenoiser, set_attention
 from services.denoiser.sampling import SamplingCancelled, flow_timesteps, pad_text
 
@@ -82,6 +83,8 @@ class ExpertShard:
         net = full.get_submodule(MoEDenoiser._shard_modules[expert])
         load_into(net, weights, prefix=prefix) if weights and os.path.exists(weights) else None
         self.net = net.eval().to(self.device)
+        self.prefix = prefix
+        self.slot = AdapterSlot(self.net)  # brand style adapters, merged per batch
         self.batch_sizes: list[int] = []
         self.node_id = _node_id()
 
@@ -90,10 +93,19 @@ class ExpertShard:
                 "attention": self.attention, "pid": __import__("os").getpid()}  # fmt: skip
 
     def velocity(
-        self, x: np.ndarray, t: np.ndarray, cond: list, uncond: list, guidance: np.ndarray
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        cond: list,
+        uncond: list,
+        guidance: np.ndarray,
+        adapter: Adapter | None = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
-        """One CFG step for a batch of requests: x (B, T, C, H, W), t (B,), per-request text."""
+        """One CFG step for a batch of requests: x (B, T, C, H, W), t (B,), per-request text;
+        every request of a batch uses the same style adapter (or none)."""
         self.batch_sizes.append(len(x))
+        self.slot.use(adapter.under(self.prefix) if adapter is not None else None, strength)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
             xb = torch.from_numpy(x).to(self.device)
             tb = torch.from_numpy(t).to(self.device)
@@ -178,6 +190,7 @@ class RayExecutor:
         self.shards: list[dict[str, object]] = []  # per replica: expert -> actor handle
         self.groups: list = []
         self._pending: list[_Request] = []
+        self._adapter_refs: dict[str, object] = {}
         self._active: list[_Request] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -300,12 +313,13 @@ class RayExecutor:
         import ray
 
         cfg = self.engine.cfg
-        groups: dict[tuple[int, str], list[_Request]] = defaultdict(list)
+        # one batch per replica, expert and style adapter (a shard merges one adapter at a time)
+        groups: dict[tuple[int, str, str, float], list[_Request]] = defaultdict(list)
         for i, r in enumerate(self._active):
             replica = i % len(self.shards)
-            groups[(replica, cfg.expert_for(r.t))].append(r)
+            groups[(replica, cfg.expert_for(r.t), r.job.adapter, r.job.adapter_strength)].append(r)
         calls = []
-        for (replica, expert), reqs in groups.items():
+        for (replica, expert, _, _), reqs in groups.items():
             for k in range(0, len(reqs), self.settings.max_batch):
                 part = reqs[k : k + self.settings.max_batch]
                 calls.append((replica, expert, part, self._submit(replica, expert, part)))
@@ -342,7 +356,19 @@ class RayExecutor:
         cond = [(r.job.text.float().numpy(), r.job.text_mask.numpy()) for r in reqs]
         uncond = [(r.job.negative.float().numpy(), r.job.negative_mask.numpy()) for r in reqs]
         g = np.array([r.job.guidance or self.engine.cfg.guidance_for(expert) for r in reqs], np.float32)
-        return self.shards[replica][expert].velocity.remote(x, t, cond, uncond, g)
+        job = reqs[0].job
+        adapter = self._adapter_ref(job.adapter) if job.adapter else None
+        return self.shards[replica][expert].velocity.remote(
+            x, t, cond, uncond, g, adapter, job.adapter_strength
+        )
+
+    def _adapter_ref(self, name: str):
+        """The adapter in Ray's object store, put there once (shards on any node can read it)."""
+        import ray
+
+        if name not in self._adapter_refs:
+            self._adapter_refs[name] = ray.put(self.engine.adapter(name))
+        return self._adapter_refs[name]
 
     def _restart(self, replica: int, expert: str) -> None:
         import ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -13,6 +14,7 @@ from videomesh import codec
 from videomesh.errors import Cancelled, InvalidArgument
 from videomesh.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
+log = logging.getLogger("videomesh.denoiser")
 SERVICE_NAME = denoiser_pb2.DESCRIPTOR.services_by_name["Denoiser"].full_name
 _FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16)
 
@@ -46,6 +48,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             seed=req.seed,
             steps=req.num_steps or cfg.steps,
             guidance=req.guidance_scale,
+            adapter=req.adapter,
+            adapter_strength=req.adapter_strength or 1.0,
         )
 
     def Denoise(self, request, context):
@@ -125,7 +129,20 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             capacity=getattr(
                 self.executor, "capacity", 1
             ),  # generations at once: the gateway sizes its slots from it
+            adapters=self._adapters(),
         )
+
+    def _adapters(self) -> list[common_pb2.AdapterInfo]:
+        out = []
+        for name in self.engine.adapter_names():
+            try:
+                a = self.engine.adapter(name)
+            except Exception as err:  # noqa: BLE001 - an unusable file is left out, not fatal
+                log.warning("style adapter %s is installed but unusable: %s", name, err)
+                continue
+            out.append(common_pb2.AdapterInfo(name=name, description=a.description, rank=a.rank,
+                                                parameters=a.parameters()))  # fmt: skip
+        return out
 
 
 def registration(servicer: DenoiserServicer):

@@ -125,22 +125,12 @@ def sample_t(rng: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> 
 
 
 @torch.no_grad()
-def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, steps: int = 20, seed: int = 123,
-             single_expert: bool = False) -> dict:  # fmt: skip
-    """Sample held-out prompts in every language with CFG; score them with the detector.
-
-    Before the fork only the shared weights (in the high-noise slot) are trained, so
-    `single_expert` samples every step with them.
-    """
+def sample_clips(model: MoEDenoiser, encoder: TextEncoder, texts: list[str], *, steps: int = 20, seed: int = 123,
+                 single_expert: bool = False) -> np.ndarray:  # fmt: skip
+    """One clip per text with CFG (the model's per-expert guidance), in one batch, noise from
+    `seed`: (N, T, H, W, 3) uint8."""
     mcfg = model.cfg
     dev = next(model.parameters()).device
-    model.eval()
-    prompts = [
-        (lang, p, s)
-        for lang in LANGS
-        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
-    ]
-    texts = [p for _, p, _ in prompts]
     cond = tuple(v.to(dev) for v in encoder.encode(texts))
     uncond = tuple(v.to(dev) for v in encoder.encode([""] * len(texts)))
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +144,25 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
 
     velocity = cfg_velocity(net, cond, uncond, lambda t: model.guidance_for(model.expert_for(t)))
     out = sample_euler(velocity, x, flow_timesteps(steps, mcfg.shift))
-    frames = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    return ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, steps: int = 20, seed: int = 123,
+             single_expert: bool = False) -> dict:  # fmt: skip
+    """Sample held-out prompts in every language with CFG; score them with the detector.
+
+    Before the fork only the shared weights (in the high-noise slot) are trained, so
+    `single_expert` samples every step with them.
+    """
+    prompts = [
+        (lang, p, s)
+        for lang in LANGS
+        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
+    ]
+    model.eval()
+    frames = sample_clips(model, encoder, [p for _, p, _ in prompts], steps=steps, seed=seed,
+                          single_expert=single_expert)  # fmt: skip
     table: dict[str, dict[str, float]] = {}
     for lang in LANGS:
         rows = [score(detect(f), s) for f, (lg, _, s) in zip(frames, prompts, strict=True) if lg == lang]

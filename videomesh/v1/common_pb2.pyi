@@ -102,7 +102,7 @@ class Size(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class VideoSpec(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "duration_seconds", "fps", "seed", "language", "style", "num_steps", "guidance_scale")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "duration_seconds", "fps", "seed", "language", "style", "num_steps", "guidance_scale", "style_adapter", "style_strength")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,8 @@ class VideoSpec(_message.Message):
     STYLE_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STYLE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    STYLE_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -125,7 +127,9 @@ class VideoSpec(_message.Message):
     style: str
     num_steps: int
     guidance_scale: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., language: _Optional[str] = ..., style: _Optional[str] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
+    style_adapter: str
+    style_strength: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., language: _Optional[str] = ..., style: _Optional[str] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., style_adapter: _Optional[str] = ..., style_strength: _Optional[float] = ...) -> None: ...
 
 class FrameRange(_message.Message):
     __slots__ = ("start", "end")
@@ -158,3 +162,15 @@ class QualityReport(_message.Message):
     checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
     frames_inspected: int
     def __init__(self, passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., frames_inspected: _Optional[int] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "description", "rank", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    rank: int
+    parameters: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., rank: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from videomesh.v1 import common_pb2 as videomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvideomesh/v1/denoiser.proto\x12\x0cvideomesh.v1\x1a\x19videomesh/v1/common.proto\"\xdf\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0ftext_embeddings\x18\x02 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\'\n\ttext_mask\x18\x03 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\x31\n\x13negative_embeddings\x18\x04 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12+\n\rnegative_mask\x18\x05 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x11\n\tnum_steps\x18\n \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x0b \x01(\x02\x12\x15\n\rencoder_model\x18\x0c \x01(\t\"J\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\t\x12\r\n\x05sigma\x18\x04 \x01(\x02\"?\n\x0b\x44\x65noiseDone\x12\x12\n\nnum_frames\x18\x01 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x02\x12\x0f\n\x07seconds\x18\x03 \x01(\x02\"\x9e\x01\n\x0c\x44\x65noiseEvent\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.videomesh.v1.StepProgressH\x00\x12*\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x18.videomesh.v1.FrameChunkH\x00\x12)\n\x04\x64one\x18\x03 \x01(\x0b\x32\x19.videomesh.v1.DenoiseDoneH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"@\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62oundary\x18\x02 \x01(\x02\x12\x12\n\nparameters\x18\x03 \x01(\x03\"\xac\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12!\n\x05sizes\x18\x03 \x03(\x0b\x32\x12.videomesh.v1.Size\x12\x14\n\x0c\x66rame_counts\x18\x04 \x03(\x05\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\x12\x11\n\tlanguages\x18\x06 \x03(\t\x12\x15\n\rdefault_steps\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x08 \x01(\x02\x12)\n\x07\x65xperts\x18\t \x03(\x0b\x32\x18.videomesh.v1.ExpertInfo\x12\x15\n\rencoder_model\x18\n \x01(\t\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12\x11\n\tmax_steps\x18\x0c \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\x05\x32\x9d\x01\n\x08\x44\x65noiser\x12\x45\n\x07\x44\x65noise\x12\x1c.videomesh.v1.DenoiseRequest\x1a\x1a.videomesh.v1.DenoiseEvent0\x01\x12J\n\x0cGetModelInfo\x12!.videomesh.v1.GetModelInfoRequest\x1a\x17.videomesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvideomesh/v1/denoiser.proto\x12\x0cvideomesh.v1\x1a\x19videomesh/v1/common.proto\"\x8a\x03\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0ftext_embeddings\x18\x02 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\'\n\ttext_mask\x18\x03 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\x31\n\x13negative_embeddings\x18\x04 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12+\n\rnegative_mask\x18\x05 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x11\n\tnum_steps\x18\n \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x0b \x01(\x02\x12\x15\n\rencoder_model\x18\x0c \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\r \x01(\t\x12\x18\n\x10\x61\x64\x61pter_strength\x18\x0e \x01(\x02\"J\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\t\x12\r\n\x05sigma\x18\x04 \x01(\x02\"?\n\x0b\x44\x65noiseDone\x12\x12\n\nnum_frames\x18\x01 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x02\x12\x0f\n\x07seconds\x18\x03 \x01(\x02\"\x9e\x01\n\x0c\x44\x65noiseEvent\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.videomesh.v1.StepProgressH\x00\x12*\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x18.videomesh.v1.FrameChunkH\x00\x12)\n\x04\x64one\x18\x03 \x01(\x0b\x32\x19.videomesh.v1.DenoiseDoneH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"@\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62oundary\x18\x02 \x01(\x02\x12\x12\n\nparameters\x18\x03 \x01(\x03\"\xd9\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12!\n\x05sizes\x18\x03 \x03(\x0b\x32\x12.videomesh.v1.Size\x12\x14\n\x0c\x66rame_counts\x18\x04 \x03(\x05\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\x12\x11\n\tlanguages\x18\x06 \x03(\t\x12\x15\n\rdefault_steps\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x08 \x01(\x02\x12)\n\x07\x65xperts\x18\t \x03(\x0b\x32\x18.videomesh.v1.ExpertInfo\x12\x15\n\rencoder_model\x18\n \x01(\t\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12\x11\n\tmax_steps\x18\x0c \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\x05\x12+\n\x08\x61\x64\x61pters\x18\x0e \x03(\x0b\x32\x19.videomesh.v1.AdapterInfo2\x9d\x01\n\x08\x44\x65noiser\x12\x45\n\x07\x44\x65noise\x12\x1c.videomesh.v1.DenoiseRequest\x1a\x1a.videomesh.v1.DenoiseEvent0\x01\x12J\n\x0cGetModelInfo\x12!.videomesh.v1.GetModelInfoRequest\x1a\x17.videomesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'videomesh.v1.denoiser_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=73
-  _globals['_DENOISEREQUEST']._serialized_end=424
-  _globals['_STEPPROGRESS']._serialized_start=426
-  _globals['_STEPPROGRESS']._serialized_end=500
-  _globals['_DENOISEDONE']._serialized_start=502
-  _globals['_DENOISEDONE']._serialized_end=565
-  _globals['_DENOISEEVENT']._serialized_start=568
-  _globals['_DENOISEEVENT']._serialized_end=726
-  _globals['_GETMODELINFOREQUEST']._serialized_start=728
-  _globals['_GETMODELINFOREQUEST']._serialized_end=749
-  _globals['_EXPERTINFO']._serialized_start=751
-  _globals['_EXPERTINFO']._serialized_end=815
-  _globals['_MODELINFO']._serialized_start=818
-  _globals['_MODELINFO']._serialized_end=1118
-  _globals['_DENOISER']._serialized_start=1121
-  _globals['_DENOISER']._serialized_end=1278
+  _globals['_DENOISEREQUEST']._serialized_end=467
+  _globals['_STEPPROGRESS']._serialized_start=469
+  _globals['_STEPPROGRESS']._serialized_end=543
+  _globals['_DENOISEDONE']._serialized_start=545
+  _globals['_DENOISEDONE']._serialized_end=608
+  _globals['_DENOISEEVENT']._serialized_start=611
+  _globals['_DENOISEEVENT']._serialized_end=769
+  _globals['_GETMODELINFOREQUEST']._serialized_start=771
+  _globals['_GETMODELINFOREQUEST']._serialized_end=792
+  _globals['_EXPERTINFO']._serialized_start=794
+  _globals['_EXPERTINFO']._serialized_end=858
+  _globals['_MODELINFO']._serialized_start=861
+  _globals['_MODELINFO']._serialized_end=1206
+  _globals['_DENOISER']._serialized_start=1209
+  _globals['_DENOISER']._serialized_end=1366
 # @@protoc_insertion_point(module_scope)

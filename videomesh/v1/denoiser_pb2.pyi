@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model")
+    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model", "adapter", "adapter_strength")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class DenoiseRequest(_message.Message):
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text_embeddings: _common_pb2.Tensor
     text_mask: _common_pb2.Tensor
@@ -34,7 +36,9 @@ class DenoiseRequest(_message.Message):
     num_steps: int
     guidance_scale: float
     encoder_model: str
-    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ...) -> None: ...
+    adapter: str
+    adapter_strength: float
+    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_strength: _Optional[float] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total", "expert", "sigma")
@@ -83,7 +87,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., boundary: _Optional[float] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps", "capacity")
+    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps", "capacity", "adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +101,7 @@ class ModelInfo(_message.Message):
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sizes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Size]
@@ -110,4 +115,5 @@ class ModelInfo(_message.Message):
     trained: bool
     max_steps: int
     capacity: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterInfo]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ..., capacity: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterInfo, _Mapping]]] = ...) -> None: ...

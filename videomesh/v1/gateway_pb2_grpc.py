@@ -107,6 +107,11 @@ class VideoServiceStub:
                 request_serializer=videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=videomesh_dot_v1_dot_gateway__pb2.Usage.FromString,
                 _registered_method=True)
+        self.ListStyleAdapters = channel.unary_unary(
+                '/videomesh.v1.VideoService/ListStyleAdapters',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class VideoServiceServicer:
@@ -208,6 +213,13 @@ class VideoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStyleAdapters(self, request, context):
+        """The brand style adapters this tenant may use: public ones and its own ("tenant/name").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +292,11 @@ def add_VideoServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.FromString,
                     response_serializer=videomesh_dot_v1_dot_gateway__pb2.Usage.SerializeToString,
+            ),
+            'ListStyleAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStyleAdapters,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -662,6 +679,33 @@ class VideoService:
             '/videomesh.v1.VideoService/GetUsage',
             videomesh_dot_v1_dot_gateway__pb2.GetUsageRequest.SerializeToString,
             videomesh_dot_v1_dot_gateway__pb2.Usage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStyleAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/videomesh.v1.VideoService/ListStyleAdapters',
+            videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
