@@ -5,7 +5,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PROMPT ?= a purple triangle moving up on a white background
 
-.PHONY: install demo test test-fast protos lint train eval eval-qc bench
+.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ eval: install
 # Throughput figures: Ray batching/pipelining vs one at a time; bf16 vs fp32.
 bench: install
 	$(BIN)/python -m services.denoiser.bench
+
+# The shipped brand style adapter (LoRA) on the frozen default model, then its evaluation.
+train-adapter: install
+	$(BIN)/videomesh train-adapter
 
 # The upscaler's super-resolution network, then its evaluation table.
 train-upscaler: install

@@ -110,7 +110,11 @@ def evaluate_adapter(base: MoEDenoiser, encoder: TextEncoder, adapter: Adapter, 
     """Held-out prompts with and without the adapter, the same noise for both: the share of
     clips in the brand look (banner_share > 0.5) and colour / shape / motion judged above the
     banner, per language and overall."""
-    prompts = [(lang, p, s) for lang in LANGS for p, s in heldout_prompts(lang, per_lang, seed=seed)]
+    prompts = [
+        (lang, p, s)
+        for lang in LANGS
+        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
+    ]
     texts = [p for _, p, _ in prompts]
     slot = AdapterSlot(base)
     out = {}

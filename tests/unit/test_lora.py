@@ -1,5 +1,8 @@
 """Brand style adapters (LoRA): training deltas, merging for serving, exact restore."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +93,53 @@ def test_bad_adapter_names(name):
 
 def test_owner():
     assert lora.owner("acme/look") == "acme" and lora.owner("public-look") == ""
+
+
+def test_engine_adapter_errors_name_the_problem(tmp_path):
+    from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
+    from tests.helpers import random_adapter
+    from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound
+
+    random_adapter("look", 1).save(tmp_path / "look.safetensors")
+    wrong = random_adapter("other-model", 1)
+    wrong.base_model = "default"
+    wrong.save(tmp_path / "other-model.safetensors")
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "broken.safetensors").write_bytes(b"not safetensors")
+    e = DenoiserEngine(DenoiserSettings(model="tiny", adapters_dir=tmp_path))
+    e.load()
+    assert e.adapter_names() == ["acme/broken", "look", "other-model"]
+    g = torch.Generator().manual_seed(0)
+    job = DenoiseJob(torch.randn(1, 5, 32, generator=g), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 1, 32),
+                     torch.ones(1, 1, dtype=torch.bool), 4, 16, 16, 1, 2, 0.0)  # fmt: skip
+    e.check(dataclasses.replace(job, adapter="look", adapter_strength=2.0))
+    with pytest.raises(NotFound, match="no style adapter 'nope'"):
+        e.check(dataclasses.replace(job, adapter="nope"))
+    with pytest.raises(InvalidArgument, match="adapter name"):
+        e.check(dataclasses.replace(job, adapter="../look"))
+    with pytest.raises(FailedPrecondition, match="trained for model 'default'"):
+        e.check(dataclasses.replace(job, adapter="other-model"))
+    for bad in (0.0, -1.0, 2.5, float("nan")):
+        with pytest.raises(InvalidArgument, match="adapter_strength"):
+            e.check(dataclasses.replace(job, adapter="look", adapter_strength=bad))
+    with pytest.raises(Exception):  # noqa: B017 - an unreadable file fails that request only
+        e.adapter("acme/broken")
+
+
+def test_train_adapter_leaves_the_base_and_learns_the_look():
+    from services.denoiser.train_adapter import AdapterTrainConfig, evaluate_adapter, train_adapter
+    from services.encoder.model import TEXT_ENCODERS, TextEncoder
+
+    torch.manual_seed(0)
+    base = MoEDenoiser(MODELS["tiny"]).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    enc = TextEncoder(TEXT_ENCODERS["tiny"]).eval()
+    adapter, info = train_adapter(
+        AdapterTrainConfig(name="t", model="tiny", steps=2, batch=2, rank=2), base, enc
+    )
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert adapter.layers and any(u.abs().sum() > 0 for _, u in adapter.layers.values())  # up left zero
+    assert np.isfinite(info["final_loss"])
+    table = evaluate_adapter(base, enc, adapter, per_lang=1)
+    assert set(table) == {"base", "adapter"} and set(table["adapter"]) == {"en", "zh", "ja", "all"}
+    assert 0.0 <= table["adapter"]["all"]["look"] <= 1.0
