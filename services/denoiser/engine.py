@@ -172,6 +172,10 @@ class DenoiserEngine:
         if adapter.base_model != self.cfg.name:
             raise FailedPrecondition(f"adapter {name!r} was trained for model {adapter.base_model!r}, this denoiser "
                                      f"runs {self.cfg.name!r}", reason="ADAPTER_MISMATCH")  # fmt: skip
+        if adapter.base_version and adapter.base_version != self.version:
+            raise FailedPrecondition(f"adapter {name!r} was trained on weights {adapter.base_version}, this denoiser "
+                                     f"runs {self.version}; retrain it (videomesh train-adapter)",
+                                     reason="ADAPTER_MISMATCH")  # fmt: skip
         self._adapters[name] = adapter
         return adapter
 

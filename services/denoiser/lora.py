@@ -55,6 +55,7 @@ class Adapter:
     alpha: float
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (down (r, fan_in), up (out, r))
     description: str = ""
+    base_version: str = ""  # the base weights it was trained on ("" = not recorded)
 
     @property
     def scale(self) -> float:
@@ -73,7 +74,7 @@ class Adapter:
             tensors[f"{p}.lora_down"] = d.detach().to(torch.bfloat16).contiguous()
             tensors[f"{p}.lora_up"] = u.detach().to(torch.bfloat16).contiguous()
         meta = {"format": FORMAT, "name": self.name, "base_model": self.base_model, "rank": str(self.rank),
-                "alpha": str(self.alpha), "description": self.description}  # fmt: skip
+                "alpha": str(self.alpha), "description": self.description, "base_version": self.base_version}  # fmt: skip
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
@@ -92,14 +93,15 @@ class Adapter:
         if any(d is None or u is None for d, u in layers.values()):
             raise ValueError(f"{path}: a layer lacks its down or up matrix")
         return cls(name, meta["base_model"], int(meta["rank"]), float(meta["alpha"]),
-                   {p: (d, u) for p, (d, u) in layers.items()}, meta.get("description", ""))  # fmt: skip
+                   {p: (d, u) for p, (d, u) in layers.items()}, meta.get("description", ""),
+                   meta.get("base_version", ""))  # fmt: skip
 
     def under(self, prefix: str) -> Adapter:
         """The layers below module `prefix` ("experts.high_noise."), renamed relative to it: what
         one expert shard applies."""
         return Adapter(self.name, self.base_model, self.rank, self.alpha,
                        {p[len(prefix):]: v for p, v in self.layers.items() if p.startswith(prefix)},
-                       self.description)  # fmt: skip
+                       self.description, self.base_version)  # fmt: skip
 
     def info(self) -> dict:
         return {"name": self.name, "base_model": self.base_model, "rank": self.rank, "layers": len(self.layers),
@@ -183,9 +185,8 @@ def attach(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[nn.Paramete
     return params
 
 
-def detach(
-    model: nn.Module, cfg: LoRAConfig, *, name: str, base_model: str, description: str = ""
-) -> Adapter:
+def detach(model: nn.Module, cfg: LoRAConfig, *, name: str, base_model: str, description: str = "",
+           base_version: str = "") -> Adapter:  # fmt: skip
     """Take the trained deltas out of `model` (which returns to its base weights) as an Adapter."""
     layers = {}
     for path, mod in model.named_modules():
@@ -193,4 +194,4 @@ def detach(
             lr = mod.parametrizations.weight[0]
             layers[path] = (lr.down.detach().clone(), lr.up.detach().clone())
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-    return Adapter(check_name(name), base_model, cfg.rank, cfg.alpha, layers, description)
+    return Adapter(check_name(name), base_model, cfg.rank, cfg.alpha, layers, description, base_version)

@@ -51,10 +51,11 @@ class AdapterTrainConfig:
 
 
 def load_base(model: str) -> tuple[MoEDenoiser, TextEncoder]:
+    """The shipped denoiser (its weights' version in `.version`) and text encoder."""
     mcfg = MODELS[model]
     torch.manual_seed(0)
     net = MoEDenoiser(mcfg)
-    load_into(net, WEIGHTS_DIR / f"{mcfg.name}.safetensors")
+    net.version = load_into(net, WEIGHTS_DIR / f"{mcfg.name}.safetensors")
     enc = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
     load_into(enc, ENCODER_WEIGHTS / f"{mcfg.encoder}.safetensors")
     return net.eval(), enc.eval().requires_grad_(False)
@@ -100,7 +101,8 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
                      (time.perf_counter() - t0) / (step + 1))  # fmt: skip
     base.eval()
     desc = f"brand look '{cfg.style}': {STYLES[cfg.style]} (rank {cfg.rank}, {cfg.steps} steps)"
-    adapter = detach(base, lcfg, name=cfg.name, base_model=mcfg.name, description=desc)
+    adapter = detach(base, lcfg, name=cfg.name, base_model=mcfg.name, description=desc,
+                     base_version=getattr(base, "version", ""))  # fmt: skip
     return adapter, {"minutes": (time.perf_counter() - t0) / 60, "final_loss": float(np.mean(losses[-25:]))}
 
 

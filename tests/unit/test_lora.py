@@ -119,6 +119,11 @@ def test_engine_adapter_errors_name_the_problem(tmp_path):
         e.check(dataclasses.replace(job, adapter="../look"))
     with pytest.raises(FailedPrecondition, match="trained for model 'default'"):
         e.check(dataclasses.replace(job, adapter="other-model"))
+    stale = random_adapter("stale", 1)
+    stale.base_version = "0123abcd"  # trained on other weights of the same model
+    stale.save(tmp_path / "stale.safetensors")
+    with pytest.raises(FailedPrecondition, match="retrain it"):
+        e.check(dataclasses.replace(job, adapter="stale"))
     for bad in (0.0, -1.0, 2.5, float("nan")):
         with pytest.raises(InvalidArgument, match="adapter_strength"):
             e.check(dataclasses.replace(job, adapter="look", adapter_strength=bad))
