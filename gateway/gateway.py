@@ -355,6 +355,8 @@ class VideoGateway:
 
     def adapters_for(self, tenant: str) -> list[common_pb2.AdapterInfo]:
         """The style adapters `tenant` may use: public ones and those in its own folder."""
+        if self.model is None:
+            raise Unavailable("the gateway is still starting", retry_after=1.0)
         return [a for a in self.model.adapters if lora_owner(a.name) in ("", tenant)]
 
     def _refresh_model(self) -> None:
