@@ -116,7 +116,7 @@ class DenoiserEngine:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.attention = "matmul"  # the kernel for long attention sequences (CUDA only)
-        self._adapters: dict[str, Adapter] = {}  # loaded on first use
+        self._adapters: dict[str, tuple[int, Adapter]] = {}  # name -> (file mtime, adapter), loaded on use
         self._slot: AdapterSlot | None = None
         self._lock = threading.Lock()  # one generation at a time per engine (the executor batches later)
 
@@ -158,16 +158,21 @@ class DenoiserEngine:
         return sorted(n for n in names if _valid_name(n))
 
     def adapter(self, name: str) -> Adapter:
-        """Load (once) and check an installed adapter; NotFound for a name that is not installed."""
-        if name in self._adapters:
-            return self._adapters[name]
+        """Load and check an installed adapter (again when its file changed); NotFound for a name
+        that is not installed (any more)."""
         try:
             check_name(name)
         except ValueError as e:
             raise InvalidArgument(str(e), field="adapter") from None
         path = self.adapters_dir / f"{name}.safetensors"
-        if not path.is_file():
-            raise NotFound(f"no style adapter {name!r} is installed", reason="ADAPTER_NOT_FOUND")
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            self._adapters.pop(name, None)
+            raise NotFound(f"no style adapter {name!r} is installed", reason="ADAPTER_NOT_FOUND") from None
+        cached = self._adapters.get(name)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
         adapter = Adapter.load(path, name)
         if adapter.base_model != self.cfg.name:
             raise FailedPrecondition(f"adapter {name!r} was trained for model {adapter.base_model!r}, this denoiser "
@@ -176,7 +181,7 @@ class DenoiserEngine:
             raise FailedPrecondition(f"adapter {name!r} was trained on weights {adapter.base_version}, this denoiser "
                                      f"runs {self.version}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
-        self._adapters[name] = adapter
+        self._adapters[name] = (mtime, adapter)
         return adapter
 
     @property

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from videomesh.adapters import check_name, owner  # noqa: F401 - re-exported
+from videomesh.weights import file_version
 
 FORMAT = "videomesh-lora/1"
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -56,6 +57,7 @@ class Adapter:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (down (r, fan_in), up (out, r))
     description: str = ""
     base_version: str = ""  # the base weights it was trained on ("" = not recorded)
+    version: str = ""  # this adapter's file (sha256 prefix), so a replaced file is merged afresh
 
     @property
     def scale(self) -> float:
@@ -94,14 +96,14 @@ class Adapter:
             raise ValueError(f"{path}: a layer lacks its down or up matrix")
         return cls(name, meta["base_model"], int(meta["rank"]), float(meta["alpha"]),
                    {p: (d, u) for p, (d, u) in layers.items()}, meta.get("description", ""),
-                   meta.get("base_version", ""))  # fmt: skip
+                   meta.get("base_version", ""), file_version(path))  # fmt: skip
 
     def under(self, prefix: str) -> Adapter:
         """The layers below module `prefix` ("experts.high_noise."), renamed relative to it: what
         one expert shard applies."""
         return Adapter(self.name, self.base_model, self.rank, self.alpha,
                        {p[len(prefix):]: v for p, v in self.layers.items() if p.startswith(prefix)},
-                       self.description, self.base_version)  # fmt: skip
+                       self.description, self.base_version, self.version)  # fmt: skip
 
     def info(self) -> dict:
         return {"name": self.name, "base_model": self.base_model, "rank": self.rank, "layers": len(self.layers),
@@ -120,12 +122,12 @@ class AdapterSlot:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.active: tuple[str, float] | None = None
+        self.active: tuple[str, str, float] | None = None
         self._saved: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def use(self, adapter: Adapter | None, strength: float = 1.0) -> None:
-        key = None if adapter is None or strength == 0 else (adapter.name, float(strength))
+        key = None if adapter is None or strength == 0 else (adapter.name, adapter.version, float(strength))
         if key == self.active:
             return
         self.restore()

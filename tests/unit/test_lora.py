@@ -1,6 +1,7 @@
 """Brand style adapters (LoRA): training deltas, merging for serving, exact restore."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -148,3 +149,30 @@ def test_train_adapter_leaves_the_base_and_learns_the_look():
     table = evaluate_adapter(base, enc, adapter, per_lang=1)
     assert set(table) == {"base", "adapter"} and set(table["adapter"]) == {"en", "zh", "ja", "all"}
     assert 0.0 <= table["adapter"]["all"]["look"] <= 1.0
+
+
+def test_a_replaced_adapter_file_is_used_afresh_and_a_removed_one_is_gone(tmp_path):
+    from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
+    from tests.helpers import random_adapter
+    from videomesh.errors import NotFound
+
+    e = DenoiserEngine(DenoiserSettings(model="tiny", adapters_dir=tmp_path))
+    e.load()
+    g = torch.Generator().manual_seed(0)
+    job = DenoiseJob(torch.randn(1, 5, 32, generator=g), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 1, 32),
+                     torch.ones(1, 1, dtype=torch.bool), 4, 16, 16, 1, 3, 0.0, adapter="look")  # fmt: skip
+    base = e.generate(dataclasses.replace(job, adapter=""))
+    random_adapter("look", 1).save(tmp_path / "look.safetensors")
+    first = e.generate(job)
+    random_adapter("look", 2).save(tmp_path / "look.safetensors")
+    os.utime(tmp_path / "look.safetensors", ns=(1, 1))  # a different mtime even on coarse clocks
+    second = e.generate(job)
+    assert np.abs(first.astype(int) - base.astype(int)).mean() > 1
+    assert np.abs(second.astype(int) - first.astype(int)).mean() > 1
+    random_adapter("look", 2).save(tmp_path / "look.safetensors")
+    os.utime(tmp_path / "look.safetensors", ns=(2, 2))
+    np.testing.assert_array_equal(e.generate(job), second)  # the same deltas: the same clip
+    (tmp_path / "look.safetensors").unlink()
+    with pytest.raises(NotFound):
+        e.check(job)
+    np.testing.assert_array_equal(e.generate(dataclasses.replace(job, adapter="")), base)
