@@ -58,7 +58,9 @@ class TrainConfig:
     lr: float = 3e-4
     warmup: int = 200
     ema: float = 0.999
-    motion_steps: int = 2000  # phase 4, after `steps`
+    # phase 4, after `steps`. Its in-process motion was flat over the last ~900 of 2,000 steps
+    # (50/38/50% at 5,000 and 5,400); 1,200 leaves the budget for a longer phase 6.
+    motion_steps: int = 1200
     motion_lr: float = 1e-4
     motion_td: float = 4.0  # weight of MSE(frame differences of x0-hat, of x0)
     align_steps: int = 1200  # phase 5, after the motion phase
@@ -68,9 +70,8 @@ class TrainConfig:
     align_ema: float = 0.99  # each expert's EMA updates every other step here
     # phase 6, after the aligned phase: the low-noise expert alone. On a GPU (in-process, 48
     # held-out prompts per language) its shape adherence kept rising with length: 600 -> 1000
-    # -> 1500 -> 2000 steps gave English 75 -> 81 -> 81 -> 85%; 1400 is what the 3-hour CPU
-    # budget leaves (MODEL_CARD.md).
-    detail_steps: int = 1400
+    # -> 1500 -> 2000 steps gave English 75 -> 81 -> 81 -> 85% (MODEL_CARD.md).
+    detail_steps: int = 2000
     detail_lr: float = 1e-4
     cfg_dropout: float = 0.1
     texture_prob: float = 0.3

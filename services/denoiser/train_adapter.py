@@ -43,6 +43,9 @@ class AdapterTrainConfig:
     model: str = "default"
     rank: int = 4
     alpha: float = 4.0
+    # which experts learn the look. The high-noise one lays a clip out (where things are, the
+    # banner); the low-noise one draws outlines, and adapting it too cost shape (MODEL_CARD.md)
+    experts: tuple[str, ...] = ("high_noise",)
     steps: int = 300
     batch: int = 8
     lr: float = 1e-3
@@ -67,7 +70,8 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
         raise ValueError(f"unknown style {cfg.style!r}; choose one of {', '.join(STYLES)}")
     torch.set_num_threads(cfg.threads)
     mcfg = base.cfg
-    lcfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha)
+    others = tuple(e for e in ("high_noise", "low_noise") if e not in cfg.experts)
+    lcfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, exclude=LoRAConfig().exclude + others)
     params = attach(base, lcfg, seed=cfg.seed)
     base.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -80,10 +84,11 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
         x0, texts, _ = batch(rng, data, mcfg)
         x0[:, :, :, -rows:, :] = brand  # the brand look (styles.apply_style, on the training tensor)
         states, mask = encoder.encode(texts)
-        if step % 2 == 0:
-            expert, t = "high_noise", sample_t(trng, cfg.batch, lo=mcfg.boundary)
+        expert = cfg.experts[step % len(cfg.experts)]
+        if expert == "high_noise":
+            t = sample_t(trng, cfg.batch, lo=mcfg.boundary)
         else:
-            expert, t = "low_noise", sample_t(trng, cfg.batch, hi=mcfg.boundary)
+            t = sample_t(trng, cfg.batch, hi=mcfg.boundary)
         noise = torch.randn(x0.shape, generator=trng)
         tt = t[:, None, None, None, None]
         for g in opt.param_groups:
@@ -100,7 +105,7 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
             log.info("adapter step %d/%d loss %.4f  %.2fs/step", step + 1, cfg.steps, np.mean(losses[-25:]),
                      (time.perf_counter() - t0) / (step + 1))  # fmt: skip
     base.eval()
-    desc = f"brand look '{cfg.style}': {STYLES[cfg.style]} (rank {cfg.rank}, {cfg.steps} steps)"
+    desc = f"brand look '{cfg.style}': {STYLES[cfg.style]} (rank {cfg.rank}, {'+'.join(cfg.experts)}, {cfg.steps} steps)"
     adapter = detach(base, lcfg, name=cfg.name, base_model=mcfg.name, description=desc,
                      base_version=getattr(base, "version", ""))  # fmt: skip
     return adapter, {"minutes": (time.perf_counter() - t0) / 60, "final_loss": float(np.mean(losses[-25:]))}
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style", default=d.style, choices=STYLES)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument(
+        "--experts", default=",".join(d.experts), help="high_noise, low_noise or both (comma-separated)"
+    )
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -155,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=ADAPTERS_DIR)
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    cfg = AdapterTrainConfig(name=a.name, style=a.style, steps=a.steps, rank=a.rank, lr=a.lr, seed=a.seed)
+    experts = tuple(e for e in a.experts.split(",") if e)
+    if not experts or any(e not in ("high_noise", "low_noise") for e in experts):
+        p.error(f"--experts must name high_noise and/or low_noise; got {a.experts!r}")
+    cfg = AdapterTrainConfig(name=a.name, style=a.style, steps=a.steps, rank=a.rank, lr=a.lr, seed=a.seed,
+                             experts=experts)  # fmt: skip
     base, encoder = load_base(cfg.model)
     adapter, info = train_adapter(cfg, base, encoder)
     path = a.out_dir / f"{adapter.name}.safetensors"

@@ -145,6 +145,10 @@ def test_train_adapter_leaves_the_base_and_learns_the_look():
     )
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
     assert adapter.layers and any(u.abs().sum() > 0 for _, u in adapter.layers.values())  # up left zero
+    assert all(p.startswith("experts.high_noise.") for p in adapter.layers)  # the default: layout only
+    both, _ = train_adapter(AdapterTrainConfig(name="t", model="tiny", steps=2, batch=2, rank=2,
+                                               experts=("high_noise", "low_noise")), base, enc)  # fmt: skip
+    assert {p.split(".")[1] for p in both.layers} == {"high_noise", "low_noise"}
     assert np.isfinite(info["final_loss"])
     table = evaluate_adapter(base, enc, adapter, per_lang=1)
     assert set(table) == {"base", "adapter"} and set(table["adapter"]) == {"en", "zh", "ja", "all"}
