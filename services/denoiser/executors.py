@@ -190,7 +190,7 @@ class RayExecutor:
         self.shards: list[dict[str, object]] = []  # per replica: expert -> actor handle
         self.groups: list = []
         self._pending: list[_Request] = []
-        self._adapter_refs: dict[str, object] = {}
+        self._adapter_refs: dict[str, tuple[str, object]] = {}  # name -> (file version, object ref)
         self._active: list[_Request] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -363,12 +363,15 @@ class RayExecutor:
         )
 
     def _adapter_ref(self, name: str):
-        """The adapter in Ray's object store, put there once (shards on any node can read it)."""
+        """The adapter in Ray's object store, put there once per version of its file (shards on any
+        node read it from there; a replaced file is put afresh, as in-process)."""
         import ray
 
-        if name not in self._adapter_refs:
-            self._adapter_refs[name] = ray.put(self.engine.adapter(name))
-        return self._adapter_refs[name]
+        adapter = self.engine.adapter(name)
+        cached = self._adapter_refs.get(name)
+        if cached is None or cached[0] != adapter.version:
+            self._adapter_refs[name] = cached = (adapter.version, ray.put(adapter))
+        return cached[1]
 
     def _restart(self, replica: int, expert: str) -> None:
         import ray

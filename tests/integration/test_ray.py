@@ -1,6 +1,7 @@
 """Ray places the denoiser shards: a simulated multi-node cluster with fake GPUs (issue #8)."""
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -109,8 +110,14 @@ def test_style_adapters_on_shards_match_in_process(cluster, trained_like, tmp_pa
             t.start()
         for t in threads:
             t.join(timeout=120)
+        # the file replaced by other deltas: the shards get the new version, as in-process
+        random_adapter("look", 2, scale=1.0).save(tmp_path / "look.safetensors")
+        os.utime(tmp_path / "look.safetensors", ns=(1, 1))
+        out.append(ex.run(styled_job))
+        local.append(LocalExecutor(e).run(styled_job))
     finally:
         ex.close()
+    assert np.abs(local[2].astype(int) - local[1].astype(int)).mean() > 1
     effect = np.abs(local[0].astype(int) - local[1].astype(int)).mean()
     for a, b in zip(local, out, strict=True):
         diff = np.abs(a.astype(int) - b.astype(int))
