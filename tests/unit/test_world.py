@@ -320,3 +320,18 @@ def test_detector_on_an_empty_clip():
     assert np.isnan(det.areas).all()
     with pytest.raises(ValueError, match="T, H, W, 3"):
         detect(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_heldout_only_words_per_attribute_and_the_eval_split():
+    from services.denoiser.evaluate import unseen_by_attribute
+
+    shape = heldout_only_words("en", "shape")
+    assert {"block", "sphere", "orb"} <= shape and "violet" not in shape and shape <= heldout_only_words("en")
+    assert "橘色" in heldout_only_words("zh", "color")
+    # a held-out motion word does not make the (training) shape word unseen
+    assert unseen_by_attribute("zh", "黑色背景上，一个绿色的小球缓缓下沉") == {
+        "color": False,
+        "shape": False,
+        "motion": True,
+    }
+    assert unseen_by_attribute("en", "a huge block in white drifting upward")["shape"]

@@ -439,10 +439,12 @@ def template_ids(lang: str, split: str) -> tuple[str, ...]:
     return tuple(t.id for t in _TEMPLATES[lang] if t.heldout == (split == "heldout"))
 
 
-def heldout_only_words(lang: str) -> frozenset[str]:
-    """Phrases that never occur in training captions (for tests and for reports)."""
+def heldout_only_words(lang: str, attribute: str | None = None) -> frozenset[str]:
+    """Phrases that never occur in training captions (for tests and for reports); only those
+    naming `attribute` ("color", "shape", "motion", …) when given."""
+    tables = _TABLES[lang] if attribute is None else {attribute: _TABLES[lang][attribute]}
     return frozenset(
-        p.text for values in _TABLES[lang].values() for ps in values.values() for p in ps if p.heldout_only
+        p.text for values in tables.values() for ps in values.values() for p in ps if p.heldout_only
     )
 
 
