@@ -46,6 +46,7 @@ class AdapterTrainConfig:
     # which experts learn the look. The high-noise one lays a clip out (where things are, the
     # banner); the low-noise one draws outlines, and adapting it too cost shape (MODEL_CARD.md)
     experts: tuple[str, ...] = ("high_noise",)
+    exclude: tuple[str, ...] = ()  # more layer names to leave alone (besides the motion heads)
     steps: int = 300
     batch: int = 8
     lr: float = 1e-3
@@ -71,7 +72,7 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
     torch.set_num_threads(cfg.threads)
     mcfg = base.cfg
     others = tuple(e for e in ("high_noise", "low_noise") if e not in cfg.experts)
-    lcfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, exclude=LoRAConfig().exclude + others)
+    lcfg = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, exclude=LoRAConfig().exclude + others + cfg.exclude)
     params = attach(base, lcfg, seed=cfg.seed)
     base.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument(
+        "--exclude", default="", help="layer names not to adapt, comma-separated (e.g. kv,text_proj)"
+    )
+    p.add_argument(
         "--experts", default=",".join(d.experts), help="high_noise, low_noise or both (comma-separated)"
     )
     p.add_argument("--lr", type=float, default=d.lr)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if not experts or any(e not in ("high_noise", "low_noise") for e in experts):
         p.error(f"--experts must name high_noise and/or low_noise; got {a.experts!r}")
     cfg = AdapterTrainConfig(name=a.name, style=a.style, steps=a.steps, rank=a.rank, lr=a.lr, seed=a.seed,
-                             experts=experts)  # fmt: skip
+                             experts=experts, exclude=tuple(x for x in a.exclude.split(",") if x))  # fmt: skip
     base, encoder = load_base(cfg.model)
     adapter, info = train_adapter(cfg, base, encoder)
     path = a.out_dir / f"{adapter.name}.safetensors"
