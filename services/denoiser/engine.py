@@ -27,6 +27,7 @@ from services.denoiser.model import (
     set_attention,
 )
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
+from videomesh.adapters import NAME_RE
 from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from videomesh.weights import UNTRAINED, file_version, load_into
 
@@ -155,7 +156,7 @@ class DenoiserEngine:
         names = [p.stem for p in d.glob("*.safetensors")] + [
             f"{p.parent.name}/{p.stem}" for p in d.glob("*/*.safetensors")
         ]
-        return sorted(n for n in names if _valid_name(n))
+        return sorted(n for n in names if NAME_RE.match(n))
 
     def adapter(self, name: str) -> Adapter:
         """Load and check an installed adapter (again when its file changed); NotFound for a name
@@ -285,11 +286,3 @@ class DenoiserEngine:
         log.debug("generated in %.2fs", time.perf_counter() - t0)
         frames = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T, C, H, W)
         return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-        return True
-    except ValueError:
-        return False

@@ -41,7 +41,8 @@ from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_eule
 from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from services.encoder.train import TextTrainConfig, train_text_encoder
 from videomesh import weights
-from videomesh.world import LANGS, caption, detect, heldout_prompts, render_clip, sample_spec, score
+from videomesh.world import LANGS, ClipSpec, caption, detect, heldout_prompts, render_clip, sample_spec, score
+from videomesh.world.styles import apply_style
 
 log = logging.getLogger("videomesh.train")
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,16 +92,18 @@ class TrainConfig:
 _MOTION_INDEX = {name: i for i, name in enumerate(MOTION_CLASSES)}
 
 
-def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg,
+          style: str | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor]:  # fmt: skip
     """-> clips (B, T, 3, H, W) in [-1, 1], one caption per clip (random language) and the
     index into MOTION_CLASSES of the motion that caption asks for, (B,) ("still" for still
-    clips and dropped captions: no trajectory)."""
+    clips and dropped captions: no trajectory). `style`: every clip in that brand look
+    (videomesh/world/styles.py; the captions do not mention it)."""
     clips, texts, motions = [], [], []
     for _ in range(cfg.batch):
         spec = sample_spec(rng)
         frames = render_clip(spec, num_frames=mcfg.frames, height=mcfg.height, width=mcfg.width, rng=rng,
                              texture=bool(rng.random() < cfg.texture_prob))  # fmt: skip
-        clips.append(frames)
+        clips.append(apply_style(frames, style) if style else frames)
         if rng.random() < cfg.cfg_dropout:
             texts.append("")  # the unconditional branch of classifier-free guidance
             motions.append(_MOTION_INDEX["still"])
@@ -123,6 +126,16 @@ def sample_t(rng: torch.Generator, n: int, lo: float = 0.0, hi: float = 1.0) -> 
 
 
 # --- evaluation ---------------------------------------------------------------------------------
+
+
+def heldout_set(per_lang: int, seed: int) -> list[tuple[str, str, ClipSpec]]:
+    """(language, prompt, spec) for the first `per_lang` held-out prompts of every language (the
+    generator needs at least 8 to cover every colour)."""
+    return [
+        (lang, p, s)
+        for lang in LANGS
+        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
+    ]
 
 
 @torch.no_grad()
@@ -156,11 +169,7 @@ def evaluate(model: MoEDenoiser, encoder: TextEncoder, *, per_lang: int = 8, ste
     Before the fork only the shared weights (in the high-noise slot) are trained, so
     `single_expert` samples every step with them.
     """
-    prompts = [
-        (lang, p, s)
-        for lang in LANGS
-        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
-    ]
+    prompts = heldout_set(per_lang, seed)
     model.eval()
     frames = sample_clips(model, encoder, [p for _, p, _ in prompts], steps=steps, seed=seed,
                           single_expert=single_expert)  # fmt: skip

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from services.denoiser.engine import ADAPTERS_DIR, WEIGHTS_DIR
 from services.denoiser.lora import Adapter, AdapterSlot, LoRAConfig, attach, detach
 from services.denoiser.model import MODELS, MoEDenoiser
-from services.denoiser.train import TrainConfig, _cosine, batch, sample_clips, sample_t
+from services.denoiser.train import TrainConfig, _cosine, batch, heldout_set, sample_clips, sample_t
 from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from videomesh.weights import load_into
-from videomesh.world import LANGS, detect, heldout_prompts, score
-from videomesh.world.styles import BRAND_RGB, STYLES, banner_rows, banner_share, without_banner
+from videomesh.world import LANGS, detect, score
+from videomesh.world.styles import STYLES, banner_share, without_banner
 
 log = logging.getLogger("videomesh.train.adapter")
 ENCODER_WEIGHTS = Path(__file__).resolve().parents[1] / "encoder" / "weights"
@@ -78,12 +78,9 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng, trng = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     data = TrainConfig(model=mcfg.name, batch=cfg.batch)
-    brand = (torch.tensor(BRAND_RGB, dtype=torch.float32) / 127.5 - 1.0)[:, None, None]  # (3, 1, 1)
-    rows = banner_rows(mcfg.height)
     t0, losses = time.perf_counter(), []
     for step in range(cfg.steps):
-        x0, texts, _ = batch(rng, data, mcfg)
-        x0[:, :, :, -rows:, :] = brand  # the brand look (styles.apply_style, on the training tensor)
+        x0, texts, _ = batch(rng, data, mcfg, style=cfg.style)
         states, mask = encoder.encode(texts)
         expert = cfg.experts[step % len(cfg.experts)]
         if expert == "high_noise":
@@ -118,11 +115,7 @@ def evaluate_adapter(base: MoEDenoiser, encoder: TextEncoder, adapter: Adapter, 
     """Held-out prompts with and without the adapter, the same noise for both: the share of
     clips in the brand look (banner_share > 0.5) and colour / shape / motion judged above the
     banner, per language and overall."""
-    prompts = [
-        (lang, p, s)
-        for lang in LANGS
-        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
-    ]
+    prompts = heldout_set(per_lang, seed)
     texts = [p for _, p, _ in prompts]
     slot = AdapterSlot(base)
     out = {}

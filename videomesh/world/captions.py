@@ -22,6 +22,7 @@ English motions are written ``present|gerund`` so one choice fills both verb slo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Sequence
@@ -439,6 +440,7 @@ def template_ids(lang: str, split: str) -> tuple[str, ...]:
     return tuple(t.id for t in _TEMPLATES[lang] if t.heldout == (split == "heldout"))
 
 
+@functools.cache
 def heldout_only_words(lang: str, attribute: str | None = None) -> frozenset[str]:
     """Phrases that never occur in training captions (for tests and for reports); only those
     naming `attribute` ("color", "shape", "motion", …) when given."""
