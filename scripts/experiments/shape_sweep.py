@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from services.denoiser.model import MODELS, MoEDenoiser
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
-from services.denoiser.train import ROOT, TrainConfig, batch, sample_t
+from services.denoiser.train import ROOT, TrainConfig, batch, heldout_set, sample_t
 from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from videomesh import weights
-from videomesh.world import LANGS, detect, heldout_prompts, score
+from videomesh.world import LANGS, detect, score
 
 
 def load(device: torch.device, model: str = "default") -> tuple[MoEDenoiser, TextEncoder]:
@@ -51,11 +51,7 @@ def evaluate(
     steps = sampler.pop("steps", 20)
     cfg = dataclasses.replace(model.cfg, **sampler)
     dev = next(model.parameters()).device
-    prompts = [
-        (lang, p, s)
-        for lang in LANGS
-        for p, s in heldout_prompts(lang, max(8, per_lang), seed=seed)[:per_lang]
-    ]
+    prompts = heldout_set(per_lang, seed)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), cfg.frames, cfg.unet.channels, cfg.height, cfg.width), generator=g)
     frames = []
