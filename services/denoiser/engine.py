@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class DenoiserSettings:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
+    adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~0.7 MB each for default)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
     attention: str = "auto"
     host: str = "127.0.0.1"
@@ -67,6 +69,8 @@ class DenoiserSettings:
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32; got {self.precision!r}")
+        if self.adapter_cache < 1:
+            raise ValueError(f"adapter_cache must be at least 1; got {self.adapter_cache}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}"
@@ -117,7 +121,9 @@ class DenoiserEngine:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.attention = "matmul"  # the kernel for long attention sequences (CUDA only)
-        self._adapters: dict[str, tuple[int, Adapter]] = {}  # name -> (file mtime, adapter), loaded on use
+        # name -> (file mtime, adapter), loaded on use, least recently used first
+        self._adapters: OrderedDict[str, tuple[int, Adapter]] = OrderedDict()
+        self._adapters_lock = threading.Lock()
         self._slot: AdapterSlot | None = None
         self._lock = threading.Lock()  # one generation at a time per engine (the executor batches later)
 
@@ -169,11 +175,14 @@ class DenoiserEngine:
         try:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
-            self._adapters.pop(name, None)
+            with self._adapters_lock:
+                self._adapters.pop(name, None)
             raise NotFound(f"no style adapter {name!r} is installed", reason="ADAPTER_NOT_FOUND") from None
-        cached = self._adapters.get(name)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
+        with self._adapters_lock:
+            cached = self._adapters.get(name)
+            if cached is not None and cached[0] == mtime:
+                self._adapters.move_to_end(name)
+                return cached[1]
         adapter = Adapter.load(path, name)
         if adapter.base_model != self.cfg.name:
             raise FailedPrecondition(f"adapter {name!r} was trained for model {adapter.base_model!r}, this denoiser "
@@ -182,7 +191,11 @@ class DenoiserEngine:
             raise FailedPrecondition(f"adapter {name!r} was trained on weights {adapter.base_version}, this denoiser "
                                      f"runs {self.version}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
-        self._adapters[name] = (mtime, adapter)
+        with self._adapters_lock:
+            self._adapters[name] = (mtime, adapter)
+            self._adapters.move_to_end(name)
+            while len(self._adapters) > self.settings.adapter_cache:
+                self._adapters.popitem(last=False)
         return adapter
 
     @property

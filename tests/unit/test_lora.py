@@ -180,3 +180,23 @@ def test_a_replaced_adapter_file_is_used_afresh_and_a_removed_one_is_gone(tmp_pa
     with pytest.raises(NotFound):
         e.check(job)
     np.testing.assert_array_equal(e.generate(dataclasses.replace(job, adapter="")), base)
+
+
+def test_the_engine_keeps_the_most_recently_used_adapters_loaded(tmp_path):
+    from services.denoiser.engine import DenoiserEngine, DenoiserSettings
+    from tests.helpers import random_adapter
+
+    for i, name in enumerate(("a", "b", "c")):
+        random_adapter(name, i + 1).save(tmp_path / f"{name}.safetensors")
+    e = DenoiserEngine(DenoiserSettings(model="tiny", adapters_dir=tmp_path, adapter_cache=2))
+    e.load()
+    a, b = e.adapter("a"), e.adapter("b")
+    assert e.adapter("a") is a  # a hit, and now the most recently used
+    c = e.adapter("c")  # evicts b, the least recently used
+    assert list(e._adapters) == ["a", "c"]
+    assert e.adapter("a") is a and e.adapter("c") is c
+    b2 = e.adapter("b")  # loaded again from its file, same deltas
+    assert b2 is not b and all(torch.equal(b.layers[k][0], b2.layers[k][0]) for k in b.layers)
+    assert list(e._adapters) == ["c", "b"]
+    with pytest.raises(ValueError, match="adapter_cache must be at least 1"):
+        DenoiserSettings(adapter_cache=0).validate()
