@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,7 +85,11 @@ class ExpertShard:
         self.net = net.eval().to(self.device)
         self.prefix = prefix
         self.slot = AdapterSlot(self.net)  # brand style adapters, merged per batch
+        # (name, file version) -> this expert's layers of that adapter, fetched once per version
+        self._adapters: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self.batch_sizes: list[int] = []
+        self.adapter_fetches = 0
+        self.adapter_cache = 8
         self.node_id = _node_id()
 
     def info(self) -> dict:
@@ -99,13 +103,15 @@ class ExpertShard:
         cond: list,
         uncond: list,
         guidance: np.ndarray,
-        adapter: Adapter | None = None,
+        adapter: tuple | None = None,
         strength: float = 1.0,
     ) -> np.ndarray:
         """One CFG step for a batch of requests: x (B, T, C, H, W), t (B,), per-request text;
-        every request of a batch uses the same style adapter (or none)."""
+        every request of a batch uses the same style adapter (or none), given as (name, file
+        version, [object ref]): the ref sits in a list so Ray does not fetch the adapter for every
+        step; the shard gets it only the first time it sees that version."""
         self.batch_sizes.append(len(x))
-        self.slot.use(adapter.under(self.prefix) if adapter is not None else None, strength)
+        self.slot.use(self._adapter(*adapter) if adapter is not None else None, strength)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
             xb = torch.from_numpy(x).to(self.device)
             tb = torch.from_numpy(t).to(self.device)
@@ -118,8 +124,21 @@ class ExpertShard:
             g = torch.from_numpy(guidance).to(self.device)[:, None, None, None, None]
             return (vu + g * (vc - vu)).cpu().numpy()
 
+    def _adapter(self, name: str, version: str, box: list) -> Adapter:
+        key = (name, version)
+        sub = self._adapters.get(key)
+        if sub is None:
+            import ray
+
+            sub = self._adapters[key] = ray.get(box[0]).under(self.prefix)
+            self.adapter_fetches += 1
+            while len(self._adapters) > self.adapter_cache:
+                self._adapters.popitem(last=False)
+        self._adapters.move_to_end(key)
+        return sub
+
     def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}
+        return {"batch_sizes": list(self.batch_sizes), "adapter_fetches": self.adapter_fetches}
 
 
 def _gpu_ids() -> list:
@@ -251,14 +270,17 @@ class RayExecutor:
         import ray
 
         sizes: dict[str, list[int]] = defaultdict(list)
+        fetches: dict[str, int] = defaultdict(int)
         for rep in self.shards:
             for e, s in rep.items():
                 try:
-                    sizes[e] += ray.get(s.stats.remote(), timeout=10)["batch_sizes"]
+                    st = ray.get(s.stats.remote(), timeout=10)
                 except Exception:  # noqa: BLE001 - a dead shard has no stats
-                    pass
+                    continue
+                sizes[e] += st["batch_sizes"]
+                fetches[e] += st["adapter_fetches"]
         return {"executor": "ray", "batch_sizes": dict(sizes), "restarts": self.restarts, "ticks": self.ticks,
-                "pipelined_ticks": self.pipelined_ticks}  # fmt: skip
+                "pipelined_ticks": self.pipelined_ticks, "adapter_fetches": dict(fetches)}  # fmt: skip
 
     # --- requests ---
     def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
@@ -357,21 +379,22 @@ class RayExecutor:
         uncond = [(r.job.negative.float().numpy(), r.job.negative_mask.numpy()) for r in reqs]
         g = np.array([r.job.guidance or self.engine.cfg.guidance_for(expert) for r in reqs], np.float32)
         job = reqs[0].job
-        adapter = self._adapter_ref(job.adapter) if job.adapter else None
+        adapter = self._adapter_arg(job.adapter) if job.adapter else None
         return self.shards[replica][expert].velocity.remote(
             x, t, cond, uncond, g, adapter, job.adapter_strength
         )
 
-    def _adapter_ref(self, name: str):
-        """The adapter in Ray's object store, put there once per version of its file (shards on any
-        node read it from there; a replaced file is put afresh, as in-process)."""
+    def _adapter_arg(self, name: str) -> tuple:
+        """(name, file version, [object ref]) for a shard: the adapter sits in Ray's object store,
+        put there once per version of its file (shards on any node read it from there, once; a
+        replaced file is put afresh, as in-process)."""
         import ray
 
         adapter = self.engine.adapter(name)
         cached = self._adapter_refs.get(name)
         if cached is None or cached[0] != adapter.version:
             self._adapter_refs[name] = cached = (adapter.version, ray.put(adapter))
-        return cached[1]
+        return (name, adapter.version, [cached[1]])
 
     def _restart(self, replica: int, expert: str) -> None:
         import ray

@@ -115,6 +115,8 @@ def test_style_adapters_on_shards_match_in_process(cluster, trained_like, tmp_pa
         os.utime(tmp_path / "look.safetensors", ns=(1, 1))
         out.append(ex.run(styled_job))
         local.append(LocalExecutor(e).run(styled_job))
+        # each shard fetched each version of the adapter once, not once per step
+        assert ex.stats()["adapter_fetches"] == {"high_noise": 2, "low_noise": 2}
     finally:
         ex.close()
     assert np.abs(local[2].astype(int) - local[1].astype(int)).mean() > 1
