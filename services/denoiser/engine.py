@@ -45,7 +45,7 @@ class DenoiserSettings:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
-    adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~0.7 MB each for default)
+    adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~1.5 MB each, default model)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
     attention: str = "auto"
     host: str = "127.0.0.1"

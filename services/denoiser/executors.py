@@ -89,7 +89,7 @@ class ExpertShard:
         self._adapters: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self.batch_sizes: list[int] = []
         self.adapter_fetches = 0
-        self.adapter_cache = 8
+        self.adapter_cache = 8  # adapters' layers kept per shard (a batch uses one at a time)
         self.node_id = _node_id()
 
     def info(self) -> dict:
@@ -209,7 +209,8 @@ class RayExecutor:
         self.shards: list[dict[str, object]] = []  # per replica: expert -> actor handle
         self.groups: list = []
         self._pending: list[_Request] = []
-        self._adapter_refs: dict[str, tuple[str, object]] = {}  # name -> (file version, object ref)
+        # name -> (file version, object ref), as many as the engine keeps loaded (least recent first)
+        self._adapter_refs: OrderedDict[str, tuple[str, object]] = OrderedDict()
         self._active: list[_Request] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -394,6 +395,9 @@ class RayExecutor:
         cached = self._adapter_refs.get(name)
         if cached is None or cached[0] != adapter.version:
             self._adapter_refs[name] = cached = (adapter.version, ray.put(adapter))
+        self._adapter_refs.move_to_end(name)
+        while len(self._adapter_refs) > self.engine.settings.adapter_cache:
+            self._adapter_refs.popitem(last=False)  # the object store frees it once no shard call holds it
         return (name, adapter.version, [cached[1]])
 
     def _restart(self, replica: int, expert: str) -> None:
