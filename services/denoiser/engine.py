@@ -191,6 +191,10 @@ class DenoiserEngine:
             raise FailedPrecondition(f"adapter {name!r} was trained on weights {adapter.base_version}, this denoiser "
                                      f"runs {self.version}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
+        if adapter.base_encoder and adapter.base_encoder != self.encoder_model:
+            raise FailedPrecondition(f"adapter {name!r} was trained on text encoder {adapter.base_encoder}, this "
+                                     f"denoiser reads {self.encoder_model}; retrain it (videomesh train-adapter)",
+                                     reason="ADAPTER_MISMATCH")  # fmt: skip
         with self._adapters_lock:
             self._adapters[name] = (mtime, adapter)
             self._adapters.move_to_end(name)

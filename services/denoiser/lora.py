@@ -58,6 +58,7 @@ class Adapter:
     description: str = ""
     base_version: str = ""  # the base weights it was trained on ("" = not recorded)
     version: str = ""  # this adapter's file (sha256 prefix), so a replaced file is merged afresh
+    base_encoder: str = ""  # the text encoder whose states it was trained on, "<model>@<version>"
 
     @property
     def scale(self) -> float:
@@ -76,7 +77,8 @@ class Adapter:
             tensors[f"{p}.lora_down"] = d.detach().to(torch.bfloat16).contiguous()
             tensors[f"{p}.lora_up"] = u.detach().to(torch.bfloat16).contiguous()
         meta = {"format": FORMAT, "name": self.name, "base_model": self.base_model, "rank": str(self.rank),
-                "alpha": str(self.alpha), "description": self.description, "base_version": self.base_version}  # fmt: skip
+                "alpha": str(self.alpha), "description": self.description, "base_version": self.base_version,
+                "base_encoder": self.base_encoder}  # fmt: skip
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
@@ -96,14 +98,14 @@ class Adapter:
             raise ValueError(f"{path}: a layer lacks its down or up matrix")
         return cls(name, meta["base_model"], int(meta["rank"]), float(meta["alpha"]),
                    {p: (d, u) for p, (d, u) in layers.items()}, meta.get("description", ""),
-                   meta.get("base_version", ""), file_version(path))  # fmt: skip
+                   meta.get("base_version", ""), file_version(path), meta.get("base_encoder", ""))  # fmt: skip
 
     def under(self, prefix: str) -> Adapter:
         """The layers below module `prefix` ("experts.high_noise."), renamed relative to it: what
         one expert shard applies."""
         return Adapter(self.name, self.base_model, self.rank, self.alpha,
                        {p[len(prefix):]: v for p, v in self.layers.items() if p.startswith(prefix)},
-                       self.description, self.base_version, self.version)  # fmt: skip
+                       self.description, self.base_version, self.version, self.base_encoder)  # fmt: skip
 
     def info(self) -> dict:
         return {"name": self.name, "base_model": self.base_model, "rank": self.rank, "layers": len(self.layers),
@@ -188,7 +190,7 @@ def attach(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[nn.Paramete
 
 
 def detach(model: nn.Module, cfg: LoRAConfig, *, name: str, base_model: str, description: str = "",
-           base_version: str = "") -> Adapter:  # fmt: skip
+           base_version: str = "", base_encoder: str = "") -> Adapter:  # fmt: skip
     """Take the trained deltas out of `model` (which returns to its base weights) as an Adapter."""
     layers = {}
     for path, mod in model.named_modules():
@@ -196,4 +198,5 @@ def detach(model: nn.Module, cfg: LoRAConfig, *, name: str, base_model: str, des
             lr = mod.parametrizations.weight[0]
             layers[path] = (lr.down.detach().clone(), lr.up.detach().clone())
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-    return Adapter(check_name(name), base_model, cfg.rank, cfg.alpha, layers, description, base_version)
+    return Adapter(check_name(name), base_model, cfg.rank, cfg.alpha, layers, description, base_version,
+                   base_encoder=base_encoder)  # fmt: skip

@@ -61,7 +61,7 @@ def load_base(model: str) -> tuple[MoEDenoiser, TextEncoder]:
     net = MoEDenoiser(mcfg)
     net.version = load_into(net, WEIGHTS_DIR / f"{mcfg.name}.safetensors")
     enc = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
-    load_into(enc, ENCODER_WEIGHTS / f"{mcfg.encoder}.safetensors")
+    enc.version = f"{mcfg.encoder}@{load_into(enc, ENCODER_WEIGHTS / f'{mcfg.encoder}.safetensors')}"
     return net.eval(), enc.eval().requires_grad_(False)
 
 
@@ -105,7 +105,7 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
     base.eval()
     desc = f"brand look '{cfg.style}': {STYLES[cfg.style]} (rank {cfg.rank}, {'+'.join(cfg.experts)}, {cfg.steps} steps)"
     adapter = detach(base, lcfg, name=cfg.name, base_model=mcfg.name, description=desc,
-                     base_version=getattr(base, "version", ""))  # fmt: skip
+                     base_version=getattr(base, "version", ""), base_encoder=getattr(encoder, "version", ""))  # fmt: skip
     return adapter, {"minutes": (time.perf_counter() - t0) / 60, "final_loss": float(np.mean(losses[-25:]))}
 
 

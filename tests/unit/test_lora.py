@@ -125,6 +125,16 @@ def test_engine_adapter_errors_name_the_problem(tmp_path):
     stale.save(tmp_path / "stale.safetensors")
     with pytest.raises(FailedPrecondition, match="retrain it"):
         e.check(dataclasses.replace(job, adapter="stale"))
+    # trained on the states of another text encoder (an encoder-only update): refused as well
+    other_text = random_adapter("other-text", 1)
+    other_text.base_encoder = "tiny@0123abcd"
+    other_text.save(tmp_path / "other-text.safetensors")
+    with pytest.raises(FailedPrecondition, match="text encoder tiny@0123abcd"):
+        e.check(dataclasses.replace(job, adapter="other-text"))
+    same_text = random_adapter("same-text", 1)
+    same_text.base_encoder = e.encoder_model
+    same_text.save(tmp_path / "same-text.safetensors")
+    e.check(dataclasses.replace(job, adapter="same-text"))
     for bad in (0.0, -1.0, 2.5, float("nan")):
         with pytest.raises(InvalidArgument, match="adapter_strength"):
             e.check(dataclasses.replace(job, adapter="look", adapter_strength=bad))
