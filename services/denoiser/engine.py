@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.denoiser.lora import Adapter, AdapterSlot, check_name
+from services.denoiser.lora import LRU, Adapter, AdapterSlot, check_name
 from services.denoiser.model import (
     ATTENTION_BACKENDS,
     MODELS,
@@ -122,7 +121,7 @@ class DenoiserEngine:
         self.dtype = torch.float32
         self.attention = "matmul"  # the kernel for long attention sequences (CUDA only)
         # name -> (file mtime, adapter), loaded on use, least recently used first
-        self._adapters: OrderedDict[str, tuple[int, Adapter]] = OrderedDict()
+        self._adapters = LRU(settings.adapter_cache)
         self._adapters_lock = threading.Lock()
         self._slot: AdapterSlot | None = None
         self._lock = threading.Lock()  # one generation at a time per engine (the executor batches later)
@@ -176,12 +175,11 @@ class DenoiserEngine:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
             with self._adapters_lock:
-                self._adapters.pop(name, None)
+                self._adapters.pop(name)
             raise NotFound(f"no style adapter {name!r} is installed", reason="ADAPTER_NOT_FOUND") from None
         with self._adapters_lock:
             cached = self._adapters.get(name)
             if cached is not None and cached[0] == mtime:
-                self._adapters.move_to_end(name)
                 return cached[1]
         adapter = Adapter.load(path, name)
         if adapter.base_model != self.cfg.name:
@@ -196,10 +194,7 @@ class DenoiserEngine:
                                      f"denoiser reads {self.encoder_model}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
         with self._adapters_lock:
-            self._adapters[name] = (mtime, adapter)
-            self._adapters.move_to_end(name)
-            while len(self._adapters) > self.settings.adapter_cache:
-                self._adapters.popitem(last=False)
+            self._adapters.put(name, (mtime, adapter))
         return adapter
 
     @property

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
-from services.denoiser.lora import Adapter, AdapterSlot
+from services.denoiser.lora import LRU, Adapter, AdapterSlot
 from services.denoiser.model import MODELS, MoEDenoiser, set_attention
 from services.denoiser.sampling import SamplingCancelled, flow_timesteps, pad_text
 
@@ -86,10 +86,9 @@ class ExpertShard:
         self.prefix = prefix
         self.slot = AdapterSlot(self.net)  # brand style adapters, merged per batch
         # (name, file version) -> this expert's layers of that adapter, fetched once per version
-        self._adapters: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._adapters = LRU(8)  # a batch uses one adapter at a time; a few stay for the next
         self.batch_sizes: list[int] = []
         self.adapter_fetches = 0
-        self.adapter_cache = 8  # adapters' layers kept per shard (a batch uses one at a time)
         self.node_id = _node_id()
 
     def info(self) -> dict:
@@ -130,11 +129,9 @@ class ExpertShard:
         if sub is None:
             import ray
 
-            sub = self._adapters[key] = ray.get(box[0]).under(self.prefix)
+            sub = ray.get(box[0]).under(self.prefix)
+            self._adapters.put(key, sub)
             self.adapter_fetches += 1
-            while len(self._adapters) > self.adapter_cache:
-                self._adapters.popitem(last=False)
-        self._adapters.move_to_end(key)
         return sub
 
     def stats(self) -> dict:
@@ -210,7 +207,7 @@ class RayExecutor:
         self.groups: list = []
         self._pending: list[_Request] = []
         # name -> (file version, object ref), as many as the engine keeps loaded (least recent first)
-        self._adapter_refs: OrderedDict[str, tuple[str, object]] = OrderedDict()
+        self._adapter_refs = LRU(engine.settings.adapter_cache)
         self._active: list[_Request] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -394,10 +391,8 @@ class RayExecutor:
         adapter = self.engine.adapter(name)
         cached = self._adapter_refs.get(name)
         if cached is None or cached[0] != adapter.version:
-            self._adapter_refs[name] = cached = (adapter.version, ray.put(adapter))
-        self._adapter_refs.move_to_end(name)
-        while len(self._adapter_refs) > self.engine.settings.adapter_cache:
-            self._adapter_refs.popitem(last=False)  # the object store frees it once no shard call holds it
+            # a dropped ref's object is freed once no shard call holds it
+            self._adapter_refs.put(name, cached := (adapter.version, ray.put(adapter)))
         return (name, adapter.version, [cached[1]])
 
     def _restart(self, replica: int, expert: str) -> None:

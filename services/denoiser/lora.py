@@ -15,6 +15,8 @@ delta in as a parametrization, so only `down` and `up` learn and the base stays 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,36 @@ class Adapter:
 
 
 # --- serving ------------------------------------------------------------------------------------
+
+
+class LRU:
+    """A bounded map that forgets its least recently used entry: the adapter caches of the
+    engine, of each Ray shard and of the Ray driver's object refs. Values are never None."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key: Hashable):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def pop(self, key: Hashable) -> None:
+        self._items.pop(key, None)
+
+    def __iter__(self) -> Iterator:  # least recently used first
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class AdapterSlot:
