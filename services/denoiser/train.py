@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,17 @@ from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_eule
 from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from services.encoder.train import TextTrainConfig, train_text_encoder
 from videomesh import weights
-from videomesh.world import LANGS, ClipSpec, caption, detect, heldout_prompts, render_clip, sample_spec, score
+from videomesh.world import (
+    LANGS,
+    VOCABULARIES,
+    ClipSpec,
+    caption,
+    detect,
+    heldout_prompts,
+    render_clip,
+    sample_spec,
+    score,
+)
 from videomesh.world.styles import apply_style
 
 log = logging.getLogger("videomesh.train")
@@ -74,6 +85,11 @@ class TrainConfig:
     # -> 1500 -> 2000 steps gave English 75 -> 81 -> 81 -> 85% (MODEL_CARD.md).
     detail_steps: int = 2000
     detail_lr: float = 1e-4
+    # which words training captions use, in every phase (the text encoder's too): "core" leaves
+    # out the held-out-only words (the shipped weights), "full" teaches every word, uniformly.
+    # Evaluation holds out templates either way; words in no caption are measured apart
+    # (scripts/experiments/synonym_check.py, NOVEL).
+    vocabulary: str = "core"
     cfg_dropout: float = 0.1
     texture_prob: float = 0.3
     eval_every: int = 1000  # ~0.7 min each on the CPU
@@ -108,7 +124,9 @@ def batch(rng: np.random.Generator, cfg: TrainConfig, mcfg,
             texts.append("")  # the unconditional branch of classifier-free guidance
             motions.append(_MOTION_INDEX["still"])
         else:
-            texts.append(caption(spec, LANGS[rng.integers(len(LANGS))], rng, "train"))
+            texts.append(
+                caption(spec, LANGS[rng.integers(len(LANGS))], rng, "train", vocabulary=cfg.vocabulary)
+            )
             motions.append(_MOTION_INDEX.get(spec.motion, _MOTION_INDEX["still"]))
     x = (
         torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
@@ -248,6 +266,9 @@ def _save_ckpt(path: Path, state: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
+    if cfg.vocabulary != cfg.text.vocabulary or cfg.vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {VOCABULARIES}, the same for the text encoder; "
+                         f"got {cfg.vocabulary!r} and {cfg.text.vocabulary!r}")  # fmt: skip
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +307,12 @@ def train(cfg: TrainConfig) -> dict:
     align_at = cfg.steps + cfg.motion_steps
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False, map_location=dev)
+        saved = re.search(r"vocabulary='(\w+)'", st.get("config", ""))
+        if (
+            saved.group(1) if saved else "core"
+        ) != cfg.vocabulary:  # checkpoints from before the option: core
+            raise ValueError(f"{ckpt} was trained with vocabulary {saved.group(1) if saved else 'core'!r}, "
+                             f"not {cfg.vocabulary!r}: use another --out")  # fmt: skip
         for m, key in ((model, "model"), (ema, "ema")):
             missing, unexpected = m.load_state_dict(st[key], strict=False)
             if unexpected or any(".motion." not in k for k in missing):
@@ -402,14 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--out", type=Path, default=TrainConfig.out)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocabulary", default=TrainConfig.vocabulary, choices=VOCABULARIES,
+                   help="words in training captions: core (held-out-only words left out: the shipped weights) or full")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, or cuda to train the denoiser on a GPU")
     p.add_argument(
         "--no-export", action="store_true", help="train (or resume) but do not overwrite the shipped weights"
     )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", force=True)
-    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, align_steps=a.align_steps, detail_steps=a.detail_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed, device=a.device,
-                      text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed))  # fmt: skip
+    cfg = TrainConfig(model=a.model, steps=a.steps, motion_steps=a.motion_steps, align_steps=a.align_steps, detail_steps=a.detail_steps, batch=a.batch, eval_every=a.eval_every, out=a.out, seed=a.seed, device=a.device, vocabulary=a.vocabulary,
+                      text=TextTrainConfig(model=MODELS[a.model].encoder, steps=a.text_steps, seed=a.seed, vocabulary=a.vocabulary))  # fmt: skip
     res = train(cfg)
     log.info("trained in %.1f minutes", res["minutes"])
     if not a.no_export:

@@ -46,6 +46,7 @@ class TextTrainConfig:
     lr: float = 1e-3
     seed: int = 0
     omit_prob: float = 0.3  # share of captions that may leave out size/background (no label then)
+    vocabulary: str = "core"  # which words training captions use (videomesh.world.VOCABULARIES)
 
 
 class AttributeHeads(nn.Module):
@@ -58,13 +59,15 @@ class AttributeHeads(nn.Module):
         return {k: h(p) for k, h in self.heads.items()}
 
 
-def caption_batch(rng: np.random.Generator, n: int, omit_prob: float, split: str = "train"):
+def caption_batch(
+    rng: np.random.Generator, n: int, omit_prob: float, split: str = "train", vocabulary: str = "core"
+):
     texts, labels, full = [], {k: [] for k in ATTRS}, []
     for _ in range(n):
         spec = sample_spec(rng)
         lang = LANGS[rng.integers(len(LANGS))]
         omit = rng.random() < omit_prob
-        texts.append(caption(spec, lang, rng, split, allow_omit=omit))
+        texts.append(caption(spec, lang, rng, split, allow_omit=omit, vocabulary=vocabulary))
         full.append(not omit)
         for k, vocab in ATTRS.items():
             labels[k].append(vocab.index(getattr(spec, k)))
@@ -103,7 +106,7 @@ def train_text_encoder(cfg: TextTrainConfig, *, log_every: int = 250) -> tuple[T
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        texts, labels, full = caption_batch(rng, cfg.batch, cfg.omit_prob)
+        texts, labels, full = caption_batch(rng, cfg.batch, cfg.omit_prob, vocabulary=cfg.vocabulary)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = heads(*enc(**enc.inputs(texts)))
         logits = {k: v.float() for k, v in logits.items()}

@@ -119,8 +119,14 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
 
     cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, align_steps=0, detail_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
                          ckpt_every=2, out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
+    with pytest.raises(ValueError, match="the same for the text encoder"):
+        tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full"}))  # the encoder's left "core"
     res = tr.train(cfg)
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
+    # a checkpoint is not resumed with other training words
+    full = TextTrainConfig(**{**cfg.text.__dict__, "vocabulary": "full"})
+    with pytest.raises(ValueError, match="was trained with vocabulary 'core'"):
+        tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}))
     log = (tmp_path / "ckpt" / "log.jsonl").read_text()
     assert '"eval"' in log and '"phase": "text"' in log
     before = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["ema"]

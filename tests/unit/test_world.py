@@ -228,6 +228,25 @@ def test_train_and_heldout_sentences_never_meet():
                 assert not found, f"held-out phrase {word!r} in training caption {text!r}"
 
 
+def test_full_vocabulary_teaches_every_word_but_no_heldout_template():
+    rng = np.random.default_rng(5)
+    specs = [sample_spec(rng) for _ in range(600)]
+    for lang in LANGS:
+        held = {caption(s, lang, rng, "heldout") for s in specs}
+        full = [caption(s, lang, rng, "train", vocabulary="full") for s in specs]
+        assert not set(full) & held
+        words = heldout_only_words(lang)
+        used = {w for w in words if any(part in text for part in w.split("|") for text in full)}
+        assert len(used) >= 0.8 * len(words), sorted(words - used)
+        # the core vocabulary is what training always used: the same captions from the same seed
+        a, b = np.random.default_rng(9), np.random.default_rng(9)
+        assert [caption(s, lang, a) for s in specs[:50]] == [
+            caption(s, lang, b, vocabulary="core") for s in specs[:50]
+        ]
+    with pytest.raises(ValueError, match="vocabulary must be one of"):
+        caption(specs[0], "en", rng, "train", vocabulary="all")
+
+
 def test_heldout_prompts_cover_the_vocabulary_and_are_fixed():
     specs_by_lang = {}
     for lang in LANGS:

@@ -5,7 +5,7 @@ Japanese (with a held-out split of phrasings for evaluation), and `detector` rea
 plain OpenCV to score prompt adherence.
 """
 
-from .captions import LANGS, SPLITS, caption, heldout_only_words, heldout_prompts, template_ids
+from .captions import LANGS, SPLITS, VOCABULARIES, caption, heldout_only_words, heldout_prompts, template_ids
 from .detector import Detection, detect, score
 from .generator import (
     BACKGROUNDS,
@@ -32,6 +32,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SPLITS",
+    "VOCABULARIES",
     "Clip",
     "ClipSpec",
     "Detection",

@@ -10,7 +10,8 @@ Train / held-out split (fixed, so evaluation measures generalisation to unseen p
   "a ball in red ...", "..., you can see a ..."), ``zh-08..zh-09`` ("帮我生成一段视频：...",
   "...向右移动的是一个..."), ``ja-07..ja-08`` ("...右へ動くのは...", "...動画を作って").
   No training caption is ever built from them, so no held-out sentence appears in training.
-* Words marked ``*`` in the lexicon below appear only in held-out captions, for example
+* Words marked ``*`` in the lexicon below appear only in held-out captions (unless training
+  asks for ``vocabulary="full"``: ``videomesh train --vocabulary full``), for example
   en: sphere, orb, block, violet, tiny, huge, glides, climbs, sinks, stays put, expands, contracts;
   zh: 球体, 方块, 橘色, 微小的, 巨大的, 向左平移, 纹丝不动, 不断膨胀, 海军蓝, 以…为背景;
   ja: 球体, ブロック, 橙色の, ちっちゃな, でっかい, 左へスライドする, 微動だにしない, 膨らんでいく,
@@ -34,6 +35,9 @@ from .generator import BACKGROUNDS, COLORS, CORE_MOTIONS, SHAPES, SIZES, ClipSpe
 
 LANGS: tuple[str, ...] = ("en", "zh", "ja")
 SPLITS: tuple[str, ...] = ("train", "heldout")
+# Which words training captions may use: "core" leaves out the held-out-only words (the shipped
+# model's recipe), "full" draws from every word. Held-out captions always use every word.
+VOCABULARIES: tuple[str, ...] = ("core", "full")
 
 # Probability that a training caption leaves out the size / the background.
 _OMIT_SIZE = 0.2
@@ -46,8 +50,9 @@ class _Phrase:
     heldout_only: bool = False
     round_only: bool = False
 
-    def usable(self, split: str, shape: str) -> bool:
-        return (split == "heldout" or not self.heldout_only) and (shape == "circle" or not self.round_only)
+    def usable(self, split: str, shape: str, vocabulary: str = "core") -> bool:
+        words_ok = split == "heldout" or vocabulary == "full" or not self.heldout_only
+        return words_ok and (shape == "circle" or not self.round_only)
 
 
 def _phrases(entries: Sequence[str]) -> tuple[_Phrase, ...]:
@@ -450,26 +455,38 @@ def heldout_only_words(lang: str, attribute: str | None = None) -> frozenset[str
     )
 
 
-def _validate(lang: str, split: str) -> None:
+def _validate(lang: str, split: str, vocabulary: str = "core") -> None:
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {LANGS}; got {lang!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
 
 
-def _choose(rng: np.random.Generator, phrases: Sequence[_Phrase], split: str, shape: str) -> str:
-    options = [p.text for p in phrases if p.usable(split, shape)]
+def _choose(
+    rng: np.random.Generator, phrases: Sequence[_Phrase], split: str, shape: str, vocabulary: str
+) -> str:
+    options = [p.text for p in phrases if p.usable(split, shape, vocabulary)]
     return options[rng.integers(len(options))]
 
 
 def caption(
-    spec: ClipSpec, lang: str, rng: np.random.Generator, split: str = "train", *, allow_omit: bool = True
+    spec: ClipSpec,
+    lang: str,
+    rng: np.random.Generator,
+    split: str = "train",
+    *,
+    allow_omit: bool = True,
+    vocabulary: str = "core",
 ) -> str:
     """One random natural-language description of `spec` from `split`'s templates and words.
 
-    With `allow_omit`, size and background are sometimes left out; colour, shape and motion never are.
+    With `allow_omit`, size and background are sometimes left out; colour, shape and motion never
+    are. `vocabulary` (training captions only): "core" leaves out the held-out-only words, "full"
+    draws from every word, uniformly; the templates stay those of `split` either way.
     """
-    _validate(lang, split)
+    _validate(lang, split, vocabulary)
     table = _TABLES[lang]
     templates = [t for t in _TEMPLATES[lang] if t.heldout == (split == "heldout")]
     template = templates[rng.integers(len(templates))]
@@ -485,9 +502,15 @@ def caption(
         "size_adj": spec.size,
         "motion": spec.motion,
     }
-    slots = {s: _choose(rng, table[s][value[s]], split, spec.shape) for s in _WORD_SLOTS if s in table}
+    slots = {
+        s: _choose(rng, table[s][value[s]], split, spec.shape, vocabulary) for s in _WORD_SLOTS if s in table
+    }
     slots.update(
-        {s: _choose(rng, table[s][spec.background], split, spec.shape) for s in _BG_SLOTS if s in table}
+        {
+            s: _choose(rng, table[s][spec.background], split, spec.shape, vocabulary)
+            for s in _BG_SLOTS
+            if s in table
+        }
     )
     present, _, gerund = slots["motion"].partition("|")
     slots["motion"], slots["motion_ing"] = present, gerund or present
