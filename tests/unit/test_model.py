@@ -167,6 +167,9 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     with safe_open(str(den), "pt") as f:
         assert f.metadata()["model"] == "tiny"
         assert any(k.startswith("experts.low_noise.") for k in f.keys())
+    from services.denoiser.evaluate import training_vocabulary
+
+    assert training_vocabulary(den) == "core"  # what the eval table says about held-out-only words
     assert np.isfinite(res["minutes"])
 
 
