@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gateway.media import read_frames
+from services.denoiser.train import training_vocabulary
 from videomesh.client import VideoClient
 from videomesh.mesh import LocalMesh
 from videomesh.v1 import common_pb2
@@ -35,18 +36,6 @@ def _seconds(events, stage_a: int, stage_b: int) -> float:
         if e.WhichOneof("event") == "stage_started"
     }
     return times.get(stage_b, 0.0) - times.get(stage_a, 0.0)
-
-
-def training_vocabulary(path: Path | None = None) -> str:
-    """Which words the shipped default denoiser's training captions used ("core": no
-    held-out-only word; "full": every word), from its weights' train_config metadata."""
-    from safetensors import safe_open
-
-    from services.denoiser.engine import WEIGHTS_DIR
-
-    with safe_open(str(path or WEIGHTS_DIR / "default.safetensors"), "pt") as f:
-        config = json.loads((f.metadata() or {}).get("train_config", "{}"))
-    return config.get("vocabulary", "core")  # weights from before the option: core
 
 
 def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:

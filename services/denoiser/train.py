@@ -415,6 +415,17 @@ def export(ema: MoEDenoiser, encoder: TextEncoder, cfg: TrainConfig, meta: dict)
     return den, enc
 
 
+def training_vocabulary(path: Path | None = None) -> str:
+    """Which words the shipped default denoiser's training captions used ("core": no
+    held-out-only word; "full": every word), from its weights' train_config metadata."""
+    from safetensors import safe_open
+
+    path = path or ROOT / "services" / "denoiser" / "weights" / "default.safetensors"
+    with safe_open(str(path), "pt") as f:
+        config = json.loads((f.metadata() or {}).get("train_config", "{}"))
+    return config.get("vocabulary", "core")  # weights from before the option: core
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from services.denoiser.engine import ADAPTERS_DIR, WEIGHTS_DIR
 from services.denoiser.lora import Adapter, AdapterSlot, LoRAConfig, attach, detach
 from services.denoiser.model import MODELS, MoEDenoiser
-from services.denoiser.train import TrainConfig, _cosine, batch, heldout_set, sample_clips, sample_t
+from services.denoiser.train import (
+    TrainConfig,
+    _cosine,
+    batch,
+    heldout_set,
+    sample_clips,
+    sample_t,
+    training_vocabulary,
+)
 from services.encoder.model import TEXT_ENCODERS, TextEncoder
 from videomesh.weights import load_into
 from videomesh.world import LANGS, detect, score
@@ -55,11 +63,13 @@ class AdapterTrainConfig:
 
 
 def load_base(model: str) -> tuple[MoEDenoiser, TextEncoder]:
-    """The shipped denoiser (its weights' version in `.version`) and text encoder."""
+    """The shipped denoiser (its weights' version in `.version`, the words its training
+    captions used in `.vocabulary`) and text encoder."""
     mcfg = MODELS[model]
     torch.manual_seed(0)
     net = MoEDenoiser(mcfg)
     net.version = load_into(net, WEIGHTS_DIR / f"{mcfg.name}.safetensors")
+    net.vocabulary = training_vocabulary(WEIGHTS_DIR / f"{mcfg.name}.safetensors")
     enc = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
     enc.version = f"{mcfg.encoder}@{load_into(enc, ENCODER_WEIGHTS / f'{mcfg.encoder}.safetensors')}"
     return net.eval(), enc.eval().requires_grad_(False)
@@ -77,7 +87,8 @@ def train_adapter(cfg: AdapterTrainConfig, base: MoEDenoiser, encoder: TextEncod
     base.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng, trng = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    data = TrainConfig(model=mcfg.name, batch=cfg.batch)
+    # the captions the base model was trained on (held-out-only words only if it was taught them)
+    data = TrainConfig(model=mcfg.name, batch=cfg.batch, vocabulary=getattr(base, "vocabulary", "core"))
     t0, losses = time.perf_counter(), []
     for step in range(cfg.steps):
         x0, texts, _ = batch(rng, data, mcfg, style=cfg.style)

@@ -167,9 +167,12 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     with safe_open(str(den), "pt") as f:
         assert f.metadata()["model"] == "tiny"
         assert any(k.startswith("experts.low_noise.") for k in f.keys())
-    from services.denoiser.evaluate import training_vocabulary
-
-    assert training_vocabulary(den) == "core"  # what the eval table says about held-out-only words
+    # the words its captions used travel with the weights (the eval table and train-adapter read it)
+    assert tr.training_vocabulary(den) == "core"
+    den, _ = tr.export(
+        res["ema"], res["encoder"], tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}), {}
+    )
+    assert tr.training_vocabulary(den) == "full"
     assert np.isfinite(res["minutes"])
 
 
