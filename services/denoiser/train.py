@@ -259,6 +259,23 @@ def _with_new_params(saved: dict, model: MoEDenoiser, missing: list[str]) -> dic
     return {"state": {where[old[k]]: v for k, v in saved["state"].items()}, "param_groups": [group]}
 
 
+def _file_vocabulary(path: Path) -> str | None:
+    """The vocabulary a phase-1 text encoder file was trained with (None: a file from before
+    it was recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("vocabulary")
+
+
+def _same_vocabulary(path: Path, saved: str | None, cfg: TrainConfig) -> None:
+    """A run resumes only with the training words it started with."""
+    if saved is not None and saved != cfg.vocabulary:
+        raise ValueError(
+            f"{path} was trained with vocabulary {saved!r}, not {cfg.vocabulary!r}: use another --out"
+        )
+
+
 def _save_ckpt(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -283,11 +300,12 @@ def train(cfg: TrainConfig) -> dict:
     enc_path = out / "text_encoder.safetensors"
     encoder = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
     if enc_path.exists():
+        _same_vocabulary(enc_path, _file_vocabulary(enc_path), cfg)
         weights.load_into(encoder, enc_path)
         log.info("text encoder: resumed from %s", enc_path)
     else:
         encoder, info = train_text_encoder(cfg.text)
-        weights.save(encoder.state_dict(), enc_path)
+        weights.save(encoder.state_dict(), enc_path, metadata={"vocabulary": cfg.vocabulary})
         record(phase="text", **info)
     encoder.eval().requires_grad_(False)
 
@@ -308,11 +326,7 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False, map_location=dev)
         saved = re.search(r"vocabulary='(\w+)'", st.get("config", ""))
-        if (
-            saved.group(1) if saved else "core"
-        ) != cfg.vocabulary:  # checkpoints from before the option: core
-            raise ValueError(f"{ckpt} was trained with vocabulary {saved.group(1) if saved else 'core'!r}, "
-                             f"not {cfg.vocabulary!r}: use another --out")  # fmt: skip
+        _same_vocabulary(ckpt, saved.group(1) if saved else "core", cfg)  # older checkpoints: core
         for m, key in ((model, "model"), (ema, "ema")):
             missing, unexpected = m.load_state_dict(st[key], strict=False)
             if unexpected or any(".motion." not in k for k in missing):

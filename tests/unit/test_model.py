@@ -125,8 +125,14 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
     # a checkpoint is not resumed with other training words
     full = TextTrainConfig(**{**cfg.text.__dict__, "vocabulary": "full"})
-    with pytest.raises(ValueError, match="was trained with vocabulary 'core'"):
+    with pytest.raises(ValueError, match="text_encoder.safetensors was trained with vocabulary 'core'"):
         tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}))
+    (tmp_path / "ckpt" / "text_encoder.safetensors").rename(
+        tmp_path / "encoder"
+    )  # the checkpoint says so too
+    with pytest.raises(ValueError, match="ckpt.pt was trained with vocabulary 'core'"):
+        tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}))
+    (tmp_path / "encoder").replace(tmp_path / "ckpt" / "text_encoder.safetensors")
     log = (tmp_path / "ckpt" / "log.jsonl").read_text()
     assert '"eval"' in log and '"phase": "text"' in log
     before = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["ema"]
