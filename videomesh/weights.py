@@ -40,6 +40,14 @@ def load_into(module: nn.Module, path: Path | None, *, prefix: str = "") -> str:
     return file_version(Path(path))
 
 
+def metadata(path: Path) -> dict[str, str]:
+    """The string metadata a safetensors file was saved with (empty if none); reads no tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def save(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> str:
     from safetensors.torch import save_file
 

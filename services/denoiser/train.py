@@ -259,15 +259,6 @@ def _with_new_params(saved: dict, model: MoEDenoiser, missing: list[str]) -> dic
     return {"state": {where[old[k]]: v for k, v in saved["state"].items()}, "param_groups": [group]}
 
 
-def _file_vocabulary(path: Path) -> str | None:
-    """The vocabulary a phase-1 text encoder file was trained with (None: a file from before
-    it was recorded)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("vocabulary")
-
-
 def _same_vocabulary(path: Path, saved: str | None, cfg: TrainConfig) -> None:
     """A run resumes only with the training words it started with."""
     if saved is not None and saved != cfg.vocabulary:
@@ -300,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     enc_path = out / "text_encoder.safetensors"
     encoder = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
     if enc_path.exists():
-        _same_vocabulary(enc_path, _file_vocabulary(enc_path), cfg)
+        _same_vocabulary(enc_path, weights.metadata(enc_path).get("vocabulary"), cfg)  # older files: none
         weights.load_into(encoder, enc_path)
         log.info("text encoder: resumed from %s", enc_path)
     else:
@@ -432,11 +423,8 @@ def export(ema: MoEDenoiser, encoder: TextEncoder, cfg: TrainConfig, meta: dict)
 def training_vocabulary(path: Path | None = None) -> str:
     """Which words the shipped default denoiser's training captions used ("core": no
     held-out-only word; "full": every word), from its weights' train_config metadata."""
-    from safetensors import safe_open
-
     path = path or ROOT / "services" / "denoiser" / "weights" / "default.safetensors"
-    with safe_open(str(path), "pt") as f:
-        config = json.loads((f.metadata() or {}).get("train_config", "{}"))
+    config = json.loads(weights.metadata(path).get("train_config", "{}"))
     return config.get("vocabulary", "core")  # weights from before the option: core
 
 
