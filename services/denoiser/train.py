@@ -287,6 +287,13 @@ def train(cfg: TrainConfig) -> dict:
         logf.write(json.dumps(kw) + "\n")
         logf.flush()
 
+    # a checkpoint of other training words is refused before any work (phase 1 included)
+    ckpt = out / "ckpt.pt"
+    st = torch.load(ckpt, weights_only=False, map_location=cfg.device) if ckpt.exists() else None
+    if st is not None:
+        saved = re.search(r"vocabulary='(\w+)'", st.get("config", ""))
+        _same_vocabulary(ckpt, saved.group(1) if saved else "core", cfg)  # older checkpoints: core
+
     # 1. text encoder
     enc_path = out / "text_encoder.safetensors"
     encoder = TextEncoder(TEXT_ENCODERS[mcfg.encoder])
@@ -312,12 +319,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.Generator().manual_seed(cfg.seed),
         0.0,
     )
-    ckpt = out / "ckpt.pt"
     align_at = cfg.steps + cfg.motion_steps
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location=dev)
-        saved = re.search(r"vocabulary='(\w+)'", st.get("config", ""))
-        _same_vocabulary(ckpt, saved.group(1) if saved else "core", cfg)  # older checkpoints: core
+    if st is not None:
         for m, key in ((model, "model"), (ema, "ema")):
             missing, unexpected = m.load_state_dict(st[key], strict=False)
             if unexpected or any(".motion." not in k for k in missing):

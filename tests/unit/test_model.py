@@ -123,16 +123,21 @@ def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
         tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full"}))  # the encoder's left "core"
     res = tr.train(cfg)
     assert (tmp_path / "ckpt" / "ckpt.pt").exists()
-    # a checkpoint is not resumed with other training words
+    # a checkpoint is not resumed with other training words, and neither is a phase-1 encoder
     full = TextTrainConfig(**{**cfg.text.__dict__, "vocabulary": "full"})
-    with pytest.raises(ValueError, match="text_encoder.safetensors was trained with vocabulary 'core'"):
-        tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}))
-    (tmp_path / "ckpt" / "text_encoder.safetensors").rename(
-        tmp_path / "encoder"
-    )  # the checkpoint says so too
+    other = tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full})
+    d = tmp_path / "ckpt"
     with pytest.raises(ValueError, match="ckpt.pt was trained with vocabulary 'core'"):
-        tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full", "text": full}))
-    (tmp_path / "encoder").replace(tmp_path / "ckpt" / "text_encoder.safetensors")
+        tr.train(other)
+    (d / "ckpt.pt").rename(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="text_encoder.safetensors was trained with vocabulary 'core'"):
+        tr.train(other)
+    (tmp_path / "ckpt.pt").rename(d / "ckpt.pt")
+    (d / "text_encoder.safetensors").rename(tmp_path / "encoder")
+    with pytest.raises(ValueError, match="ckpt.pt was trained with vocabulary 'core'"):
+        tr.train(other)
+    assert not (d / "text_encoder.safetensors").exists()  # refused before phase 1 was retrained
+    (tmp_path / "encoder").rename(d / "text_encoder.safetensors")
     log = (tmp_path / "ckpt" / "log.jsonl").read_text()
     assert '"eval"' in log and '"phase": "text"' in log
     before = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=False)["ema"]
