@@ -46,7 +46,7 @@ class TextTrainConfig:
     lr: float = 1e-3
     seed: int = 0
     omit_prob: float = 0.3  # share of captions that may leave out size/background (no label then)
-    vocabulary: str = "core"  # which words training captions use (videomesh.world.VOCABULARIES)
+    vocabulary: str = "full"  # which words training captions use (videomesh.world.VOCABULARIES)
 
 
 class AttributeHeads(nn.Module):

@@ -113,12 +113,32 @@ def test_text_encoder_all_languages_and_normalisation():
     assert [detect_language(t) for t in ("a ball", "红色", "赤いボール", "赤")] == ["en", "zh", "ja", "zh"]
 
 
+def test_make_train_reproduces_the_shipped_recipe():
+    """`make train` (the defaults) is the run that wrote the shipped weights: every setting in
+    their train_config metadata, the vocabulary included, is today's default."""
+    import json
+    from dataclasses import asdict
+
+    from services.denoiser import train as tr
+    from videomesh import weights
+
+    shipped = json.loads(
+        weights.metadata(tr.ROOT / "services/denoiser/weights/default.safetensors")["train_config"]
+    )
+    defaults = json.loads(json.dumps(asdict(tr.TrainConfig()), default=str))
+    where = ("out", "device", "threads")  # where and on what it ran, not what it trained
+    assert {k: v for k, v in shipped.items() if k not in where} == {
+        k: v for k, v in defaults.items() if k not in where
+    }
+    assert tr.training_vocabulary() == "full"
+
+
 def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     from services.denoiser import train as tr
     from services.encoder.train import TextTrainConfig
 
     cfg = tr.TrainConfig(model="tiny", steps=4, motion_steps=0, align_steps=0, detail_steps=0, batch=2, warmup=1, eval_every=4, eval_per_lang=1,
-                         ckpt_every=2, out=tmp_path / "ckpt", text=TextTrainConfig(model="tiny", steps=3, batch=4))  # fmt: skip
+                         ckpt_every=2, out=tmp_path / "ckpt", vocabulary="core", text=TextTrainConfig(model="tiny", steps=3, batch=4, vocabulary="core"))  # fmt: skip
     with pytest.raises(ValueError, match="the same for the text encoder"):
         tr.train(tr.TrainConfig(**{**cfg.__dict__, "vocabulary": "full"}))  # the encoder's left "core"
     res = tr.train(cfg)

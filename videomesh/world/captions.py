@@ -35,8 +35,9 @@ from .generator import BACKGROUNDS, COLORS, CORE_MOTIONS, SHAPES, SIZES, ClipSpe
 
 LANGS: tuple[str, ...] = ("en", "zh", "ja")
 SPLITS: tuple[str, ...] = ("train", "heldout")
-# Which words training captions may use: "core" leaves out the held-out-only words (the shipped
-# model's recipe), "full" draws from every word. Held-out captions always use every word.
+# Which words training captions may use: "core" leaves out the held-out-only words (the recipe
+# of the weights before), "full" draws from every word (the shipped model's recipe; the default
+# of `videomesh train`). Held-out captions always use every word.
 VOCABULARIES: tuple[str, ...] = ("core", "full")
 
 # Probability that a training caption leaves out the size / the background.
