@@ -29,9 +29,10 @@ protos:
 train: install
 	$(BIN)/videomesh train
 
-# Prompt adherence on held-out phrasings, through the real mesh; prints the model-card table.
+# Prompt adherence on held-out phrasings, through the real mesh; prints the model-card table and
+# saves every row beside the weights it measured (a test checks the saved file is of those weights).
 eval: install
-	$(BIN)/videomesh eval --json eval-results.json
+	$(BIN)/videomesh eval --json services/denoiser/weights/default.eval.json
 
 # Throughput figures: Ray batching/pipelining vs one at a time; bf16 vs fp32.
 bench: install

@@ -67,10 +67,12 @@ def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:
                     "denoise_s": _seconds(events, common_pb2.STAGE_DENOISING, common_pb2.STAGE_UPSCALING),
                     "total_s": (events[-1].time.ToNanoseconds() - events[0].time.ToNanoseconds()) / 1e9,
                     "qc_passed": video.quality.passed,
+                    "model": video.model,  # name@version of the weights that drew it
                 })  # fmt: skip
         client.close()
     summary = summarize(rows)
     summary["vocabulary"] = training_vocabulary()
+    summary["model"] = ", ".join(sorted({r["model"] for r in rows}))
     if out_json:
         out_json.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str))
     return summary
@@ -130,6 +132,8 @@ def print_table(summary: dict) -> bool:
     for lang, r in summary["table"].items():
         print(f"{lang:<5} " + " / ".join(f"{r[f'n_{k}_known_word']} {r[f'{k}_known_word']:.1%}"
                                          for k in ("color", "shape", "motion")))  # fmt: skip
+    if summary.get("model"):
+        print(f"model: {summary['model']}")
     if summary.get("vocabulary") == "full":
         print(
             "(this model was trained with --vocabulary full: the held-out-only words were in its training captions)"
@@ -157,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             r.setdefault("unseen_by_attribute", unseen_by_attribute(r["lang"], r["prompt"]))
         return (
             0
-            if print_table({**summarize(saved["rows"]), "vocabulary": saved.get("vocabulary", "core")})
+            if print_table(
+                {
+                    **summarize(saved["rows"]),
+                    "vocabulary": saved.get("vocabulary", "core"),
+                    "model": saved.get("model", ""),
+                }
+            )  # fmt: skip
             else 1
         )
     t0 = time.time()

@@ -133,6 +133,30 @@ def test_make_train_reproduces_the_shipped_recipe():
     assert tr.training_vocabulary() == "full"
 
 
+def test_shipped_evaluations_are_of_the_shipped_weights_and_meet_the_targets():
+    """The model card's figures are the saved `make eval` runs beside the weights: of these very
+    weights (the mesh's name@version for every clip), on the held-out prompts, over target."""
+    import json
+
+    from services.denoiser import evaluate as ev
+    from services.denoiser import train as tr
+    from videomesh.weights import file_version
+    from videomesh.world import LANGS, heldout_prompts
+
+    wdir = tr.ROOT / "services" / "denoiser" / "weights"
+    version = f"default@{file_version(wdir / 'default.safetensors')}"
+    for name, per_lang, seed in (("default.eval.json", 24, 0), ("default.eval-48-seed1.json", 48, 1)):
+        saved = json.loads((wdir / name).read_text())
+        assert {r["model"] for r in saved["rows"]} == {version}, (
+            f"{name} measured other weights: re-run the eval"
+        )
+        for lang in LANGS:
+            asked = [p for p, _ in heldout_prompts(lang, per_lang, seed=seed)]
+            assert [r["prompt"] for r in saved["rows"] if r["lang"] == lang] == asked
+        table = ev.summarize(saved["rows"])["table"]
+        assert all(r[k] >= t for r in table.values() for k, t in ev.TARGETS.items()), table
+
+
 def test_training_loop_runs_resumes_and_exports(tmp_path, monkeypatch):
     from services.denoiser import train as tr
     from services.encoder.train import TextTrainConfig
