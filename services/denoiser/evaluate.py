@@ -159,17 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(a.table_from.read_text())
         for r in saved["rows"]:  # files from before the per-attribute split
             r.setdefault("unseen_by_attribute", unseen_by_attribute(r["lang"], r["prompt"]))
-        return (
-            0
-            if print_table(
-                {
-                    **summarize(saved["rows"]),
-                    "vocabulary": saved.get("vocabulary", "core"),
-                    "model": saved.get("model", ""),
-                }
-            )  # fmt: skip
-            else 1
-        )
+        meta = {"vocabulary": saved.get("vocabulary", "core"), "model": saved.get("model", "")}
+        return 0 if print_table({**summarize(saved["rows"]), **meta}) else 1
     t0 = time.time()
     summary = run(a.per_lang, a.seed, a.json, a.size)
     ok = print_table(summary)
