@@ -60,7 +60,7 @@ class AttributeHeads(nn.Module):
 
 
 def caption_batch(
-    rng: np.random.Generator, n: int, omit_prob: float, split: str = "train", vocabulary: str = "core"
+    rng: np.random.Generator, n: int, omit_prob: float, split: str = "train", *, vocabulary: str
 ):
     texts, labels, full = [], {k: [] for k in ATTRS}, []
     for _ in range(n):
