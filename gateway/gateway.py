@@ -31,7 +31,8 @@ from gateway.templates import TemplateLibrary
 from gateway.tenants import Tenant
 from gateway.tiers import RateLimiter, TierPolicy, tiers_from
 from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, payload_for
-from gateway.webhooks import WebhookSender
+from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
+from gateway.webhooks import check_allow_entries as check_webhook_allow
 from services.encoder.model import MAX_PROMPT_CHARS
 from videomesh.adapters import owner as lora_owner
 from videomesh.errors import (
@@ -83,6 +84,8 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    stall_timeout: float = 120.0  # a stage that sends nothing for this long is stopped; the attempt is retried
+    encode_timeout: float = 60.0  # bound on one Encode call (within the job's budget)
     storage: str = "local"  # local (data_dir/videos) | s3
     s3_endpoint: str = ""  # host:port
     s3_access_key: str = ""
@@ -113,6 +116,14 @@ class GatewaySettings:
     webhook_attempts: int = 5
     webhook_backoff: float = 0.5
     metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
+    # Webhook URLs a request may name besides its tenant's registered one: URL prefixes
+    # (https://hooks.example.com/videomesh) or host patterns (hooks.example.com, *.example.com, *).
+    webhook_allow: tuple[str, ...] = ()
+    webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (local trials only)
+    # Open WatchVideo + GenerateVideo streams: per tenant, and in all (kept below the server's
+    # 32 worker threads so unary calls and health checks always find one).
+    max_streams_per_tenant: int = 8
+    max_streams: int = 24
 
     def validate(self) -> None:
         for s in self.sizes:
@@ -131,6 +142,9 @@ class GatewaySettings:
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
         if self.workers < 1 or self.queue_size < 1 or self.max_attempts < 1:
             raise ValueError("workers, queue_size and max_attempts must be at least 1")
+        if not 1 <= self.max_streams_per_tenant <= self.max_streams:
+            raise ValueError("max_streams_per_tenant must be in 1..max_streams")
+        check_webhook_allow(self.webhook_allow)
         for t in tiers_from(self.tiers).values():
             extra = set(t.sizes) - set(self.sizes)
             if extra:
@@ -168,13 +182,15 @@ class VideoGateway:
         self._model_read = 0.0  # monotonic time of the last GetModelInfo
         self.queue = JobQueue(settings.queue_size, settings.aging_seconds)
         self.limiter = RateLimiter()
-        self.webhooks = WebhookSender(attempts=settings.webhook_attempts, backoff=settings.webhook_backoff)
+        self.webhooks = WebhookSender(attempts=settings.webhook_attempts, backoff=settings.webhook_backoff,
+                                      allow_private=settings.webhook_allow_private)  # fmt: skip
         self._controls: dict[str, JobControl] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
         self._audit_lock = threading.Lock()
+        self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
 
@@ -199,8 +215,12 @@ class VideoGateway:
         s = self.settings
         self.pipeline = Pipeline(self.downstreams, self.storage, Path(s.data_dir) / "work", slots=slots,
                                  invisible=InvisibleWatermark(s.watermark_key),
-                                 visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity))  # fmt: skip
-        self._recover()
+                                 visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity),
+                                 encode_timeout=s.encode_timeout)  # fmt: skip
+        # jobs from before a restart resume only once every downstream is SERVING: a service still
+        # loading its model would otherwise fail their first attempt (they stay QUEUED/RUNNING until then)
+        threading.Thread(target=self._recover_when_ready, name="recover", daemon=True).start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         if self.settings.retention_seconds > 0:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:
@@ -209,6 +229,21 @@ class VideoGateway:
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
+
+    def _recover_when_ready(self) -> None:
+        waiting = set()
+        while not self._stopping.is_set():
+            down = self.downstreams.not_serving()
+            if not down:
+                break
+            if set(down) != waiting:
+                waiting = set(down)
+                log.info("recovery waits for %s to be SERVING", ", ".join(down))
+            self._stopping.wait(0.5)
+        else:
+            return
+        self._recover()
+        self.recovered.set()
 
     def _recover(self) -> None:
         """Queued jobs are queued again; jobs that were running when the gateway stopped re-run."""
@@ -224,6 +259,28 @@ class VideoGateway:
                 self.store.append_event(
                     job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
                 )
+
+    def _watchdog(self) -> None:
+        """Stop attempts whose downstream went silent (no message for stall_timeout): their calls are
+        cancelled and the attempt fails UNAVAILABLE, so it is retried instead of holding a worker."""
+        limit = self.settings.stall_timeout
+        while not self._stopping.wait(min(1.0, limit / 4)):
+            now = time.monotonic()
+            with self._lock:
+                controls = list(self._controls.items())
+            for job_id, ctl in controls:
+                idle = now - ctl.last_activity
+                if idle > limit and not ctl.stalled and not ctl.cancelled.is_set():
+                    log.warning("job %s: no word from downstream for %.0f s; stopping the attempt", job_id, idle)
+                    ctl.stall(f"a downstream service sent nothing for {idle:.0f} s (stall_timeout {limit:g} s)")
+
+    def wedged(self) -> bool:
+        """Every worker holds a job that has been silent for twice the stall timeout (the watchdog could
+        not free it): the gateway takes no work, so its health must say so."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [now - c.last_activity for c in self._controls.values()]
+        return len(idle) >= self.settings.workers and min(idle) > 2 * self.settings.stall_timeout
 
     def close(self) -> None:
         self._stopping.set()
@@ -403,10 +460,17 @@ class VideoGateway:
         return self.plan(video.spec, watermark=mark, visible=visible)
 
     def verify_watermark(self, tenant: Tenant, chunks) -> gateway_pb2.VerifyWatermarkResponse:
-        """Decode the invisible mark of an uploaded video; name the caller's video that carries it."""
+        """Decode the invisible mark of an uploaded video; name the caller's video that carries it.
+
+        Bounded for hostile uploads: frames larger than the largest size this gateway makes are
+        refused before decoding (none of its videos is larger, so none could carry its mark), and
+        at most MAX_VERIFY_FRAMES frames are decoded (`frames` in the reply counts them)."""
         import tempfile
 
-        from gateway.media import iter_frames
+        from gateway.media import MAX_VERIFY_FRAMES, iter_frames
+
+        offered = [_size(s) for s in self.settings.sizes]
+        max_size = (max(w for w, _ in offered), max(h for _, h in offered))
 
         work = Path(self.settings.data_dir) / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -424,7 +488,10 @@ class VideoGateway:
 
             def counted():
                 nonlocal frames
-                for fr in iter_frames(Path(f.name)):
+                decoded = iter_frames(
+                    Path(f.name), max_frames=MAX_VERIFY_FRAMES, max_size=max_size, field="chunk"
+                )
+                for fr in decoded:
                     frames += 1
                     yield fr
 
@@ -435,6 +502,24 @@ class VideoGateway:
         return gateway_pb2.VerifyWatermarkResponse(present=ok, payload=payload if ok else "", confidence=confidence,
                                                    video_id=job.id if job else "", frames=frames)  # fmt: skip
 
+    def download(self, tenant: str, video_id: str, chunk: int = 1 << 20) -> Iterator[gateway_pb2.DownloadVideoResponse]:
+        """The finished file's bytes, then a trailer with the size and SHA-256 of what was sent."""
+        import hashlib
+
+        video = self.store.get(tenant, video_id).video  # NotFound for another tenant's video
+        if video.status not in (common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW):
+            raise FailedPrecondition(f"video {video_id} is {common_pb2.VideoStatus.Name(video.status)}; only a "
+                                     "finished video can be downloaded", reason="NOT_FINISHED")  # fmt: skip
+        if video.deleted:
+            raise FailedPrecondition(f"video {video_id}'s file was deleted", reason="DELETED")
+        sha, size = hashlib.sha256(), 0
+        for block in self.storage.read(f"{tenant}/{video_id}.mp4", chunk):
+            sha.update(block)
+            size += len(block)
+            yield gateway_pb2.DownloadVideoResponse(chunk=block)
+        yield gateway_pb2.DownloadVideoResponse(trailer=gateway_pb2.DownloadTrailer(
+            size_bytes=size, sha256=sha.hexdigest(), content_type=video.result.content_type or "video/mp4"))  # fmt: skip
+
     def policy(self, tier: str) -> TierPolicy:
         return self.tiers.get(tier, self.tiers["free"])
 
@@ -444,20 +529,27 @@ class VideoGateway:
         policy = self.policy(tenant.tier)
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
-        if webhook_url and not webhook_url.startswith(("http://", "https://")):
-            raise InvalidArgument("webhook_url must be an http(s) URL", field="webhook_url")
+        if webhook_url:  # only the tenant's registered URL or the operator's allow-list; public targets
+            try:
+                check_request_url(webhook_url, registered=tenant.webhook_url, allow=self.settings.webhook_allow,
+                                  allow_private=self.settings.webhook_allow_private)  # fmt: skip
+            except WebhookRefused as err:
+                raise InvalidArgument(str(err), field="webhook_url", reason="WEBHOOK_NOT_ALLOWED") from None
         if request_id:  # an idempotent replay returns the original job, whatever the limits say now
             found = self.store.by_request(tenant.name, request_id)
             if found is not None:
                 return self.get(tenant.name, found.id)
         norm = self.normalize(spec, policy, tenant.name)
         self._screen(tenant, norm)
-        if self.settings.cache:
-            hit = self._from_cache(tenant, norm, request_id, webhook_url, regenerated_from, template_id)
-            if hit is not None:
-                return hit
         with self._admit:
-            self._admission(tenant, policy)
+            key = self.cache_key(norm, tenant, template_id) if self.settings.cache else ""
+            source = self._cached_source(key) if key else None
+            # rate limits and quotas apply to every accepted request, cache hits included (a hit
+            # takes no queue slot and is never "active", so those two checks are skipped for it)
+            self._admission(tenant, policy, cache_hit=source is not None)
+            if source is not None:
+                return self._from_cache(source, key, tenant, norm, request_id, webhook_url, regenerated_from,
+                                        template_id)  # fmt: skip
             video = gateway_pb2.Video(
                 id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=norm, create_time=now_ts(),
                 update_time=now_ts(), regenerated_from=regenerated_from, model=f"{self.model.name}@{self.model.version}",
@@ -480,28 +572,55 @@ class VideoGateway:
         return self.store.snapshot(job.id)
 
     # --- cache, templates, feedback, usage, deletion --------------------------------------------------
-    def cache_key(self, spec: common_pb2.VideoSpec) -> str:
+    def cache_key(self, spec: common_pb2.VideoSpec, tenant: Tenant, template_id: str = "") -> str:
+        """Everything that changes the stored bytes, and whose results may be shared.
+
+        A result is cached per tenant: another tenant's hit would hand over that tenant's bytes (its
+        invisible payload, its tier's visible mark) and its timing would tell what the other tenant
+        generated. Only renderings of public templates with public settings are shared across tenants
+        (templates exist to be served instantly; their prompt is the library's, not a tenant's).
+        The key covers the marks (visible: tier and its text/position/opacity; invisible: on/off and
+        the key's hash), the model, text encoder and style adapter versions, and the normalised spec.
+        """
         import hashlib
 
         m = self.model
-        parts = [spec.prompt.strip().casefold(), spec.negative_prompt.strip().casefold(), spec.style.strip().casefold(),
-                 f"{spec.width}x{spec.height}", f"{spec.fps:g}", f"{spec.duration_seconds:g}", str(spec.num_steps),
-                 f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model,
-                 spec.style_adapter, f"{spec.style_strength:g}"]  # fmt: skip
+        s = self.settings
+        policy = self.policy(tenant.tier)
+        adapter_version = next((a.version for a in m.adapters if a.name == spec.style_adapter), "")
+        shared = bool(template_id) and lora_owner(spec.style_adapter) == ""
+        visible = s.visible_watermark and policy.visible_watermark
+        room = (spec.width // 8) * (spec.height // 8) >= 4 * TOTAL_BITS
+        parts = [
+            "shared" if shared else f"tenant:{tenant.name}", template_id,
+            spec.prompt.strip().casefold(), spec.negative_prompt.strip().casefold(), spec.style.strip().casefold(),
+            f"{spec.width}x{spec.height}", f"{spec.fps:g}", f"{spec.duration_seconds:g}", str(spec.num_steps),
+            f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model,
+            spec.style_adapter, adapter_version, f"{spec.style_strength:g}",
+            f"visible={visible}:{s.watermark_text}:{s.watermark_position}:{s.watermark_opacity:g}" if visible else "",
+            "invisible=" + hashlib.sha256(s.watermark_key.encode()).hexdigest()[:16]
+            if s.invisible_watermark and room else "",
+        ]  # fmt: skip
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
-    def _from_cache(self, tenant: Tenant, spec, request_id, webhook_url, regenerated_from, template_id):
-        src_id = self.store.cache_get(self.cache_key(spec))
+    def _cached_source(self, key: str) -> Job | None:
+        """The finished job whose file serves `key`, if it is still there."""
+        src_id = self.store.cache_get(key)
         if src_id is None:
             return None
         src = self.store.load(src_id)
         if src.video.status != common_pb2.SUCCEEDED or src.video.deleted:
             self.store.cache_drop(src_id)
             return None
+        return src
+
+    def _from_cache(self, src: Job, key: str, tenant: Tenant, spec, request_id, webhook_url, regenerated_from,
+                    template_id):  # fmt: skip
         video = gateway_pb2.Video(
             id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=spec, create_time=now_ts(),
             update_time=now_ts(), regenerated_from=regenerated_from, model=src.video.model, template_id=template_id,
             watermark=src.video.watermark, cached=True,  # the bytes are the cached file's, so is the mark
+            warnings=src.video.warnings,
         )  # fmt: skip
         job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=self.policy(tenant.tier).name,
                   webhook=webhook_url)  # fmt: skip
@@ -510,7 +629,7 @@ class VideoGateway:
         try:
             stored = self.storage.copy(f"{src.tenant}/{src.id}.mp4", f"{tenant.name}/{job.id}.mp4")
         except VideomeshError:
-            self.store.cache_drop(src_id)
+            self.store.cache_drop(src.id)
             self._fail(job.id, Unavailable("the cached result could not be copied; submit again"))
             return self.store.snapshot(job.id)
 
@@ -523,7 +642,7 @@ class VideoGateway:
             v.quality.CopyFrom(src.video.quality)
 
         final = self.store.finish(job.id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
-        self.store.cache_put(self.cache_key(spec), job.id)  # the newest copy serves the next hit
+        self.store.cache_put(key, job.id)  # the newest copy serves the next hit
         METRICS.jobs.labels(status="CACHE_HIT", tier=job.tier).inc()
         self._terminal(job, final)
         return final
@@ -632,9 +751,10 @@ class VideoGateway:
             metadata={"category": verdict.category},
         )
 
-    def _admission(self, tenant: Tenant, policy: TierPolicy) -> None:
-        """Queue bound, rate limit, per-tenant in-flight cap, daily quota: RESOURCE_EXHAUSTED + RetryInfo."""
-        if self.queue.full():
+    def _admission(self, tenant: Tenant, policy: TierPolicy, *, cache_hit: bool = False) -> None:
+        """Queue bound, rate limit, per-tenant in-flight cap, daily quota: RESOURCE_EXHAUSTED + RetryInfo.
+        A cache hit is checked against the rate limit and the quota only (it is never queued or active)."""
+        if not cache_hit and self.queue.full():
             METRICS.rejected.labels(reason="QUEUE_FULL").inc()
             raise ResourceExhausted(f"the queue is full ({self.settings.queue_size} jobs); retry later", retry_after=5.0,
                                     reason="QUEUE_FULL")  # fmt: skip
@@ -643,7 +763,7 @@ class VideoGateway:
             METRICS.rejected.labels(reason="RATE_LIMITED").inc()
             raise ResourceExhausted(f"rate limit of the {policy.name} tier ({policy.rate_per_minute:g}/min) reached",
                                     retry_after=wait, reason="RATE_LIMITED")  # fmt: skip
-        active = self.store.active_count(tenant.name)
+        active = 0 if cache_hit else self.store.active_count(tenant.name)
         if active >= policy.max_active:
             METRICS.rejected.labels(reason="TOO_MANY_ACTIVE").inc()
             raise ResourceExhausted(f"{active} of your jobs are queued or running; the {policy.name} tier allows "
@@ -671,6 +791,10 @@ class VideoGateway:
             raise InvalidArgument("page_size must be in 0..100", field="page_size")
         size = page_size or 20
         try:
+            # tokens are offsets this server issued: ASCII digits that fit SQLite's int64, not
+            # "9223372036854775808" (an OverflowError in the driver), "+1", "1_0" or "١"
+            if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 12):
+                raise ValueError
             offset = int(page_token or 0)
             if offset < 0:
                 raise ValueError
@@ -688,16 +812,17 @@ class VideoGateway:
                 f"video {video_id} is already {common_pb2.VideoStatus.Name(status)}; only queued or running jobs can be cancelled"
             )
         self._cancel(video_id, "cancelled by request")
-        return self.wait_terminal(tenant, video_id, timeout=30)
+        return self.get(tenant, video_id)
 
     def _cancel(self, video_id: str, why: str) -> None:
-        if self.queue.remove(video_id):
-            self._finish_cancelled(video_id, why)
-            return
+        """Durable at once: the job is CANCELLED in the store before its work is stopped, so neither
+        a worker that is just starting it nor a restart after a crash can run it again."""
+        self.queue.remove(video_id)
+        self._finish_cancelled(video_id, why)
         with self._lock:
             ctl = self._controls.get(video_id)
         if ctl:
-            ctl.cancel()
+            ctl.cancel(why)
 
     def cancel_quietly(self, video_id: str, reason: str) -> None:
         """Cancel from inside the server (a GenerateVideo stream that ended early)."""
@@ -746,10 +871,21 @@ class VideoGateway:
         return video
 
     def events(self, tenant: str, video_id: str, after: int, is_active) -> Iterator[gateway_pb2.VideoEvent]:
-        """Yield events after `after` until (and including) the terminal one."""
+        """Yield events after `after` until (and including) the terminal one.
+
+        Ends at once when the job has ended and nothing after `after` exists (a client resuming at
+        or past the last event): the terminal event is written with the terminal status in one step
+        (JobStore.finish), so once the status says ended no newer event can come."""
         self.store.get(tenant, video_id)  # NotFound for other tenants
+        after = max(0, after)
+        idle = True  # look at the status first, and again whenever a wait brought nothing
         while is_active():
-            for ev in self.store.wait_events(video_id, after, timeout=0.5):
+            ended = idle and self.store.snapshot(video_id).status in (*TERMINAL, common_pb2.NEEDS_REVIEW)
+            evs = self.store.wait_events(video_id, after, timeout=0 if ended else 0.5)
+            if ended and not evs:
+                return
+            idle = not evs
+            for ev in evs:
                 after = ev.sequence
                 yield ev
                 if ev.WhichOneof("event") in ("completed", "failed", "cancelled"):
@@ -767,6 +903,7 @@ class VideoGateway:
                     _id, stage, step, total, pct
                 ),
                 stage=lambda stage, _id=entry.job_id: self._stage(_id, stage),
+                warn=lambda reason, message, _id=entry.job_id: self._warn(_id, reason, message),
                 deadline=time.monotonic() + self.settings.job_timeout,
             )
             with self._lock:
@@ -779,6 +916,21 @@ class VideoGateway:
                 with self._lock:
                     self._controls.pop(entry.job_id, None)
                 self.queue.done(entry.tenant)
+
+    def _warn(self, job_id: str, reason: str, message: str) -> None:
+        """A Warning event and Video.warnings (once per reason)."""
+        added = []
+
+        def mut(v):
+            if message not in v.warnings:
+                v.warnings.append(message)
+                added.append(True)
+
+        self.store.update(job_id, mut)
+        if added:
+            self.store.append_event(
+                job_id, gateway_pb2.VideoEvent(warning=gateway_pb2.Warning(reason=reason, message=message))
+            )
 
     def _stage(self, job_id: str, stage: int) -> None:
         def mut(v):
@@ -804,6 +956,8 @@ class VideoGateway:
         if job.video.status != common_pb2.QUEUED:  # cancelled between pop and start
             return
         video = self.store.update(job_id, _start)
+        if video.status != common_pb2.RUNNING:  # cancelled between the check and the start
+            return
         t0 = time.perf_counter()
         try:
             outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self._plan(job, video), ctl)
@@ -860,7 +1014,8 @@ class VideoGateway:
         final = self.store.finish(job_id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
         if final is not None:
             if final.status == common_pb2.SUCCEEDED and self.settings.cache:
-                self.store.cache_put(self.cache_key(final.spec), job_id)
+                tenant = Tenant(job.tenant, job.tier)
+                self.store.cache_put(self.cache_key(final.spec, tenant, final.template_id), job_id)
             self._terminal(job, final)
             log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
                      {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip
@@ -932,6 +1087,8 @@ def _new_seed(v: gateway_pb2.Video) -> None:
 
 
 def _start(v: gateway_pb2.Video) -> None:
+    if v.status != common_pb2.QUEUED:
+        return
     v.status = common_pb2.RUNNING
     v.attempt += 1
     v.queue_position = 0

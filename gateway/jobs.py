@@ -90,7 +90,9 @@ class JobStore(ABC):
         """How many jobs the tenant created since `since`, and when the oldest of them was created."""
 
     @abstractmethod
-    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent: ...
+    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
+        """Append with the next sequence number; nothing is appended once the job has ended (its
+        terminal event stays the last one; the event comes back with sequence 0)."""
 
     @abstractmethod
     def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]: ...

@@ -27,7 +27,7 @@ from gateway.storage import Storage
 from gateway.watermark import InvisibleWatermark, VisibleMark
 from videomesh import codec
 from videomesh.client import channel
-from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, from_rpc_error
+from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, VideomeshError, from_rpc_error
 from videomesh.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -54,46 +54,97 @@ QC_FRAMES_PER_CHUNK = 4
 
 
 class Downstreams:
-    """Stubs for the four internal services, on channels with the retry policy, and a circuit breaker each."""
+    """Stubs for the four internal services and a circuit breaker each.
+
+    Only unary calls get the channel's transparent retry policy (Encode, GetModelInfo). A
+    streaming call is never retried transparently: gRPC holds a retried stream open until its
+    first response, so a server that died before replying left the call waiting forever
+    (measured on main: a Denoise on a retrying channel to a killed server never returned; without
+    the policy it failed UNAVAILABLE in 0.01 s). Jobs retry instead, with backoff (gateway.py).
+    """
+
+    UNARY = {"encoder": [("videomesh.v1.TextEncoder", "Encode")],
+             "denoiser": [("videomesh.v1.Denoiser", "GetModelInfo")], "upscaler": [], "qc": []}  # fmt: skip
 
     def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4, *,
                  breaker_threshold: int = 3, breaker_cooldown: float = 10.0):  # fmt: skip
         self.addresses = {"encoder": encoder, "denoiser": denoiser, "upscaler": upscaler, "qc": qc}
         self.breakers = {n: CircuitBreaker(n, breaker_threshold, breaker_cooldown) for n in self.addresses}
         self.channels = {
-            "encoder": channel(encoder, services=["videomesh.v1.TextEncoder"], retries=retries),
-            "denoiser": channel(denoiser, services=["videomesh.v1.Denoiser"], retries=retries),
-            "upscaler": channel(upscaler, services=["videomesh.v1.Upscaler"], retries=retries),
-            "qc": channel(qc, services=["videomesh.v1.QualityCheck"], retries=retries),
+            name: channel(address, methods=self.UNARY[name], retries=retries)
+            for name, address in self.addresses.items()
         }
         self.encoder = encoder_pb2_grpc.TextEncoderStub(self.channels["encoder"])
         self.denoiser = denoiser_pb2_grpc.DenoiserStub(self.channels["denoiser"])
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.qc = qc_pb2_grpc.QualityCheckStub(self.channels["qc"])
+        self._health: dict[str, tuple[float, int]] = {}  # name -> (monotonic time read, status)
+        self._health_lock = threading.Lock()
+
+    def status(self, name: str, max_age: float = 1.0) -> int:
+        """The downstream's grpc.health.v1 status (read at most every `max_age` s; NOT_SERVING if unreachable)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with self._health_lock:
+            read, st = self._health.get(name, (-1e9, 0))
+            if time.monotonic() - read < max_age:
+                return st
+        try:
+            st = health_pb2_grpc.HealthStub(self.channels[name]).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=2
+            ).status
+        except grpc.RpcError:
+            st = health_pb2.HealthCheckResponse.NOT_SERVING
+        with self._health_lock:
+            self._health[name] = (time.monotonic(), st)
+        return st
+
+    def not_serving(self) -> list[str]:
+        """The downstreams whose health is not SERVING right now."""
+        from grpc_health.v1 import health_pb2
+
+        return [n for n in self.addresses if self.status(n) != health_pb2.HealthCheckResponse.SERVING]
 
     def close(self) -> None:
         for ch in self.channels.values():
             ch.close()
 
 
+SERVICE_NAMES = {
+    "encoder": "videomesh.v1.TextEncoder",
+    "denoiser": "videomesh.v1.Denoiser",
+    "upscaler": "videomesh.v1.Upscaler",
+    "qc": "videomesh.v1.QualityCheck",
+}
+
+
 @dataclass
 class JobControl:
-    """What a running job needs from the scheduler: cancellation, deadline, progress reporting."""
+    """What a running job needs from the scheduler: cancellation, deadline, progress reporting,
+    and a liveness clock the gateway's watchdog reads (a stage that sends nothing for too long
+    is stalled: its calls are cancelled and the attempt fails UNAVAILABLE, to be retried)."""
 
     report: Callable[[int, int, int, float], None]  # (stage, step, total, percent)
     stage: Callable[[int], None]
+    warn: Callable[[str, str], None] = lambda reason, message: None  # a Warning event for the user
     deadline: float | None = None  # time.monotonic() deadline
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     stopped_for_shutdown: bool = False
+    stalled: str = ""  # why the watchdog stopped the attempt; empty = it did not
+    last_activity: float = field(default_factory=time.monotonic)
     _calls: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def track(self, call) -> None:
         with self._lock:
             self._calls.append(call)
-        if self.cancelled.is_set():
+        if self.cancelled.is_set() or self.stalled:
             call.cancel()
+
+    def touch(self) -> None:
+        """Something arrived from a downstream: the job is alive."""
+        self.last_activity = time.monotonic()
 
     def shutdown(self) -> None:
         """The gateway is stopping: abandon the attempt (the job re-runs after restart)."""
@@ -103,22 +154,33 @@ class JobControl:
     def cancel(self, reason: str = "") -> None:
         self.reason = self.reason or reason
         self.cancelled.set()
+        self._cancel_calls()
+
+    def stall(self, why: str) -> None:
+        """The watchdog's verdict: stop this attempt's calls; the attempt fails UNAVAILABLE."""
+        self.stalled = why
+        self._cancel_calls()
+
+    def _cancel_calls(self) -> None:
         with self._lock:
             calls = list(self._calls)
         for c in calls:
             c.cancel()
 
-    def remaining(self) -> float | None:
+    def remaining(self, cap: float | None = None) -> float | None:
+        """Seconds left of the job's budget (at most `cap`, a per-stage bound)."""
         if self.deadline is None:
-            return None
+            return cap
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("the job's deadline passed")
-        return left
+        return left if cap is None else min(left, cap)
 
     def check(self) -> None:
         if self.cancelled.is_set():
             raise Cancelled("cancelled")
+        if self.stalled:
+            raise Unavailable(self.stalled)
         self.remaining()
 
 
@@ -159,13 +221,15 @@ STAGES = ("encoder", "denoiser", "upscaler", "qc")
 
 class Pipeline:
     def __init__(self, downstreams: Downstreams, storage: Storage, work_dir: Path, slots: tuple[int, ...] = (4, 1, 2, 4),
-                 invisible: InvisibleWatermark | None = None, visible: VisibleMark | None = None):  # fmt: skip
+                 invisible: InvisibleWatermark | None = None, visible: VisibleMark | None = None,
+                 encode_timeout: float = 60.0):  # fmt: skip
         self.ds = downstreams
         self.invisible = invisible or InvisibleWatermark()
         self.visible = visible or VisibleMark()
         self.storage = storage
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.encode_timeout = encode_timeout
         # bounded concurrency per stage: a job waits for a slot instead of overloading a downstream
         self.slots = {name: threading.BoundedSemaphore(n) for name, n in zip(STAGES, slots, strict=True)}
 
@@ -185,8 +249,9 @@ class Pipeline:
                 breaker.failure()
                 METRICS.breaker_open.labels(service=name).set(breaker.state == "open")
             raise
-        except Unavailable:
-            METRICS.breaker_open.labels(service=name).set(1)
+        except Unavailable as err:
+            if err.reason == "CIRCUIT_OPEN":
+                METRICS.breaker_open.labels(service=name).set(1)
             raise
         else:
             breaker.success()
@@ -197,9 +262,25 @@ class Pipeline:
         secs: dict[str, float] = {}
         try:
             return self._run(job_id, object_key, plan, ctl, secs)
+        except grpc.FutureCancelledError:  # a tracked call's future, cancelled by the job's control
+            if ctl.cancelled.is_set():
+                raise Cancelled("cancelled") from None
+            raise Unavailable(ctl.stalled or "a downstream call was cancelled") from None
         except grpc.RpcError as err:
             if ctl.cancelled.is_set():
                 raise Cancelled("cancelled") from None
+            if ctl.stalled:
+                raise Unavailable(ctl.stalled) from None
+            stage = getattr(err, "stage", "")
+            if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INTERNAL,
+                              grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED):  # fmt: skip
+                # the gateway validated the request; a downstream refusing what the gateway sent is
+                # the mesh's fault, not the user's
+                raise VideomeshError(
+                    f"internal error: the {stage or 'downstream'} service refused the gateway's request "
+                    f"({err.code().name}: {err.details()})",
+                    reason="DOWNSTREAM_REJECTED",
+                ) from None
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"deadline exceeded in a downstream call: {err.details()}") from None
             if err.code() == grpc.StatusCode.CANCELLED:  # e.g. a downstream stopping mid-call
@@ -211,9 +292,20 @@ class Pipeline:
         t0 = time.perf_counter()
         ctl.check()
         ctl.stage(common_pb2.STAGE_TEXT_ENCODING)
-        enc = self.ds.encoder.Encode(
-            encoder_pb2.EncodeRequest(texts=[plan.prompt, plan.negative]), timeout=ctl.remaining()
+        enc_call = self.ds.encoder.Encode.future(
+            encoder_pb2.EncodeRequest(texts=[plan.prompt, plan.negative]),
+            timeout=ctl.remaining(self.encode_timeout),
         )
+        ctl.track(enc_call)
+        try:
+            enc = enc_call.result()
+        except grpc.RpcError as err:
+            err.stage = "encoder"
+            raise
+        ctl.touch()
+        if enc.notes:
+            for note in enc.notes:
+                ctl.warn(note.reason, note.message)
         emb = codec.to_numpy(enc.embeddings, name="embeddings")
         mask = codec.to_numpy(enc.mask, name="mask")
         secs["encode"] = time.perf_counter() - t0
@@ -243,7 +335,8 @@ class Pipeline:
         asm = codec.FrameAssembler(field="denoiser.frames")
         base: list[np.ndarray] = []
         lo, hi = PROGRESS[common_pb2.STAGE_DENOISING]
-        for ev in call:
+        for ev in _tagged(call, "denoiser"):
+            ctl.touch()
             kind = ev.WhichOneof("event")
             if kind == "progress":
                 p = ev.progress
@@ -320,6 +413,7 @@ class Pipeline:
             lo, hi = PROGRESS[common_pb2.STAGE_UPSCALING]
             try:
                 for chunk in _tagged(up_call, "upscaler"):
+                    ctl.touch()
                     for frame in asm.add(chunk):
                         if plan.visible_mark:
                             frame = self.visible.apply(frame)
@@ -329,7 +423,9 @@ class Pipeline:
                         pending.append(frame)
                         n_out += 1
                         if len(pending) == QC_FRAMES_PER_CHUNK:
-                            qc_q.put(next(codec.frame_chunks(np.stack(pending), start=n_out - len(pending))))
+                            # every chunk of the group: a 512x512 frame fills a chunk on its own
+                            for c in codec.frame_chunks(np.stack(pending), start=n_out - len(pending)):
+                                qc_q.put(c)
                             pending = []
                     ctl.report(
                         common_pb2.STAGE_UPSCALING, n_out, plan.frames, lo + (hi - lo) * n_out / plan.frames
@@ -346,7 +442,9 @@ class Pipeline:
             t0 = time.perf_counter()
             ctl.stage(common_pb2.STAGE_QUALITY_CHECK)
             try:
-                report = qc_future.result()
+                report = qc_future.result(timeout=ctl.remaining())
+            except grpc.FutureTimeoutError:
+                raise DeadlineExceeded("the quality check did not answer within the job's deadline") from None
             except grpc.RpcError as err:
                 err.stage = "qc"
                 raise

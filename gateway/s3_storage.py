@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -80,6 +81,14 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self._retry(lambda: self.client.remove_object(self.bucket, key), f"delete of {key}")
+
+    def read(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        resp = self._retry(lambda: self.client.get_object(self.bucket, key), f"download of {key}")
+        try:
+            yield from resp.stream(chunk)
+        finally:
+            resp.close()
+            resp.release_conn()
 
 
 def _is_not_found(err: Exception) -> bool:

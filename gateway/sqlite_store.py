@@ -270,6 +270,9 @@ class SQLiteJobStore(JobStore):
 
     def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
         with self._cond:
+            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and (row[0] in TERMINAL or row[0] == common_pb2.NEEDS_REVIEW):
+                return event  # the job's last event is written: a late progress report is dropped
             self._append(job_id, event)
             self._cond.notify_all()
             return event

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,10 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
+    @abstractmethod
+    def read(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in order, `chunk` at a time (NotFound if it is not there)."""
+
 
 class LocalStorage(Storage):
     def __init__(self, root: Path):
@@ -86,3 +91,12 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def read(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            f = open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"object {key!r} not found") from None
+        with f:
+            while block := f.read(chunk):
+                yield block

@@ -2,13 +2,22 @@
 
 Retries of UNAVAILABLE use gRPC's own retry machinery (service config JSON on the channel),
 not hand-written loops, so they also apply inside streaming calls until the first response.
+
+Where the gateway is: an explicit address, else `$VIDEOMESH_GATEWAY`, else the file
+`videomesh up` writes (`~/.videomesh/gateway`, `$VIDEOMESH_HOME` moves it; also
+`DATA_DIR/gateway-address`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,17 +27,140 @@ from videomesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 API_KEY_ENV = "VIDEOMESH_API_KEY"
 GATEWAY_ENV = "VIDEOMESH_GATEWAY"
-DEV_KEY_FILE = Path(os.environ.get("VIDEOMESH_HOME", Path.home() / ".videomesh")) / "dev-api-key"
+HOME_ENV = "VIDEOMESH_HOME"
+DEFAULT_DATA_DIR = "videomesh-data"  # `videomesh up`'s default --data-dir
+GATEWAY_ADDRESS_FILE = "gateway-address"  # DATA_DIR/gateway-address, written by `videomesh up`
+START_HINT = "start the mesh with `videomesh up` (other commands then find it), or give --gateway HOST:PORT"
+
+
+def videomesh_home() -> Path:
+    """~/.videomesh, or $VIDEOMESH_HOME (read at each call, so tests and tools can move it)."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".videomesh")
+
+
+def dev_key_file() -> Path:
+    return videomesh_home() / "dev-api-key"
+
+
+def gateway_file() -> Path:
+    """Where `videomesh up` saves the gateway's address for the other commands."""
+    return videomesh_home() / "gateway"
+
+
+DEV_KEY_FILE = dev_key_file()  # as it was at import; prefer dev_key_file()
+
+
+class GatewayError(RuntimeError):
+    """No gateway address known, or nothing answers there. The message says what to do."""
+
+
+class GatewayNotConfigured(GatewayError):
+    """No --gateway, no $VIDEOMESH_GATEWAY, no address saved by `videomesh up`."""
+
+
+class GatewayUnreachable(GatewayError):
+    """Nothing accepts a connection at the address."""
+
+
+class DownloadError(RuntimeError):
+    """A download that did not arrive intact (nothing is left at the destination)."""
+
+
+@dataclass(frozen=True)
+class AddressRecord:
+    address: str
+    pid: int = 0  # the `videomesh up` process that wrote it
+    stale: bool = False  # that process is gone
+
+
+def write_address_file(path: Path, address: str, pid: int | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(f"{address}\npid {os.getpid() if pid is None else pid}\n")
+    tmp.replace(path)
+
+
+def read_address_file(path: Path) -> AddressRecord | None:
+    try:
+        lines = Path(path).read_text().split("\n")
+    except OSError:
+        return None
+    address = lines[0].strip()
+    if not address:
+        return None
+    pid = 0
+    for line in lines[1:]:
+        if line.startswith("pid ") and line[4:].strip().isdigit():
+            pid = int(line[4:])
+    return AddressRecord(address, pid, bool(pid) and not _alive(pid))
+
+
+def remove_address_file(path: Path, address: str) -> None:
+    """Remove the file if it still names `address` (another `up` may have replaced it since)."""
+    rec = read_address_file(path)
+    if rec is not None and rec.address == address:
+        Path(path).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_gateway(explicit: str | None = None) -> tuple[str, str]:
+    """-> (address, where it came from): the argument, $VIDEOMESH_GATEWAY, then the files
+    `videomesh up` writes. Raises GatewayError (saying how to start the mesh) when none is known."""
+    if explicit:
+        return explicit, "--gateway"
+    if os.environ.get(GATEWAY_ENV, "").strip():
+        return os.environ[GATEWAY_ENV].strip(), f"${GATEWAY_ENV}"
+    for f in (gateway_file(), Path(DEFAULT_DATA_DIR) / GATEWAY_ADDRESS_FILE):
+        rec = read_address_file(f)
+        if rec is not None:
+            note = f", written by `videomesh up` pid {rec.pid}, which has exited" if rec.stale else ""
+            return rec.address, f"{f}{note}"
+    raise GatewayNotConfigured(f"no gateway address known (no --gateway, ${GATEWAY_ENV} or {gateway_file()}); {START_HINT}")
+
+
+def wait_ready(ch: grpc.Channel, address: str, source: str = "", timeout: float = 3.0) -> None:
+    """Connect now; raise GatewayError at once if the connection is refused, or after `timeout`."""
+    ready, failed = threading.Event(), threading.Event()
+
+    def on_state(state):
+        if state == grpc.ChannelConnectivity.READY:
+            ready.set()
+        elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            failed.set()
+
+    ch.subscribe(on_state, try_to_connect=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.is_set() and not failed.is_set() and time.monotonic() < deadline:
+            ready.wait(0.02)
+    finally:
+        ch.unsubscribe(on_state)
+    if not ready.is_set():
+        where = f" (from {source})" if source and source != "--gateway" else ""
+        raise GatewayUnreachable(f"no videomesh gateway answers at {address}{where}; {START_HINT}")
 
 
 def retry_service_config(
-    services: list[str], *, attempts: int = 4, initial: float = 0.2, maximum: float = 2.0
+    services: list[str] | None = None, *, methods: list[tuple[str, str]] | None = None, attempts: int = 4,
+    initial: float = 0.2, maximum: float = 2.0,
 ) -> str:
+    """gRPC's own retry policy (UNAVAILABLE, exponential backoff) for whole services or single methods."""
+    names = [{"service": s} for s in services or ()] + [{"service": s, "method": m} for s, m in methods or ()]
     return json.dumps(
         {
             "methodConfig": [
                 {
-                    "name": [{"service": s} for s in services],
+                    "name": names,
                     "retryPolicy": {
                         "maxAttempts": attempts,
                         "initialBackoff": f"{initial}s",
@@ -42,16 +174,30 @@ def retry_service_config(
     )
 
 
-def channel(address: str, *, services: list[str] | None = None, retries: int = 4) -> grpc.Channel:
-    """An insecure channel with explicit size limits and (for `services`) the retry policy."""
+# VideoService's unary methods: the ones safe to retry transparently. Streaming calls are not:
+# gRPC holds a retried stream open until its first response, so a stream to a server that died
+# before replying could wait forever; the CLI re-attaches with WatchVideo instead.
+VIDEO_SERVICE_UNARY = [
+    ("videomesh.v1.VideoService", m.name)
+    for m in gateway_pb2.DESCRIPTOR.services_by_name["VideoService"].methods
+    if not m.client_streaming and not m.server_streaming
+]
+
+
+def channel(
+    address: str, *, services: list[str] | None = None, methods: list[tuple[str, str]] | None = None,
+    retries: int = 4,
+) -> grpc.Channel:
+    """An insecure channel with explicit size limits and (for `services` / `methods`) the retry policy."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
     ]
-    if services:
-        options.append(("grpc.service_config", retry_service_config(services, attempts=retries)))
+    if services or methods:
+        options.append(("grpc.service_config", retry_service_config(services, methods=methods, attempts=retries)))
     return grpc.insecure_channel(address, options=options)
 
 
@@ -61,8 +207,8 @@ def find_api_key(explicit: str | None = None) -> str | None:
         return explicit
     if os.environ.get(API_KEY_ENV):
         return os.environ[API_KEY_ENV]
-    if DEV_KEY_FILE.exists():
-        return DEV_KEY_FILE.read_text().strip()
+    if dev_key_file().exists():
+        return dev_key_file().read_text().strip()
     return None
 
 
@@ -71,10 +217,18 @@ class VideoClient:
 
     def __init__(self, address: str, api_key: str | None = None):
         self.address = address
-        self._channel = channel(address, services=["videomesh.v1.VideoService"])
+        self._channel = channel(address, methods=VIDEO_SERVICE_UNARY)
         self.stub = gateway_pb2_grpc.VideoServiceStub(self._channel)
         key = find_api_key(api_key)
         self._metadata = [("authorization", f"Bearer {key}")] if key else []
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def wait_ready(self, timeout: float = 3.0) -> None:
+        """Raise GatewayError (saying how to start the mesh) unless the gateway accepts a connection."""
+        wait_ready(self._channel, self.address, self.address_source, timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -126,9 +280,9 @@ class VideoClient:
             timeout=30,
         )
 
-    def cancel(self, video_id: str) -> gateway_pb2.Video:
+    def cancel(self, video_id: str, timeout: float | None = 30) -> gateway_pb2.Video:
         return self.stub.CancelVideo(
-            gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=30
+            gateway_pb2.CancelVideoRequest(id=video_id), metadata=self._metadata, timeout=timeout
         )
 
     def verify_watermark(self, path, chunk: int = 1 << 20) -> gateway_pb2.VerifyWatermarkResponse:
@@ -186,3 +340,64 @@ class VideoClient:
         if seed is not None:
             req.seed = seed
         return self.stub.RegenerateVideo(req, metadata=self._metadata, timeout=30)
+
+    def download(self, video_id: str, path, timeout: float | None = 600) -> Path:
+        """Stream a finished video's file into `path` through the gateway (DownloadVideo).
+
+        The bytes go to a temporary file beside `path`; the trailer's size and SHA-256 are
+        checked against what arrived, and that against GetVideo's `result.sha256`, before an
+        atomic rename. Raises DownloadError (or the grpc.RpcError) and leaves nothing behind
+        otherwise."""
+        path = Path(path)
+        video = self.get(video_id)
+        expected = video.result.sha256
+        if not expected:
+            status = common_pb2.VideoStatus.Name(video.status)
+            raise DownloadError(f"video {video_id} has no file to download (it is {status})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        tmp = Path(name)
+        stream = self.stub.DownloadVideo(
+            gateway_pb2.DownloadVideoRequest(id=video_id), metadata=self._metadata, timeout=timeout
+        )
+        try:
+            digest, size, trailer = hashlib.sha256(), 0, None
+            with os.fdopen(fd, "wb") as f:
+                for msg in stream:
+                    part = msg.WhichOneof("part")
+                    if trailer is not None:
+                        raise DownloadError(f"video {video_id}: data arrived after the trailer")
+                    if part == "chunk":
+                        f.write(msg.chunk)
+                        digest.update(msg.chunk)
+                        size += len(msg.chunk)
+                    elif part == "trailer":
+                        trailer = msg.trailer
+                f.flush()
+                os.fsync(f.fileno())
+            got = digest.hexdigest()
+            if trailer is None:
+                raise DownloadError(f"video {video_id}: the download ended after {size} bytes without its trailer")
+            if trailer.size_bytes != size:
+                raise DownloadError(
+                    f"video {video_id}: received {size} bytes but the server says it sent {trailer.size_bytes}"
+                )
+            if trailer.sha256 != got:
+                raise DownloadError(
+                    f"video {video_id}: the bytes received hash to {got}, the server says it sent {trailer.sha256}"
+                )
+            if got != expected:
+                raise DownloadError(
+                    f"video {video_id}: the file's SHA-256 {got} does not match the video's recorded {expected}"
+                )
+            if video.result.size_bytes and size != video.result.size_bytes:
+                raise DownloadError(
+                    f"video {video_id}: {size} bytes received; the video's record says {video.result.size_bytes}"
+                )
+            tmp.chmod(0o644)
+            tmp.replace(path)
+        except BaseException:
+            stream.cancel()
+            tmp.unlink(missing_ok=True)
+            raise
+        return path

@@ -119,7 +119,7 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         )
         server.gateway = gw
         server.tenants = tenants
-        monitor = DownstreamMonitor(server, gw.downstreams.channels, gw.downstreams.breakers)
+        monitor = DownstreamMonitor(server, gw.downstreams.channels, gw.downstreams.breakers, wedged=gw.wedged)
 
         def load():
             gw.load()
@@ -155,11 +155,14 @@ class DownstreamMonitor:
         channels: dict[str, grpc.Channel],
         breakers: dict | None = None,
         interval: float = 1.0,
+        wedged: Callable[[], bool] | None = None,
     ):
         self.server = server
         self.channels = channels
         self.breakers = breakers or {}
         self.interval = interval
+        self.wedged = wedged  # the gateway's own liveness: every worker stuck -> NOT_SERVING
+        self._was_wedged = False
         self._stop = threading.Event()
         self.status: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="downstream-health", daemon=True)
@@ -184,6 +187,13 @@ class DownstreamMonitor:
             self.server.health.set(svc, status)
             if status == health_pb2.HealthCheckResponse.SERVING and key in self.breakers:
                 self.breakers[key].healthy()  # an open circuit may probe the service again
+        if self.wedged is not None:
+            wedged = self.wedged()
+            if wedged != self._was_wedged:
+                log.error("the gateway's workers are all stuck: health NOT_SERVING") if wedged else log.info(
+                    "the gateway's workers are free again: health SERVING")
+                self.server.set_serving(not wedged)
+                self._was_wedged = wedged
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -28,7 +28,7 @@ from services.denoiser.model import (
 )
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
 from videomesh.adapters import NAME_RE
-from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from videomesh.weights import UNTRAINED, file_version, load_into
 
 log = logging.getLogger("videomesh.denoiser")
@@ -265,7 +265,7 @@ class DenoiserEngine:
     ) -> np.ndarray:
         """Run the sampler; return (T, H, W, 3) uint8 RGB frames."""
         if self.model is None:
-            raise RuntimeError("denoiser not loaded")
+            raise Unavailable("the denoiser is still loading its model; retry shortly", retry_after=2.0)
         model = self.model
         dev = self.device
         x = self.initial_noise(job).to(dev)

@@ -13,6 +13,7 @@ from services.denoiser.sampling import SamplingCancelled
 from videomesh import codec
 from videomesh.errors import Cancelled, InvalidArgument
 from videomesh.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
+from videomesh.weights import file_version
 
 log = logging.getLogger("videomesh.denoiser")
 SERVICE_NAME = denoiser_pb2.DESCRIPTOR.services_by_name["Denoiser"].full_name
@@ -140,8 +141,12 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             except Exception as err:  # noqa: BLE001 - an unusable file is left out, not fatal
                 log.warning("style adapter %s is installed but unusable: %s", name, err)
                 continue
+            try:
+                version = file_version(self.engine.adapters_dir / f"{name}.safetensors")
+            except OSError:  # removed meanwhile
+                continue
             out.append(common_pb2.AdapterInfo(name=name, description=a.description, rank=a.rank,
-                                                parameters=a.parameters()))  # fmt: skip
+                                                parameters=a.parameters(), version=version))  # fmt: skip
         return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from services.encoder.model import MAX_PROMPT_CHARS, TEXT_ENCODERS, TextEncoder, detect_language
-from videomesh.errors import InvalidArgument
+from videomesh.errors import InvalidArgument, Unavailable
 from videomesh.weights import load_into
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -49,7 +49,7 @@ class TextEncoding:
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         if self.model is None:
-            raise RuntimeError("encoder not loaded")
+            raise Unavailable("the encoder is still loading its model; retry shortly", retry_after=2.0)
         if not texts:
             raise InvalidArgument("texts: give at least one text", field="texts")
         if len(texts) > MAX_BATCH:
@@ -64,3 +64,23 @@ class TextEncoding:
         with self._lock, torch.inference_mode():
             states, mask = self.model.encode(texts)
         return states, mask, [detect_language(t) for t in texts]
+
+
+# What the embedded models can draw: the generated world's shapes and colours (videomesh/world).
+WORLD_HINT = (
+    "the default model draws coloured balls, boxes and triangles on plain backgrounds, and this prompt "
+    "names none of its shapes or colours, so the clip will not show what it describes; try e.g. "
+    "'a red ball moving right on a black background'"
+)
+
+
+def world_notes(texts: list[str]) -> list[tuple[int, str, str]]:
+    """(index, reason, message) for the prompt (text 0) when it names nothing the world model knows."""
+    from videomesh.world.captions import names_in_world
+
+    if not texts or not texts[0].strip():
+        return []
+    found = names_in_world(texts[0])
+    if found["shape"] or found["color"]:
+        return []
+    return [(0, "PROMPT_OUTSIDE_MODEL_WORLD", WORLD_HINT)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.encoder.encoder import TextEncoding
+from services.encoder.encoder import TextEncoding, world_notes
 from videomesh import codec
 from videomesh.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -16,12 +16,14 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
 
     def Encode(self, request, context):
         self.calls += 1
-        states, mask, langs = self.encoding.encode(list(request.texts))
+        texts = list(request.texts)
+        states, mask, langs = self.encoding.encode(texts)
         return encoder_pb2.EncodeResponse(
             embeddings=codec.to_proto(states),
             mask=codec.to_proto(mask),
             model=self.encoding.name,
             languages=langs,
+            notes=[encoder_pb2.EncodeNote(index=i, reason=r, message=m) for i, r, m in world_notes(texts)],
         )
 
 

@@ -164,13 +164,15 @@ class QualityReport(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., frames_inspected: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "description", "rank", "parameters")
+    __slots__ = ("name", "description", "rank", "parameters", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     rank: int
     parameters: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., rank: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., rank: _Optional[int] = ..., parameters: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...

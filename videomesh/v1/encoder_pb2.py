@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from videomesh.v1 import common_pb2 as videomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avideomesh/v1/encoder.proto\x12\x0cvideomesh.v1\x1a\x19videomesh/v1/common.proto\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x80\x01\n\x0e\x45ncodeResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\"\n\x04mask\x18\x02 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tlanguages\x18\x04 \x03(\t2R\n\x0bTextEncoder\x12\x43\n\x06\x45ncode\x12\x1b.videomesh.v1.EncodeRequest\x1a\x1c.videomesh.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avideomesh/v1/encoder.proto\x12\x0cvideomesh.v1\x1a\x19videomesh/v1/common.proto\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\xa9\x01\n\x0e\x45ncodeResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\"\n\x04mask\x18\x02 \x01(\x0b\x32\x14.videomesh.v1.Tensor\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tlanguages\x18\x04 \x03(\t\x12\'\n\x05notes\x18\x05 \x03(\x0b\x32\x18.videomesh.v1.EncodeNote\"<\n\nEncodeNote\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2R\n\x0bTextEncoder\x12\x43\n\x06\x45ncode\x12\x1b.videomesh.v1.EncodeRequest\x1a\x1c.videomesh.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=71
   _globals['_ENCODEREQUEST']._serialized_end=101
   _globals['_ENCODERESPONSE']._serialized_start=104
-  _globals['_ENCODERESPONSE']._serialized_end=232
-  _globals['_TEXTENCODER']._serialized_start=234
-  _globals['_TEXTENCODER']._serialized_end=316
+  _globals['_ENCODERESPONSE']._serialized_end=273
+  _globals['_ENCODENOTE']._serialized_start=275
+  _globals['_ENCODENOTE']._serialized_end=335
+  _globals['_TEXTENCODER']._serialized_start=337
+  _globals['_TEXTENCODER']._serialized_end=419
 # @@protoc_insertion_point(module_scope)

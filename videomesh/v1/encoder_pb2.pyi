@@ -15,13 +15,25 @@ class EncodeRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("embeddings", "mask", "model", "languages")
+    __slots__ = ("embeddings", "mask", "model", "languages", "notes")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LANGUAGES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     embeddings: _common_pb2.Tensor
     mask: _common_pb2.Tensor
     model: str
     languages: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ...) -> None: ...
+    notes: _containers.RepeatedCompositeFieldContainer[EncodeNote]
+    def __init__(self, embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[str] = ..., languages: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[_Union[EncodeNote, _Mapping]]] = ...) -> None: ...
+
+class EncodeNote(_message.Message):
+    __slots__ = ("index", "reason", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    message: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -58,7 +58,7 @@ class VideoError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark", "stage_seconds", "cached", "deleted", "template_id")
+    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark", "stage_seconds", "cached", "deleted", "template_id", "warnings")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Video(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.VideoStatus
     stage: _common_pb2.Stage
@@ -108,7 +109,8 @@ class Video(_message.Message):
     cached: bool
     deleted: bool
     template_id: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., cached: _Optional[bool] = ..., deleted: _Optional[bool] = ..., template_id: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., cached: _Optional[bool] = ..., deleted: _Optional[bool] = ..., template_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteVideoRequest(_message.Message):
     __slots__ = ("id",)
@@ -269,8 +271,16 @@ class Cancelled(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Warning(_message.Message):
+    __slots__ = ("reason", "message")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    message: str
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class VideoEvent(_message.Message):
-    __slots__ = ("video_id", "sequence", "time", "queued", "stage_started", "progress", "completed", "failed", "cancelled")
+    __slots__ = ("video_id", "sequence", "time", "queued", "stage_started", "progress", "completed", "failed", "cancelled", "warning")
     VIDEO_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +290,7 @@ class VideoEvent(_message.Message):
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     video_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -289,7 +300,8 @@ class VideoEvent(_message.Message):
     completed: Completed
     failed: Failed
     cancelled: Cancelled
-    def __init__(self, video_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ...) -> None: ...
+    warning: Warning
+    def __init__(self, video_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ..., warning: _Optional[_Union[Warning, _Mapping]] = ...) -> None: ...
 
 class WatchVideoRequest(_message.Message):
     __slots__ = ("id", "after_sequence")
@@ -378,3 +390,27 @@ class ListStyleAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterInfo]
     def __init__(self, adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class DownloadVideoRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DownloadVideoResponse(_message.Message):
+    __slots__ = ("chunk", "trailer")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    trailer: DownloadTrailer
+    def __init__(self, chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[DownloadTrailer, _Mapping]] = ...) -> None: ...
+
+class DownloadTrailer(_message.Message):
+    __slots__ = ("size_bytes", "sha256", "content_type")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    sha256: str
+    content_type: str
+    def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., content_type: _Optional[str] = ...) -> None: ...

@@ -112,6 +112,11 @@ class VideoServiceStub:
                 request_serializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.SerializeToString,
                 response_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.FromString,
                 _registered_method=True)
+        self.DownloadVideo = channel.unary_stream(
+                '/videomesh.v1.VideoService/DownloadVideo',
+                request_serializer=videomesh_dot_v1_dot_gateway__pb2.DownloadVideoRequest.SerializeToString,
+                response_deserializer=videomesh_dot_v1_dot_gateway__pb2.DownloadVideoResponse.FromString,
+                _registered_method=True)
 
 
 class VideoServiceServicer:
@@ -220,6 +225,15 @@ class VideoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadVideo(self, request, context):
+        """The finished file's bytes, for clients that cannot reach the storage URL (a file:// path on
+        the gateway's disk, a private bucket): chunks of at most 1 MiB, then a trailer with the size
+        and SHA-256 of everything sent, to be checked against Video.result.sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +311,11 @@ def add_VideoServiceServicer_to_server(servicer, server):
                     servicer.ListStyleAdapters,
                     request_deserializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.FromString,
                     response_serializer=videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.SerializeToString,
+            ),
+            'DownloadVideo': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadVideo,
+                    request_deserializer=videomesh_dot_v1_dot_gateway__pb2.DownloadVideoRequest.FromString,
+                    response_serializer=videomesh_dot_v1_dot_gateway__pb2.DownloadVideoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +725,33 @@ class VideoService:
             '/videomesh.v1.VideoService/ListStyleAdapters',
             videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersRequest.SerializeToString,
             videomesh_dot_v1_dot_gateway__pb2.ListStyleAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/videomesh.v1.VideoService/DownloadVideo',
+            videomesh_dot_v1_dot_gateway__pb2.DownloadVideoRequest.SerializeToString,
+            videomesh_dot_v1_dot_gateway__pb2.DownloadVideoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -559,3 +559,29 @@ def heldout_prompts(
         )
         out.append((caption(spec, lang, text_rng, "heldout", allow_omit=False), spec))
     return out
+
+
+@functools.cache
+def _world_words() -> tuple[tuple[str, frozenset[str], frozenset[str]], ...]:
+    """(lang, shape phrases, colour phrases) for every language, held-out-only words included."""
+    out = []
+    for lang in LANGS:
+        table = _TABLES[lang]
+        shapes = frozenset(p.text for ps in table["shape"].values() for p in ps)
+        colours = frozenset(p.text for ps in table["color"].values() for p in ps)
+        out.append((lang, shapes, colours))
+    return tuple(out)
+
+
+def names_in_world(text: str) -> dict[str, set[str]]:
+    """The shape and colour words of the generated world that `text` uses, in any of its languages:
+    {"shape": {...}, "color": {...}}. English words match whole words (case-insensitive); Chinese
+    and Japanese ones match as substrings (no spaces between words)."""
+    folded = text.casefold()
+    found: dict[str, set[str]] = {"shape": set(), "color": set()}
+    for lang, shapes, colours in _world_words():
+        for attribute, words in (("shape", shapes), ("color", colours)):
+            for w in words:
+                if re.search(rf"\b{re.escape(w)}\b", folded) if lang == "en" else w in text:
+                    found[attribute].add(w)
+    return found
