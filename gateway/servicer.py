@@ -167,7 +167,12 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.gw.review(self._tenant(context), request.id, request.approve, request.note)
 
     def DownloadVideo(self, request, context):
-        yield from self.gw.download(self._tenant(context).name, request.id)
+        t = self._tenant(context)
+        release = self._stream_slot(t, context)  # a slow reader holds a server thread like a watcher
+        try:
+            yield from self.gw.download(t.name, request.id)
+        finally:
+            release()
 
 
 def registration(servicer: VideoServiceServicer):
