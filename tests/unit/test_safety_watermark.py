@@ -1,41 +1,13 @@
-"""Content safety resists simple evasions; the invisible watermark survives H.264."""
+"""The invisible watermark survives H.264; the visible mark stays in its corner.
+
+The content-safety tests are in test_safety.py."""
 
 import numpy as np
 import pytest
 
 from gateway.media import Mp4Writer, read_frames
-from gateway.safety import SafetyFilter
 from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, _bits, payload_for
 from services.qc import calibrate
-
-
-@pytest.fixture(scope="module")
-def safety():
-    return SafetyFilter.load()
-
-
-@pytest.mark.parametrize("prompt", [
-    "make Trump dance", "make T r u m p dance", "make t.r.u.m.p dance", "make ｔｒｕｍｐ dance",  # spacing, full width
-    "make tr\u200bump dance", "make TRUUUMP dance", "make trümp dance", "make тrump dance",  # zero-width, repeats, accents, Cyrillic
-    "让特朗普跳舞", "让特 朗 普跳舞", "特\u200b朗普在跳舞", "トランプが踊る", "ﾄﾗﾝﾌﾟが踊る",  # zh, ja, half-width katakana
-    "a n.a.k.e.d person", "a mass-shooting scene", "ＰＵＴＩＮ waves",
-])  # fmt: skip
-def test_blocked_prompts_and_evasions(safety, prompt):
-    assert safety.check(prompt).blocked, prompt
-
-
-@pytest.mark.parametrize("prompt", [
-    "a trumpet player on stage", "a red ball moves left on a black background", "grumpy cat", "put in a box",
-    "一个红色的小球向右移动", "赤いボールが右へ動く", "a snake slides right",
-])  # fmt: skip
-def test_harmless_prompts_pass(safety, prompt):
-    assert not safety.check(prompt).blocked, safety.check(prompt)
-
-
-def test_custom_lists():
-    f = SafetyFilter({"brands": ["acme corp", "竞品"]})
-    assert f.check("an ACME   corp logo").category == "brands"
-    assert f.check("展示竞品").blocked and not f.check("a red ball").blocked
 
 
 @pytest.mark.parametrize("kind", ["world", "face"])
