@@ -401,6 +401,9 @@ class VideoGateway:
                                    f"style_strength must be in 0..2 (0 = 1); got {spec.style_strength}"))  # fmt: skip
             elif not spec.style_strength:
                 out.style_strength = 1.0
+        elif not (0 <= spec.style_strength <= 2) or not math.isfinite(spec.style_strength):  # the range first
+            violations.append(("spec.style_strength",
+                               f"style_strength must be in 0..2 (0 = 1); got {spec.style_strength}"))  # fmt: skip
         elif spec.style_strength:
             violations.append(("spec.style_strength", "style_strength needs a style_adapter"))
         if violations:

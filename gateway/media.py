@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from videomesh.errors import VideomeshError
+from videomesh.errors import InvalidArgument, VideomeshError
+
+# VerifyWatermark decodes at most this many frames of an upload: 4 s at 24 fps, a whole clip of the
+# default model. The mark is in every frame, so more frames add votes, not evidence; without a
+# bound a tiny MP4 of thousands of frames costs minutes of CPU.
+MAX_VERIFY_FRAMES = 96
 
 
 def ffmpeg_exe() -> str:
@@ -95,16 +100,43 @@ def probe(path: Path) -> dict:
         cap.release()
 
 
-def iter_frames(path: Path):
-    """Decode a video frame by frame (RGB uint8), without holding it all."""
+def _check_size(width: int, height: int, max_size: tuple[int, int], field: str) -> None:
+    max_w, max_h = max_size
+    if width > max_w or height > max_h:
+        raise InvalidArgument(
+            f"video frames are {width}x{height}, larger than the limit of {max_w}x{max_h}", field=field
+        )
+
+
+def iter_frames(
+    path: Path,
+    *,
+    max_frames: int | None = None,
+    max_size: tuple[int, int] | None = None,
+    field: str = "video",
+):
+    """Decode a video frame by frame (RGB uint8), without holding it all.
+
+    Bounds for untrusted files: decoding stops after `max_frames` frames, and a stream whose
+    frames are larger than `max_size` (width, height) raises InvalidArgument(field=field) before
+    any frame is decoded (from the stream's header), or at the first larger frame should the size
+    change mid-stream.
+    """
     import cv2
 
     cap = cv2.VideoCapture(str(path))
     try:
-        while True:
+        if max_size is not None:
+            w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            _check_size(w, h, max_size, field)
+        n = 0
+        while max_frames is None or n < max_frames:
             ok, frame = cap.read()
             if not ok:
                 return
+            if max_size is not None:
+                _check_size(frame.shape[1], frame.shape[0], max_size, field)
+            n += 1
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()

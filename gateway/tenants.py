@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import threading
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,12 +70,16 @@ class TenantDirectory:
             self._keys = data.get("keys", {})
             self._mtime = mtime
 
-    def add(self, name: str, tier: str = "free", webhook_url: str = "") -> str:
-        """Create (or update the tier of) a tenant and issue a new key; returns the key."""
+    def add(self, name: str, tier: str = "free", webhook_url: str = "", *,
+            tiers: Collection[str] | None = None) -> str:  # fmt: skip
+        """Create (or update the tier of) a tenant and issue a new key; returns the key.
+        With `tiers`, a tier not among them is refused (InvalidArgument naming them)."""
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise InvalidArgument(
                 f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name"
             )
+        if tiers is not None and tier not in tiers:
+            raise InvalidArgument(f"unknown tier {tier!r}; choose one of {', '.join(tiers)}", field="tier")
         with self._lock:
             old = self._tenants.get(name)
             secret = old.webhook_secret if old else "whsec_" + secrets.token_urlsafe(24)
@@ -109,6 +114,15 @@ class TenantDirectory:
             raise NotFound(f"tenant {name!r} not found")
         self.revoke(name)
         return self.add(name, self._tenants[name].tier)
+
+    def find(self, name: str) -> Tenant | None:
+        """The tenant, or None."""
+        with self._lock:
+            return self._tenants.get(name)
+
+    def active_keys(self, name: str) -> int:
+        with self._lock:
+            return sum(k["tenant"] == name and not k["revoked"] for k in self._keys.values())
 
     def get(self, name: str) -> Tenant:
         with self._lock:

@@ -125,7 +125,9 @@ def find_gateway(explicit: str | None = None) -> tuple[str, str]:
         if rec is not None:
             note = f", written by `videomesh up` pid {rec.pid}, which has exited" if rec.stale else ""
             return rec.address, f"{f}{note}"
-    raise GatewayNotConfigured(f"no gateway address known (no --gateway, ${GATEWAY_ENV} or {gateway_file()}); {START_HINT}")
+    raise GatewayNotConfigured(
+        f"no gateway address known (no --gateway, ${GATEWAY_ENV} or {gateway_file()}); {START_HINT}"
+    )
 
 
 def wait_ready(ch: grpc.Channel, address: str, source: str = "", timeout: float = 3.0) -> None:
@@ -151,8 +153,12 @@ def wait_ready(ch: grpc.Channel, address: str, source: str = "", timeout: float 
 
 
 def retry_service_config(
-    services: list[str] | None = None, *, methods: list[tuple[str, str]] | None = None, attempts: int = 4,
-    initial: float = 0.2, maximum: float = 2.0,
+    services: list[str] | None = None,
+    *,
+    methods: list[tuple[str, str]] | None = None,
+    attempts: int = 4,
+    initial: float = 0.2,
+    maximum: float = 2.0,
 ) -> str:
     """gRPC's own retry policy (UNAVAILABLE, exponential backoff) for whole services or single methods."""
     names = [{"service": s} for s in services or ()] + [{"service": s, "method": m} for s, m in methods or ()]
@@ -185,7 +191,10 @@ VIDEO_SERVICE_UNARY = [
 
 
 def channel(
-    address: str, *, services: list[str] | None = None, methods: list[tuple[str, str]] | None = None,
+    address: str,
+    *,
+    services: list[str] | None = None,
+    methods: list[tuple[str, str]] | None = None,
     retries: int = 4,
 ) -> grpc.Channel:
     """An insecure channel with explicit size limits and (for `services` / `methods`) the retry policy."""
@@ -197,7 +206,9 @@ def channel(
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
     if services or methods:
-        options.append(("grpc.service_config", retry_service_config(services, methods=methods, attempts=retries)))
+        options.append(
+            ("grpc.service_config", retry_service_config(services, methods=methods, attempts=retries))
+        )
     return grpc.insecure_channel(address, options=options)
 
 
@@ -215,9 +226,10 @@ def find_api_key(explicit: str | None = None) -> str | None:
 class VideoClient:
     """The public API in a few typed calls."""
 
-    def __init__(self, address: str, api_key: str | None = None):
-        self.address = address
-        self._channel = channel(address, methods=VIDEO_SERVICE_UNARY)
+    def __init__(self, address: str | None = None, api_key: str | None = None):
+        """`address` defaults to $VIDEOMESH_GATEWAY, then the address `videomesh up` saved."""
+        self.address, self.address_source = find_gateway(address)
+        self._channel = channel(self.address, methods=VIDEO_SERVICE_UNARY)
         self.stub = gateway_pb2_grpc.VideoServiceStub(self._channel)
         key = find_api_key(api_key)
         self._metadata = [("authorization", f"Bearer {key}")] if key else []
@@ -377,7 +389,9 @@ class VideoClient:
                 os.fsync(f.fileno())
             got = digest.hexdigest()
             if trailer is None:
-                raise DownloadError(f"video {video_id}: the download ended after {size} bytes without its trailer")
+                raise DownloadError(
+                    f"video {video_id}: the download ended after {size} bytes without its trailer"
+                )
             if trailer.size_bytes != size:
                 raise DownloadError(
                     f"video {video_id}: received {size} bytes but the server says it sent {trailer.size_bytes}"

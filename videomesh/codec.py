@@ -6,6 +6,7 @@ bfloat16 has no numpy dtype, so it travels as its 16-bit pattern and is rebuilt 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -17,6 +18,12 @@ from videomesh.v1 import common_pb2 as pb
 # proto framing around them never pushes a message over the limit.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024 - 4096
+# Sanity bounds on what a message may *declare*, checked before anything is allocated: a
+# tensor's shape (even with a zero dimension) never describes more than a message can carry,
+# and a frame (which may arrive as bands of rows) is at most MAX_FRAME_SIDE on each side. No
+# hop of the mesh makes frames near that (the upscaler stops at 2048).
+MAX_NDIM = 8
+MAX_FRAME_SIDE = 4096
 
 _NP_OF = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -59,16 +66,36 @@ def to_proto(array, *, name: str = "tensor") -> pb.Tensor:
     return pb.Tensor(dtype=code, shape=list(array.shape), data=data)
 
 
+def dtype_name(code: int) -> str:
+    """The DType's name, or the bare number for a value this build does not know (never raises)."""
+    try:
+        return pb.DType.Name(code)
+    except ValueError:
+        return f"DType({code})"
+
+
 def _check(msg: pb.Tensor, name: str) -> np.dtype:
     if msg.dtype not in _NP_OF:
         raise InvalidArgument(f"{name}: dtype is unspecified or unknown ({msg.dtype})", field=f"{name}.dtype")
-    if any(d < 0 for d in msg.shape):
-        raise InvalidArgument(f"{name}: negative dimension in shape {list(msg.shape)}", field=f"{name}.shape")
+    shape = list(msg.shape)
+    if len(shape) > MAX_NDIM:
+        raise InvalidArgument(
+            f"{name}: at most {MAX_NDIM} dimensions; got {len(shape)}", field=f"{name}.shape"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{name}: negative dimension in shape {shape}", field=f"{name}.shape")
     dt = _NP_OF[msg.dtype]
-    expected = int(np.prod(msg.shape, dtype=np.int64)) * dt.itemsize
+    # Python ints: a product of int64s wraps ([1, 2**32, 2**32] is 0 in int64). The bound ignores
+    # zero dimensions so an empty tensor cannot declare an absurd shape either.
+    if math.prod(max(d, 1) for d in shape) * dt.itemsize > MAX_MESSAGE_BYTES:
+        raise InvalidArgument(
+            f"{name}: shape {shape} describes more than the {MAX_MESSAGE_BYTES} bytes a message may carry",
+            field=f"{name}.shape",
+        )
+    expected = math.prod(shape) * dt.itemsize
     if len(msg.data) != expected:
         raise InvalidArgument(
-            f"{name}: shape {list(msg.shape)} of {pb.DType.Name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}",
+            f"{name}: shape {shape} of {dtype_name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}",
             field=f"{name}.data",
         )
     return dt
@@ -97,9 +124,9 @@ def expect(msg: pb.Tensor, *, name: str, dtypes: Iterable[int], ndim: int) -> No
     """Raise InvalidArgument unless msg has one of dtypes and ndim dimensions."""
     allowed = list(dtypes)
     if msg.dtype not in allowed:
-        names = ", ".join(pb.DType.Name(d) for d in allowed)
+        names = ", ".join(dtype_name(d) for d in allowed)
         raise InvalidArgument(
-            f"{name}: dtype must be one of {names}; got {pb.DType.Name(msg.dtype)}", field=f"{name}.dtype"
+            f"{name}: dtype must be one of {names}; got {dtype_name(msg.dtype)}", field=f"{name}.dtype"
         )
     if len(msg.shape) != ndim:
         raise InvalidArgument(
@@ -143,15 +170,26 @@ class FrameAssembler:
     """Reassembles chunks into whole frames, in order, as soon as each frame is complete.
 
     Rejects out-of-order, overlapping or malformed chunks with InvalidArgument, so a
-    receiver never silently produces a scrambled video.
+    receiver never silently produces a scrambled video. Nothing is allocated from a declared
+    size: a frame sent as bands is kept as the bands received and joined once complete, so
+    memory follows the bytes actually sent (a chunk claiming frame_height 2**31-1 costs
+    nothing), and declared sizes are bounded by `max_side`.
     """
 
-    def __init__(self, *, width: int | None = None, height: int | None = None, field: str = "frames"):
+    def __init__(
+        self,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        field: str = "frames",
+        max_side: int = MAX_FRAME_SIDE,
+    ):
         self.width = width
         self.height = height
         self.field = field
+        self.max_side = max_side
         self.next_frame = 0
-        self._band: np.ndarray | None = None
+        self._bands: list[np.ndarray] = []
         self._band_rows = 0
 
     def add(self, chunk: pb.FrameChunk) -> list[np.ndarray]:
@@ -163,7 +201,18 @@ class FrameAssembler:
                 field=f"{self.field}.pixels",
             )
         n, rows, w, _ = px.shape
+        if n == 0 or rows == 0 or w == 0:
+            raise InvalidArgument(
+                f"{self.field}: pixels need at least one frame, row and column; got shape {list(px.shape)}",
+                field=f"{self.field}.pixels.shape",
+            )
         h = chunk.frame_height or rows
+        if not rows <= h <= self.max_side or w > self.max_side:
+            raise InvalidArgument(
+                f"{self.field}: frame {w}x{h} (frame_height {chunk.frame_height}, {rows} rows sent) must be at "
+                f"most {self.max_side} pixels per side and at least as tall as the rows sent",
+                field=f"{self.field}.frame_height",
+            )
         if self.width is None:
             self.width, self.height = w, h
         if w != self.width or h != self.height:
@@ -176,7 +225,7 @@ class FrameAssembler:
                 f"{self.field}: chunk for frame {chunk.frame_index} arrived, expected frame {self.next_frame}",
                 field=f"{self.field}.frame_index",
             )
-        if rows == h and chunk.row_offset == 0 and self._band is None:
+        if rows == h and chunk.row_offset == 0 and not self._bands:
             self.next_frame += n
             return list(px)
         # a band of rows of a single frame
@@ -185,19 +234,18 @@ class FrameAssembler:
                 f"{self.field}: bad row band (frame {chunk.frame_index}, rows {chunk.row_offset}+{rows} of {h})",
                 field=f"{self.field}.row_offset",
             )
-        if self._band is None:
-            self._band = np.empty((h, w, 3), np.uint8)
-        self._band[chunk.row_offset : chunk.row_offset + rows] = px[0]
+        self._bands.append(px[0])
         self._band_rows += rows
         if self._band_rows < h:
             return []
-        frame, self._band, self._band_rows = self._band, None, 0
+        frame = np.concatenate(self._bands, axis=0)
+        self._bands, self._band_rows = [], 0
         self.next_frame += 1
         return [frame]
 
     @property
     def partial(self) -> bool:
-        return self._band is not None
+        return bool(self._bands)
 
 
 def assemble(chunks: Iterable[pb.FrameChunk]) -> np.ndarray:

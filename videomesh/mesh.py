@@ -2,23 +2,37 @@
 
 Used by `videomesh up` and `videomesh demo` (and the end-to-end tests). Each service is a
 real `python -m videomesh.launch NAME` process; the gateway learns the others' addresses.
+
+`supervise()` (what `videomesh up` runs) restarts a service that exits, on the same
+address so the gateway's channels (and clients) reconnect, with an exponential back-off;
+it gives up, and says so, when one service needs more than `max_restarts` restarts within
+`restart_window` seconds.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.tenants import TenantDirectory
-from videomesh.client import DEV_KEY_FILE
+from videomesh.client import (
+    GATEWAY_ADDRESS_FILE,
+    dev_key_file,
+    gateway_file,
+    remove_address_file,
+    write_address_file,
+)
 from videomesh.errors import Unauthenticated
 
 DOWNSTREAMS = ("encoder", "denoiser", "upscaler", "qc")
@@ -32,13 +46,20 @@ SERVICE_NAMES = {
 DEV_TENANT = "dev"
 
 
-def wait_serving(address: str, service: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+class Interrupted(RuntimeError):
+    """start() was asked to stop (the user's signal) before the mesh was up."""
+
+
+def wait_serving(address: str, service: str, timeout: float, proc: subprocess.Popen | None = None,
+                 cancel: threading.Event | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with code {proc.returncode} during start-up")
+            if cancel is not None and cancel.is_set():
+                raise Interrupted("interrupted during start-up")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == 1:
                     return
@@ -49,9 +70,19 @@ def wait_serving(address: str, service: str, timeout: float, proc: subprocess.Po
             time.sleep(0.2)
 
 
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
 class LocalMesh:
     def __init__(self, data_dir: Path, *, port: int = 0, env: dict | None = None, log_dir: Path | None = None,
-                 extra_args: dict[str, list[str]] | None = None):  # fmt: skip
+                 extra_args: dict[str, list[str]] | None = None, max_restarts: int = 5,
+                 restart_window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0):  # fmt: skip
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -60,16 +91,25 @@ class LocalMesh:
         self.log_dir = Path(log_dir) if log_dir else self.data_dir / "logs"
         self.extra_args = extra_args or {}
         self.api_key = ""
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.stopping = threading.Event()  # set -> start() gives up at its next check
+        self._args: dict[str, list[str]] = {}
+        self._run_dir: Path | None = None
+        self._published: list[Path] = []
 
     def _spawn(self, name: str, args: list[str], tmp: Path) -> Path:
         port_file = tmp / f"{name}.port"
+        port_file.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "videomesh.launch", name, "--port-file", str(port_file), *args,
-               *self.extra_args.get(name, [])]  # fmt: skip
-        self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            cmd = [sys.executable, "-m", "videomesh.launch", name, "--port-file", str(port_file), *args,
+                   *self.extra_args.get(name, [])]  # fmt: skip
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         return port_file
 
     def _port(self, name: str, port_file: Path, timeout: float) -> str:
@@ -77,12 +117,17 @@ class LocalMesh:
         while not port_file.exists():
             if self.procs[name].poll() is not None:
                 raise RuntimeError(
-                    f"{name} exited with code {self.procs[name].returncode}; see {self.log_dir / (name + '.log')}"
+                    f"{name} exited with code {self.procs[name].returncode}; see {self.log_file(name)}"
                 )
+            if self.stopping.is_set():
+                raise Interrupted("interrupted during start-up")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not bind a port in {timeout:.0f}s")
             time.sleep(0.05)
         return f"127.0.0.1:{port_file.read_text().strip()}"
+
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
     def start(self, timeout: float = 180.0) -> str:
         """Start everything; return the gateway address once every service is SERVING."""
@@ -97,31 +142,114 @@ class LocalMesh:
         self.api_key = key
         key_file.write_text(key)
         key_file.chmod(0o600)
-        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        DEV_KEY_FILE.write_text(self.api_key)
-        DEV_KEY_FILE.chmod(0o600)
-        with tempfile.TemporaryDirectory(prefix="videomesh-ports-") as d:
-            tmp = Path(d)
-            try:
-                files = {n: self._spawn(n, [], tmp) for n in DOWNSTREAMS}
-                for n in DOWNSTREAMS:
-                    self.addresses[n] = self._port(n, files[n], timeout)
-                gw_args = ["--data-dir", str(self.data_dir), "--port", str(self.port)]
-                for n in DOWNSTREAMS:
-                    gw_args += [f"--{n}", self.addresses[n]]
-                self.addresses["gateway"] = self._port(
-                    "gateway", self._spawn("gateway", gw_args, tmp), timeout
+        home_key = dev_key_file()
+        home_key.parent.mkdir(parents=True, exist_ok=True)
+        home_key.write_text(self.api_key)
+        home_key.chmod(0o600)
+        self._run_dir = Path(tempfile.mkdtemp(prefix="videomesh-ports-"))
+        tmp = self._run_dir
+        try:
+            for n in DOWNSTREAMS:
+                self._args[n] = []
+            files = {n: self._spawn(n, self._args[n], tmp) for n in DOWNSTREAMS}
+            for n in DOWNSTREAMS:
+                self.addresses[n] = self._port(n, files[n], timeout)
+            gw_args = ["--data-dir", str(self.data_dir)]
+            for n in DOWNSTREAMS:
+                gw_args += [f"--{n}", self.addresses[n]]
+            self._args["gateway"] = gw_args
+            self.addresses["gateway"] = self._port(
+                "gateway", self._spawn("gateway", [*gw_args, "--port", str(self.port)], tmp), timeout
+            )
+            # ready = the gateway SERVING and its mirror of every downstream SERVING too
+            for n in (*DOWNSTREAMS, "gateway"):
+                wait_serving(
+                    self.addresses["gateway"], SERVICE_NAMES[n], timeout, self.procs["gateway"], self.stopping
                 )
-                # ready = the gateway SERVING and its mirror of every downstream SERVING too
-                for n in (*DOWNSTREAMS, "gateway"):
-                    wait_serving(self.addresses["gateway"], SERVICE_NAMES[n], timeout, self.procs["gateway"])
-            except BaseException:
-                self.stop()
-                raise
+        except BaseException:
+            self.stop()
+            raise
         return self.addresses["gateway"]
+
+    # --- where other commands find the gateway ---------------------------------------------------
+    def publish_address(self) -> list[Path]:
+        """Save the gateway address in ~/.videomesh/gateway and DATA_DIR/gateway-address
+        (removed again by stop())."""
+        self._published = [gateway_file(), self.data_dir / GATEWAY_ADDRESS_FILE]
+        for f in self._published:
+            write_address_file(f, self.addresses["gateway"])
+        return list(self._published)
+
+    def _unpublish(self) -> None:
+        for f in self._published:
+            try:
+                remove_address_file(f, self.addresses.get("gateway", ""))
+            except OSError:
+                pass
+        self._published = []
+
+    # --- supervision -----------------------------------------------------------------------------
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start `name` again on the address it had, so its clients' channels reconnect."""
+        port = self.addresses[name].rsplit(":", 1)[1]
+        assert self._run_dir is not None, "start() first"
+        self._spawn(name, [*self._args[name], "--port", port], self._run_dir)
+        return self.procs[name]
+
+    def _serving(self, name: str) -> bool:
+        try:
+            with grpc.insecure_channel(self.addresses[name]) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=0.5
+                )
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def supervise(self, stop: threading.Event, log: Callable[[str], None] = print, poll: float = 0.5) -> int:
+        """Keep every service running until `stop` is set (-> 0). A service that exits is
+        restarted on its address after 1, 2, 4, … s (at most `max_backoff`); when one needs
+        more than `max_restarts` restarts within `restart_window` s, give up (-> 1; the caller
+        stops the rest)."""
+        restarts: dict[str, list[float]] = {n: [] for n in self.procs}
+        due: dict[str, float] = {}  # name -> when to start it again
+        starting: set[str] = set()  # restarted, not yet SERVING
+        while not stop.wait(poll):
+            now = time.monotonic()
+            for name, proc in list(self.procs.items()):
+                if name in due:
+                    if now >= due[name]:
+                        del due[name]
+                        p = self.restart(name)
+                        starting.add(name)
+                        log(f"{name}: started again (pid {p.pid}) on {self.addresses[name]}")
+                    continue
+                if proc.poll() is None:
+                    if name in starting and self._serving(name):
+                        starting.discard(name)
+                        log(f"{name}: SERVING again on {self.addresses[name]}")
+                    continue
+                starting.discard(name)
+                recent = [t for t in restarts[name] if now - t < self.restart_window]
+                how = describe_exit(proc.returncode)
+                if len(recent) >= self.max_restarts:
+                    log(f"{name} {how}; it was restarted {len(recent)} time(s) in the last "
+                        f"{self.restart_window:g} s (limit {self.max_restarts}): giving up, stopping the mesh "
+                        f"(see {self.log_file(name)})")  # fmt: skip
+                    return 1
+                delay = min(self.max_backoff, self.backoff * 2 ** len(recent))
+                recent.append(now)
+                restarts[name] = recent
+                due[name] = now + delay
+                log(f"{name} {how}; restarting it in {delay:g} s on {self.addresses[name]} "
+                    f"(restart {len(recent)} of at most {self.max_restarts} within {self.restart_window:g} s; "
+                    f"see {self.log_file(name)})")  # fmt: skip
+        return 0
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM everything (each drains), then SIGKILL what is left after `grace`."""
+        self.stopping.set()
+        self._unpublish()
         order = ["gateway", *DOWNSTREAMS]
         for n in order:
             p = self.procs.get(n)
@@ -137,6 +265,9 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
 
     def __enter__(self):
         self.start()

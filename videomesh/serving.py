@@ -3,7 +3,8 @@
 Every server gets the standard health service (one status per service name, NOT_SERVING
 until the caller marks it ready), server reflection, explicit message-size limits, the
 error interceptor (domain errors -> rich status; anything else -> INTERNAL with a reference
-id, never a traceback), and a graceful stop: health NOT_SERVING first, then drain.
+id, never a traceback; request bytes that are not a valid message -> INVALID_ARGUMENT, where
+grpc alone answers INTERNAL), and a graceful stop: health NOT_SERVING first, then drain.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from videomesh.codec import MAX_MESSAGE_BYTES
-from videomesh.errors import VideomeshError, to_status
+from videomesh.errors import InvalidArgument, VideomeshError, to_status
 
 log = logging.getLogger("videomesh.serving")
 
@@ -39,26 +40,91 @@ def _abort(context: grpc.ServicerContext, err: BaseException, method: str):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); see the server log")
 
 
-def _wrap_unary(fn: Callable, method: str) -> Callable:
-    def handler(request_or_iterator, context):
+class _Malformed:
+    """What the wrapped deserializer returns for bytes that do not parse (grpc would abort INTERNAL)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument):
+        self.error = error
+
+
+def _safe_deserializer(deserialize: Callable) -> Callable:
+    owner = getattr(deserialize, "__self__", None)  # Message.FromString is bound to the message class
+    kind = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request message")
+
+    def wrapped(data: bytes):
         try:
-            return fn(request_or_iterator, context)
+            return deserialize(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError, bad UTF-8, ...: all the client's bytes
+            why = str(err).rpartition(": ")[2] or type(err).__name__  # "Wire format was corrupt"
+            return _Malformed(
+                InvalidArgument(f"request bytes are not a valid {kind} ({why})", field="request")
+            )
+
+    return wrapped
+
+
+class _Requests:
+    """A request stream that stops with InvalidArgument at the first malformed message, and
+    remembers it: the handler answers INVALID_ARGUMENT even if the servicer swallowed the error."""
+
+    def __init__(self, it):
+        self._it = iter(it)
+        self.bad: InvalidArgument | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.bad is not None:
+            raise self.bad
+        msg = next(self._it)
+        if isinstance(msg, _Malformed):
+            self.bad = msg.error
+            raise self.bad
+        return msg
+
+
+def _requests(request_or_iterator, streaming: bool):
+    """-> (what the servicer gets, the stream wrapper or None); raise for a malformed unary request."""
+    if not streaming:
+        if isinstance(request_or_iterator, _Malformed):
+            raise request_or_iterator.error
+        return request_or_iterator, None
+    wrapped = _Requests(request_or_iterator)
+    return wrapped, wrapped
+
+
+def _wrap_unary(fn: Callable, method: str, streaming: bool = False) -> Callable:
+    def handler(request_or_iterator, context):
+        requests = None
+        try:
+            request, requests = _requests(request_or_iterator, streaming)
+            reply = fn(request, context)
         except Exception as err:  # noqa: BLE001 - the whole point is to map every error
             if _is_abort(err):
                 raise
-            _abort(context, err, method)
+            _abort(context, requests.bad if requests is not None and requests.bad else err, method)
+        if requests is not None and requests.bad is not None:
+            _abort(context, requests.bad, method)
+        return reply
 
     return handler
 
 
-def _wrap_stream(fn: Callable, method: str) -> Callable:
+def _wrap_stream(fn: Callable, method: str, streaming: bool = False) -> Callable:
     def handler(request_or_iterator, context):
+        requests = None
         try:
-            yield from fn(request_or_iterator, context)
+            request, requests = _requests(request_or_iterator, streaming)
+            yield from fn(request, context)
         except Exception as err:  # noqa: BLE001
             if _is_abort(err):
                 raise
-            _abort(context, err, method)
+            _abort(context, requests.bad if requests is not None and requests.bad else err, method)
+        if requests is not None and requests.bad is not None:
+            _abort(context, requests.bad, method)
 
     return handler
 
@@ -76,14 +142,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method, streaming=True))
         if handler.unary_stream:
             return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method, streaming=True))
         return handler
 
 

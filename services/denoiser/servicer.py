@@ -7,6 +7,8 @@ import queue
 import threading
 import time
 
+import torch
+
 from services.denoiser.engine import DenoiseJob, DenoiserEngine
 from services.denoiser.model import count_parameters
 from services.denoiser.sampling import SamplingCancelled
@@ -38,11 +40,24 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         for name in ("num_frames", "height", "width", "num_steps"):
             if getattr(req, name) < 0:
                 raise InvalidArgument(f"{name} must not be negative; got {getattr(req, name)}", field=name)
+        text = codec.to_torch(req.text_embeddings, name="text_embeddings")
+        text_mask = codec.to_torch(req.text_mask, name="text_mask")
+        negative = codec.to_torch(req.negative_embeddings, name="negative_embeddings")
+        negative_mask = codec.to_torch(req.negative_mask, name="negative_mask")
+        # an encoder's states are finite and mark at least one real token (BOS, EOS): NaN, inf or
+        # an empty mask would come back as black frames with no word of why
+        for name, t, m in (("text", text, text_mask), ("negative", negative, negative_mask)):
+            if not bool(torch.isfinite(t.float()).all()):
+                raise InvalidArgument(
+                    f"{name}_embeddings: NaN or infinite values", field=f"{name}_embeddings.data"
+                )
+            if not bool(m.any()):
+                raise InvalidArgument(f"{name}_mask: no token is marked real", field=f"{name}_mask.data")
         return DenoiseJob(
-            text=codec.to_torch(req.text_embeddings, name="text_embeddings"),
-            text_mask=codec.to_torch(req.text_mask, name="text_mask"),
-            negative=codec.to_torch(req.negative_embeddings, name="negative_embeddings"),
-            negative_mask=codec.to_torch(req.negative_mask, name="negative_mask"),
+            text=text,
+            text_mask=text_mask,
+            negative=negative,
+            negative_mask=negative_mask,
             frames=req.num_frames or cfg.frames,
             height=req.height or cfg.height,
             width=req.width or cfg.width,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 
+from services.upscaler.interpolate import output_positions
 from services.upscaler.upscaler import SpatialUpscaler, UpscalePlan, upscale_stream
 from videomesh import codec
 from videomesh.errors import InvalidArgument
@@ -14,6 +16,30 @@ from videomesh.v1 import upscaler_pb2, upscaler_pb2_grpc
 SERVICE_NAME = upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"].full_name
 # Output frames buffered into one reply chunk (each reply stays under the chunk limit).
 _FRAMES_PER_REPLY = 4
+MAX_FPS = 1000.0
+# OpenCV's DIS optical flow (the interpolator) refuses frames smaller than this: both sides at
+# least its 8-pixel patch and one side at least 12 ("width or height >= 12").
+MIN_FLOW_SIDE, MIN_FLOW_LONG_SIDE = 8, 12
+
+
+def _check_settings(s: upscaler_pb2.UpscaleSettings, plan: UpscalePlan) -> None:
+    for name in ("input_fps", "output_fps"):
+        v = getattr(s, name)
+        if not (math.isfinite(v) and 0 <= v <= MAX_FPS):
+            raise InvalidArgument(
+                f"settings.{name} must be in 0..{MAX_FPS:g}; got {v}", field=f"settings.{name}"
+            )
+    plan.validate()
+    w, h = plan.width, plan.height
+    if min(w, h) < MIN_FLOW_SIDE or max(w, h) < MIN_FLOW_LONG_SIDE:
+        positions = output_positions(plan.input_frames, plan.output_frames)
+        if np.any(np.abs(positions - np.round(positions)) > 1e-9):  # some output frame lies between inputs
+            raise InvalidArgument(
+                f"output {w}x{h} is too small for frame interpolation (needs at least {MIN_FLOW_SIDE} pixels on "
+                f"each side and {MIN_FLOW_LONG_SIDE} on one); ask for a larger size, or for as many output "
+                f"frames as input frames",
+                field="settings.output_width",
+            )
 
 
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
@@ -33,7 +59,7 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
             output_frames=s.output_frames or s.input_frames,
             output_fps=s.output_fps or s.input_fps,
         )
-        plan.validate()
+        _check_settings(s, plan)
 
         def inputs() -> Iterator:
             asm = codec.FrameAssembler()

@@ -33,47 +33,65 @@ def test_demo_writes_playable_mp4(tmp_path):
     assert probe(out) == {"frames": 96, "fps": 24.0, "width": 256, "height": 256}
 
 
-def test_up_health_generate_and_clean_stop(tmp_path):
+def _start_up(tmp_path, *extra, env=None):
+    """`videomesh up` as a user runs it; -> (process, gateway address, its output lines so far)."""
+    up = subprocess.Popen(_cli("up", "--data-dir", str(tmp_path / "data"), *extra), env=env or _env(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    address, lines = None, []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        lines.append(line)
+        if line.startswith("gateway listening on "):
+            address = line.split()[-1]
+        if line.startswith("dev tenant key in") or (not line and up.poll() is not None):
+            break
+    assert address, "".join(lines)
+    return up, address, lines
+
+
+def test_up_health_generate_watch_and_clean_stop(tmp_path):
     env = _env(tmp_path)
-    up = subprocess.Popen(
-        _cli("up", "--data-dir", str(tmp_path / "data")),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    up, address, _ = _start_up(tmp_path, env=env)
+    saved = [tmp_path / "home" / "gateway", tmp_path / "data" / "gateway-address"]
     try:
-        address = None
-        deadline = time.monotonic() + 180
-        lines = []
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if line.startswith("gateway listening on "):
-                address = line.split()[-1]
-                break
-            if not line and up.poll() is not None:
-                break
-        assert address, "".join(lines)
-        h = subprocess.run(
-            _cli("health", "--gateway", address), env=env, capture_output=True, text=True, timeout=60
-        )
+        # the address is saved where every command finds it: no --gateway from here on
+        assert [f.read_text().split()[0] for f in saved] == [address, address]
+        h = subprocess.run(_cli("health"), env=env, capture_output=True, text=True, timeout=60)
         assert h.returncode == 0, h.stdout + h.stderr
         assert h.stdout.count("SERVING") == 5
         out = tmp_path / "g.mp4"
-        g = subprocess.run(_cli("generate", "a green ball moves left", "--gateway", address, "--out", str(out), "--steps", "3",
-                                "--size", "128x128", "--fps", "8", "-q"), env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+        g = subprocess.run(_cli("generate", "a green ball moves left", "--out", str(out), "--steps", "3",
+                                "--size", "128x128", "--fps", "8", "-q"), env=env, capture_output=True, text=True,
+                           timeout=180)  # fmt: skip
         assert g.returncode == 0, g.stderr
+        first = g.stdout.splitlines()[0].split()
+        assert first[0] == "video" and first[1].startswith("vid_") and first[2] == "queued", g.stdout
         assert probe(out)["frames"] == 32
-        bad = subprocess.run(_cli("generate", "x", "--gateway", address, "--out", str(tmp_path / "b.mp4"), "--size", "100x100", "-q"),
+        # watch re-attaches to the finished job and downloads the same file again
+        again = tmp_path / "again.mp4"
+        w = subprocess.run(_cli("watch", first[1], "--out", str(again), "-q"), env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert w.returncode == 0, w.stderr
+        assert again.read_bytes() == out.read_bytes()
+        # errors in the user's words, once, before anything is created
+        bad = subprocess.run(_cli("generate", "x", "--out", str(tmp_path / "b.mp4"), "--size", "100x100", "-q"),
                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "256x256" in bad.stderr
+        assert bad.returncode == 1 and bad.stderr.startswith("error: --size: size 100x100 is not offered")
+        assert "256x256" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "b.mp4").exists()
+        strength = subprocess.run(_cli("generate", "x", "--adapter-strength", "5", "-q"), env=env,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert strength.returncode == 1
+        assert strength.stderr.strip() == "error: --adapter-strength must be in 0..2 (0 = 1); got 5.0"
     finally:
         up.send_signal(signal.SIGTERM)
         rc = up.wait(timeout=30)
     assert rc == 0
+    assert not any(f.exists() for f in saved)  # a stopped mesh leaves no address behind
     # every service process is gone
     time.sleep(0.5)
     ps = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True)
     assert ps.stdout.strip() == "", ps.stdout
+    gone = subprocess.run(_cli("health"), env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert gone.returncode == 2 and "videomesh up" in gone.stderr
