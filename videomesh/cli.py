@@ -641,6 +641,13 @@ def cmd_tenants(args) -> int:
             tiers = tier_names()
             if args.tier is not None and args.tier not in tiers:
                 raise UsageError(f"unknown tier {args.tier!r}; choose one of {', '.join(tiers)}")
+            if args.webhook:  # the same URL rules the gateway applies (http(s), length, no credentials)
+                from gateway.webhooks import WebhookRefused, parse_url
+
+                try:
+                    parse_url(args.webhook)
+                except WebhookRefused as e:
+                    raise UsageError(f"--webhook: {e}") from None
             old = d.find(args.name)
             if old is not None and not args.force:
                 _err(f"tenant {args.name!r} already exists (tier {old.tier}, {d.active_keys(args.name)} active "

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from videomesh.codec import MAX_MESSAGE_BYTES
-from videomesh.errors import InvalidArgument, VideomeshError, to_status
+from videomesh.errors import InvalidArgument, Unavailable, VideomeshError, to_status
 
 log = logging.getLogger("videomesh.serving")
 
@@ -96,10 +96,12 @@ def _requests(request_or_iterator, streaming: bool):
     return wrapped, wrapped
 
 
-def _wrap_unary(fn: Callable, method: str, streaming: bool = False) -> Callable:
+def _wrap_unary(fn: Callable, method: str, streaming: bool = False, gate: Callable | None = None) -> Callable:
     def handler(request_or_iterator, context):
         requests = None
         try:
+            if gate is not None:
+                gate()
             request, requests = _requests(request_or_iterator, streaming)
             reply = fn(request, context)
         except Exception as err:  # noqa: BLE001 - the whole point is to map every error
@@ -113,10 +115,14 @@ def _wrap_unary(fn: Callable, method: str, streaming: bool = False) -> Callable:
     return handler
 
 
-def _wrap_stream(fn: Callable, method: str, streaming: bool = False) -> Callable:
+def _wrap_stream(
+    fn: Callable, method: str, streaming: bool = False, gate: Callable | None = None
+) -> Callable:
     def handler(request_or_iterator, context):
         requests = None
         try:
+            if gate is not None:
+                gate()
             request, requests = _requests(request_or_iterator, streaming)
             yield from fn(request, context)
         except Exception as err:  # noqa: BLE001
@@ -135,23 +141,40 @@ def _is_abort(err: BaseException) -> bool:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by servicers to gRPC statuses (see errors.py)."""
+    """Maps exceptions raised by servicers to gRPC statuses (see errors.py), and answers the
+    services' own calls UNAVAILABLE with a retry delay until the server has loaded its model
+    (`loaded` set by the first set_serving(True)); health and reflection answer all along."""
+
+    def __init__(self, loaded: threading.Event | None = None, services: Iterable[str] = ()):
+        self.loaded = loaded
+        self.services = frozenset(services)
+
+    def _gate(self) -> None:
+        if not self.loaded.is_set():
+            raise Unavailable("the service is still starting (loading its model); retry shortly", retry_after=2.0,
+                              reason="NOT_READY")  # fmt: skip
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        service = method.lstrip("/").partition("/")[0]
+        gate = self._gate if self.loaded is not None and service in self.services else None
         if handler.request_deserializer is not None:
             handler = handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer))
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method, gate=gate))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method, streaming=True))
+            return handler._replace(
+                stream_unary=_wrap_unary(handler.stream_unary, method, streaming=True, gate=gate)
+            )
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method, gate=gate))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method, streaming=True))
+            return handler._replace(
+                stream_stream=_wrap_stream(handler.stream_stream, method, streaming=True, gate=gate)
+            )
         return handler
 
 
@@ -164,6 +187,7 @@ class Server:
     health: health.HealthServicer
     service_names: list[str]
     host: str = "127.0.0.1"
+    loaded: threading.Event = field(default_factory=threading.Event)  # set by the first set_serving(True)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -178,6 +202,8 @@ class Server:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        if serving:
+            self.loaded.set()
         for name in self.service_names:
             self.health.set(name, status)
         self.health.set("", status)
@@ -224,9 +250,10 @@ def create_server(
     call `server.set_serving()` once models are loaded.
     """
     registrations = list(registrations)
+    loaded = threading.Event()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor(loaded, [name for _, _, name in registrations])],
         options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 4,
     )
@@ -242,4 +269,6 @@ def create_server(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
-    return Server(grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host)
+    return Server(
+        grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host, loaded=loaded
+    )

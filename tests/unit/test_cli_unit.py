@@ -502,6 +502,16 @@ def test_tenants_refuse_unknown_tiers_and_silent_changes(tmp_path, capsys):
     assert rc == 0 and "bob" in out and "free" in out and "keys: 3 active" in out
 
 
+def test_tenants_add_checks_the_webhook_url(tmp_path, capsys):
+    d = str(tmp_path / "data")
+    for bad in ("ftp://example.com/hook", "https://user:pw@example.com/hook", "https://example.com/" + "x" * 3000):
+        rc, _, err = run(capsys, "tenants", "add", "eve", "--webhook", bad, "--data-dir", d)
+        assert rc == 2 and err.startswith("error: --webhook:") and len(err) < 400, err
+    assert not (tmp_path / "data" / "tenants.json").exists()
+    rc, _, _ = run(capsys, "tenants", "add", "eve", "--webhook", "https://hooks.example.com/v", "--data-dir", d)
+    assert rc == 0
+
+
 def test_tenants_without_a_directory_say_where_they_looked(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run(capsys, "tenants", "list")
