@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.denoiser.backends.base import DenoiseJob  # re-exported: callers import it from here
 from services.denoiser.lora import LRU, Adapter, AdapterSlot, check_name
 from services.denoiser.model import (
     ATTENTION_BACKENDS,
@@ -74,22 +75,6 @@ class DenoiserSettings:
             raise ValueError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}"
             )
-
-
-@dataclass
-class DenoiseJob:
-    text: torch.Tensor  # (1, L, D)
-    text_mask: torch.Tensor  # (1, L) bool
-    negative: torch.Tensor
-    negative_mask: torch.Tensor
-    frames: int
-    height: int
-    width: int
-    seed: int
-    steps: int
-    guidance: float  # 0 = the per-expert defaults
-    adapter: str = ""  # a brand style adapter (LoRA) by name; "" = the base model
-    adapter_strength: float = 1.0  # how much of the adapter's delta is added (0 < s <= 2)
 
 
 def pick_device(setting: str) -> torch.device:

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model", "adapter", "adapter_strength")
+    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model", "adapter", "adapter_strength", "guidance_scale_2", "image")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class DenoiseRequest(_message.Message):
     ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text_embeddings: _common_pb2.Tensor
     text_mask: _common_pb2.Tensor
@@ -38,7 +40,9 @@ class DenoiseRequest(_message.Message):
     encoder_model: str
     adapter: str
     adapter_strength: float
-    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_strength: _Optional[float] = ...) -> None: ...
+    guidance_scale_2: float
+    image: _common_pb2.Image
+    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_strength: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total", "expert", "sigma")
@@ -77,17 +81,47 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "boundary", "parameters")
+    __slots__ = ("name", "boundary", "parameters", "default_guidance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     boundary: float
     parameters: int
-    def __init__(self, name: _Optional[str] = ..., boundary: _Optional[float] = ..., parameters: _Optional[int] = ...) -> None: ...
+    default_guidance: float
+    def __init__(self, name: _Optional[str] = ..., boundary: _Optional[float] = ..., parameters: _Optional[int] = ..., default_guidance: _Optional[float] = ...) -> None: ...
+
+class SizeRule(_message.Message):
+    __slots__ = ("official", "multiple", "min_side", "max_side", "default_size")
+    OFFICIAL_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    official: _containers.RepeatedCompositeFieldContainer[_common_pb2.Size]
+    multiple: int
+    min_side: int
+    max_side: int
+    default_size: _common_pb2.Size
+    def __init__(self, official: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., multiple: _Optional[int] = ..., min_side: _Optional[int] = ..., max_side: _Optional[int] = ..., default_size: _Optional[_Union[_common_pb2.Size, _Mapping]] = ...) -> None: ...
+
+class FrameRule(_message.Message):
+    __slots__ = ("counts", "step", "min_frames", "max_frames", "default_frames")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    step: int
+    min_frames: int
+    max_frames: int
+    default_frames: int
+    def __init__(self, counts: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_frames: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps", "capacity", "adapters")
+    __slots__ = ("name", "version", "sizes", "frame_counts", "fps", "languages", "default_steps", "default_guidance", "experts", "encoder_model", "trained", "max_steps", "capacity", "adapters", "backend", "size_rule", "frame_rule", "text_length", "text_dim", "upscale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +136,12 @@ class ModelInfo(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_RULE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_RULE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DIM_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sizes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Size]
@@ -116,4 +156,10 @@ class ModelInfo(_message.Message):
     max_steps: int
     capacity: int
     adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterInfo]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ..., capacity: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterInfo, _Mapping]]] = ...) -> None: ...
+    backend: str
+    size_rule: SizeRule
+    frame_rule: FrameRule
+    text_length: int
+    text_dim: int
+    upscale: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sizes: _Optional[_Iterable[_Union[_common_pb2.Size, _Mapping]]] = ..., frame_counts: _Optional[_Iterable[int]] = ..., fps: _Optional[float] = ..., languages: _Optional[_Iterable[str]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., encoder_model: _Optional[str] = ..., trained: _Optional[bool] = ..., max_steps: _Optional[int] = ..., capacity: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterInfo, _Mapping]]] = ..., backend: _Optional[str] = ..., size_rule: _Optional[_Union[SizeRule, _Mapping]] = ..., frame_rule: _Optional[_Union[FrameRule, _Mapping]] = ..., text_length: _Optional[int] = ..., text_dim: _Optional[int] = ..., upscale: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,211 @@
+"""The model-backend interface: everything the sampler loop and the service need from a model.
+
+A backend says what it supports (sizes, frame counts, fps, languages, experts, text length, the
+encoder it needs), checks a request, makes a request's initial noise and sampler state, says which
+expert a step uses, runs one batched forward for a group of requests (the CFG conditional and
+unconditional branches in the same batch), applies the sampler step, and decodes latents to uint8
+frames. The one sampler loop (`backends.loop`) drives any backend; executors only decide where
+the forwards run.
+
+The per-request state is the backend's own (`SamplerState` subclasses): a multistep scheduler
+keeps history per request, so nothing that advances is shared between requests.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from videomesh.errors import InvalidArgument
+
+
+@dataclass
+class DenoiseJob:
+    """One generation request as the denoiser sees it (text already encoded)."""
+
+    text: torch.Tensor  # (1, L, D)
+    text_mask: torch.Tensor  # (1, L) bool
+    negative: torch.Tensor
+    negative_mask: torch.Tensor
+    frames: int
+    height: int
+    width: int
+    seed: int
+    steps: int
+    guidance: float  # 0 = the per-expert defaults
+    adapter: str = ""  # a brand style adapter (LoRA) by name; "" = the base model
+    adapter_strength: float = 1.0  # how much of the adapter's delta is added (0 < s <= 2)
+    # the low-noise expert's scale; 0 = `guidance` when that is set (as WanPipeline's guidance_scale_2
+    # defaults to guidance_scale), else the model's default for that expert
+    guidance_2: float = 0.0
+    # reserved for image-to-video (Wan2.2-I2V-A14B, TI2V-5B with an image): (3, H, W) uint8; not served yet
+    image: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    name: str  # what progress events and placement call it ("high_noise", "low_noise", "transformer")
+    # this expert runs the steps with t >= boundary (high noise) or t < boundary (low noise); t in [0, 1]
+    boundary: float
+    default_guidance: float
+    component: str = ""  # where its weights are (a diffusers subfolder or a module path)
+
+
+def _nearest(value: int, candidates: list[int]) -> str:
+    """The candidate nearest to value ("77 or 81" on a tie)."""
+    best = min(abs(v - value) for v in candidates)
+    return " or ".join(str(v) for v in sorted({v for v in candidates if abs(v - value) == best}))
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Which frame sizes a model generates: any multiple of `multiple` within the side limits, or,
+    when multiple is 0, only the listed ones. `official` are the sizes it was trained at."""
+
+    official: tuple[tuple[int, int], ...]  # (width, height)
+    multiple: int = 0
+    min_side: int = 0
+    max_side: int = 0
+    why: str = ""  # what the multiple comes from, for the error message
+
+    def check(self, width: int, height: int) -> None:
+        if not self.multiple:
+            if (width, height) not in self.official:
+                sizes = ", ".join(f"{w}x{h}" for w, h in self.official)
+                raise InvalidArgument(
+                    f"size: this model generates {sizes}; got {width}x{height}", field="width"
+                )
+            return
+        m = self.multiple
+        for name, v in (("width", width), ("height", height)):
+            if v % m:
+                lo, hi = max(m, v // m * m), v // m * m + m
+                raise InvalidArgument(
+                    f"{name} must be a multiple of {m} for this model{f' ({self.why})' if self.why else ''}; "
+                    f"got {v} — use {_nearest(v, [lo, hi])}",
+                    field=name,
+                )
+            if v < self.min_side or (self.max_side and v > self.max_side):
+                raise InvalidArgument(
+                    f"{name} must be in {self.min_side}..{self.max_side}; got {v}", field=name
+                )
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Which frame counts a model generates: step*k + 1 within the limits (a causal VAE of temporal
+    stride `step`), or, when step is 0, only the listed counts."""
+
+    counts: tuple[int, ...]  # the fixed counts (step 0) or the official ones
+    step: int = 0
+    min_frames: int = 1
+    max_frames: int = 0
+    why: str = ""
+
+    def check(self, frames: int) -> None:
+        if not self.step:
+            if frames not in self.counts:
+                raise InvalidArgument(
+                    f"num_frames: this model generates {' or '.join(map(str, self.counts))} frames; got {frames}",
+                    field="num_frames",
+                )
+            return
+        s = self.step
+        if frames % s != 1 % s:
+            lo = max(1, (frames - 1) // s * s + 1)
+            raise InvalidArgument(
+                f"num_frames must be {s}k+1 for this {self.why or 'model'}; got {frames} — use "
+                f"{_nearest(frames, [lo, lo + s])}",
+                field="num_frames",
+            )
+        if frames < self.min_frames or (self.max_frames and frames > self.max_frames):
+            raise InvalidArgument(
+                f"num_frames must be in {self.min_frames}..{self.max_frames}; got {frames}",
+                field="num_frames",
+            )
+
+
+@dataclass(frozen=True)
+class ModelSupport:
+    """What a backend generates and needs: GetModelInfo publishes it, the gateway validates by it."""
+
+    name: str
+    version: str
+    sizes: SizeRule
+    frames: FrameRule
+    fps: float  # native frame rate
+    languages: tuple[str, ...]
+    experts: tuple[ExpertInfo, ...]
+    text_dim: int  # width of the text states the encoder must send
+    text_length: int  # tokens the text states must have (zero-padded); 0 = any length with a mask
+    encoder: str  # the text encoder this model was trained with ("<name>@<version>")
+    default_steps: int
+    max_steps: int
+    default_size: tuple[int, int]  # (width, height)
+    default_frames: int
+
+
+@dataclass
+class SamplerState:
+    """One request in flight: its latents and where it is in its schedule (backends subclass it)."""
+
+    job: DenoiseJob
+    latents: torch.Tensor
+    total: int  # steps
+    step: int = 0  # steps done
+    experts_used: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+
+def check_guidance(value: float, name: str) -> None:
+    if not math.isfinite(value) or not 0 <= value <= 30:
+        raise InvalidArgument(f"{name} must be in 0..30 (0 = default); got {value}", field=name)
+
+
+class ModelBackend(ABC):
+    """A model behind the sampler loop. Methods that touch a request's state are not thread-safe
+    per request; the executor runs one step of a request at a time."""
+
+    name: str
+
+    @abstractmethod
+    def supports(self) -> ModelSupport:
+        """The rules and facts GetModelInfo publishes."""
+
+    @abstractmethod
+    def check_request(self, job: DenoiseJob, encoder_model: str = "") -> None:
+        """Raise InvalidArgument / FailedPrecondition for a request this model cannot run; change nothing."""
+
+    @abstractmethod
+    def start(self, job: DenoiseJob) -> SamplerState:
+        """The request's initial noise (from its seed) and fresh per-request sampler state."""
+
+    @abstractmethod
+    def expert_for(self, state: SamplerState) -> str:
+        """The expert that runs the request's next step."""
+
+    @abstractmethod
+    def batch_key(self, state: SamplerState) -> Hashable:
+        """Requests with equal keys may share one forward (same expert, latent shape, ...)."""
+
+    @abstractmethod
+    def forward(self, expert: str, states: Sequence[SamplerState]) -> list[torch.Tensor]:
+        """One batched forward of `expert` for requests of one batch_key at their next step: the
+        conditional and unconditional branches of all of them in one batch; returns each request's
+        guided prediction."""
+
+    @abstractmethod
+    def step(self, state: SamplerState, prediction: torch.Tensor) -> float:
+        """Advance the request by one sampler step; return the step's time t in [0, 1] (1 = noise)."""
+
+    @abstractmethod
+    def decode(self, state: SamplerState) -> Iterator[np.ndarray]:
+        """The finished request's frames as uint8 (n, H, W, 3) RGB chunks, in order, as they decode."""
