@@ -86,8 +86,11 @@ def test_an_adapter_changes_the_clip_and_the_base_comes_back(amesh):
     assert np.abs(a - b).mean() > 5 and np.abs(a - h).mean() > 1 and np.abs(b - h).mean() > 1
     assert np.abs(a - a2).mean() < 1  # the base weights were restored after the adapter
     # the result cache keys on the adapter and its strength
-    keys = {amesh.gateway.cache_key(v.spec) for v in (plain, styled, half)}
-    assert len(keys) == 3 and amesh.gateway.cache_key(plain_again.spec) == amesh.gateway.cache_key(plain.spec)
+    from gateway.tenants import Tenant
+
+    acme = Tenant("acme", "pro")
+    keys = {amesh.gateway.cache_key(v.spec, acme) for v in (plain, styled, half)}
+    assert len(keys) == 3 and amesh.gateway.cache_key(plain_again.spec, acme) == amesh.gateway.cache_key(plain.spec, acme)
 
 
 def test_an_adapter_installed_later_is_found_without_a_restart(amesh):
