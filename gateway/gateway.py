@@ -23,6 +23,7 @@ import grpc
 from gateway.jobs import TERMINAL, Job, JobStore, new_id, now_ts
 from gateway.metrics import METRICS
 from gateway.pipeline import PROGRESS, Downstreams, JobControl, Pipeline, Plan
+from gateway.rules import NativeLimits, normalize_native, output_frames, rule_driven
 from gateway.safety import SafetyFilter
 from gateway.scheduler import JobQueue
 from gateway.sqlite_store import SQLiteJobStore
@@ -34,7 +35,10 @@ from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, paylo
 from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
 from gateway.webhooks import check_allow_entries as check_webhook_allow
 from services.encoder.model import MAX_PROMPT_CHARS
+from services.upscaler.upscaler import MAX_OUTPUT_FRAMES
+from services.upscaler.upscaler import MAX_SIDE as UPSCALER_MAX_SIDE
 from videomesh.adapters import owner as lora_owner
+from videomesh.codec import TEXT_MESSAGE_BYTES
 from videomesh.errors import (
     Cancelled,
     FailedPrecondition,
@@ -76,6 +80,13 @@ class GatewaySettings:
     default_size: str = "256x256"
     fps_choices: tuple[float, ...] = (24.0, 12.0, 8.0)
     default_fps: float = 24.0
+    # sizes, fps_choices and default_* above are the default model's (frames raised by the upscaler). A
+    # backend that publishes its own rules (wan2.2) is validated by them (gateway/rules.py); its clips
+    # come at its native rate or, interpolated by the upscaler, at one of these:
+    interpolated_fps: tuple[float, ...] = (24.0,)
+    # the largest message on the channels to the encoder and the denoiser: Wan's text states for a
+    # prompt and its negative are 2 x 512 x 4096 bf16 = 8 MiB (codec.TEXT_MESSAGE_BYTES)
+    text_message_bytes: int = TEXT_MESSAGE_BYTES
     qc_policy: str = "review"  # review: failed QC -> new seed(s), then NEEDS_REVIEW; off: do not gate
     qc_regenerations: int = 1  # new seeds to try when QC fails, before NEEDS_REVIEW
     retries: int = 4  # gRPC-level retries of UNAVAILABLE per call (channel retry policy)
@@ -84,7 +95,9 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
-    stall_timeout: float = 120.0  # a stage that sends nothing for this long is stopped; the attempt is retried
+    stall_timeout: float = (
+        120.0  # a stage that sends nothing for this long is stopped; the attempt is retried
+    )
     encode_timeout: float = 60.0  # bound on one Encode call (within the job's budget)
     storage: str = "local"  # local (data_dir/videos) | s3
     s3_endpoint: str = ""  # host:port
@@ -145,7 +158,15 @@ class GatewaySettings:
         if not 1 <= self.max_streams_per_tenant <= self.max_streams:
             raise ValueError("max_streams_per_tenant must be in 1..max_streams")
         check_webhook_allow(self.webhook_allow)
+        if any(not (math.isfinite(f) and 0 < f <= 120) for f in self.interpolated_fps):
+            raise ValueError(f"interpolated_fps must be in (0, 120]; got {self.interpolated_fps}")
+        if self.text_message_bytes < 4 * 1024 * 1024:
+            raise ValueError(f"text_message_bytes must be at least 4 MiB; got {self.text_message_bytes}")
         for t in tiers_from(self.tiers).values():
+            if t.max_pixels < 0 or t.max_frames < 0:
+                raise ValueError(
+                    f"tier {t.name!r}: max_pixels and max_frames must be 0 (no limit) or positive"
+                )
             extra = set(t.sizes) - set(self.sizes)
             if extra:
                 raise ValueError(
@@ -176,7 +197,8 @@ class VideoGateway:
         self.tiers: dict[str, TierPolicy] = tiers_from(settings.tiers)
         self.downstreams = Downstreams(settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries,
                                        breaker_threshold=settings.breaker_threshold,
-                                       breaker_cooldown=settings.breaker_cooldown)  # fmt: skip
+                                       breaker_cooldown=settings.breaker_cooldown,
+                                       text_message_bytes=settings.text_message_bytes)  # fmt: skip
         self.pipeline: Pipeline | None = None
         self.model: denoiser_pb2.ModelInfo | None = None
         self._model_read = 0.0  # monotonic time of the last GetModelInfo
@@ -271,8 +293,12 @@ class VideoGateway:
             for job_id, ctl in controls:
                 idle = now - ctl.last_activity
                 if idle > limit and not ctl.stalled and not ctl.cancelled.is_set():
-                    log.warning("job %s: no word from downstream for %.0f s; stopping the attempt", job_id, idle)
-                    ctl.stall(f"a downstream service sent nothing for {idle:.0f} s (stall_timeout {limit:g} s)")
+                    log.warning(
+                        "job %s: no word from downstream for %.0f s; stopping the attempt", job_id, idle
+                    )
+                    ctl.stall(
+                        f"a downstream service sent nothing for {idle:.0f} s (stall_timeout {limit:g} s)"
+                    )
 
     def wedged(self) -> bool:
         """Every worker holds a job that has been silent for twice the stall timeout (the watchdog could
@@ -319,52 +345,74 @@ class VideoGateway:
             )
         if len(spec.style) > 100:
             violations.append(("spec.style", "style is longer than 100 characters"))
-        if spec.width < 0 or spec.height < 0:
-            violations.append(("spec.width", f"size must be positive; got {spec.width}x{spec.height}"))
-        elif spec.width or spec.height:
-            if f"{spec.width}x{spec.height}" not in sizes:
-                plan = f" on the {policy.name} tier" if policy and policy.sizes else ""
+        if spec.HasField("image"):
+            violations.append(("spec.image", "image: image-to-video is not served yet; this model runs text-to-video "
+                                             "(leave image unset)"))  # fmt: skip
+        if rule_driven(
+            m
+        ):  # e.g. wan2.2: the backend's published rules, nothing hard-coded (gateway/rules.py)
+            limits = NativeLimits(s.interpolated_fps, MAX_OUTPUT_FRAMES, UPSCALER_MAX_SIDE)
+            normalize_native(spec, out, m, limits, policy, violations)
+        else:  # the default model: the gateway's size and fps lists, its fixed clip length
+            if spec.width < 0 or spec.height < 0:
+                violations.append(("spec.width", f"size must be positive; got {spec.width}x{spec.height}"))
+            elif spec.width or spec.height:
+                if f"{spec.width}x{spec.height}" not in sizes:
+                    plan = f" on the {policy.name} tier" if policy and policy.sizes else ""
+                    violations.append(
+                        (
+                            "spec.width",
+                            f"size {spec.width}x{spec.height} is not offered{plan}; choose one of {', '.join(sizes)}",
+                        )
+                    )
+            else:
+                out.width, out.height = _size(s.default_size if s.default_size in sizes else sizes[0])
+            if spec.fps < 0 or not math.isfinite(spec.fps):
+                violations.append(("spec.fps", f"fps must be positive; got {spec.fps}"))
+            elif spec.fps and spec.fps not in s.fps_choices:
                 violations.append(
                     (
-                        "spec.width",
-                        f"size {spec.width}x{spec.height} is not offered{plan}; choose one of {', '.join(sizes)}",
+                        "spec.fps",
+                        f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}",
                     )
                 )
-        else:
-            out.width, out.height = _size(s.default_size if s.default_size in sizes else sizes[0])
-        if spec.fps < 0 or not math.isfinite(spec.fps):
-            violations.append(("spec.fps", f"fps must be positive; got {spec.fps}"))
-        elif spec.fps and spec.fps not in s.fps_choices:
-            violations.append(
-                (
-                    "spec.fps",
-                    f"fps {spec.fps:g} is not offered; choose one of {', '.join(f'{f:g}' for f in s.fps_choices)}",
+            elif not spec.fps:
+                out.fps = s.default_fps
+            model_duration = m.frame_counts[0] / m.fps
+            if spec.duration_seconds < 0 or not math.isfinite(spec.duration_seconds):
+                violations.append(
+                    ("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}")
                 )
-            )
-        elif not spec.fps:
-            out.fps = s.default_fps
-        model_duration = m.frame_counts[0] / m.fps
-        if spec.duration_seconds < 0 or not math.isfinite(spec.duration_seconds):
-            violations.append(
-                ("spec.duration_seconds", f"duration must be positive; got {spec.duration_seconds}")
-            )
-        elif spec.duration_seconds and abs(spec.duration_seconds - model_duration) > 1e-3:
-            allowed = ", ".join(f"{c / m.fps:g}" for c in m.frame_counts)
-            violations.append(
-                (
-                    "spec.duration_seconds",
-                    f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s",
-                )
-            )
-        else:
-            out.duration_seconds = model_duration
-            if policy and policy.max_duration and model_duration > policy.max_duration:
+            elif spec.duration_seconds and abs(spec.duration_seconds - model_duration) > 1e-3:
+                allowed = ", ".join(f"{c / m.fps:g}" for c in m.frame_counts)
                 violations.append(
                     (
                         "spec.duration_seconds",
-                        f"the {policy.name} tier allows clips up to {policy.max_duration:g} s",
+                        f"duration {spec.duration_seconds:g}s is not offered by model {m.name}; allowed: {allowed} s",
                     )
                 )
+            else:
+                out.duration_seconds = model_duration
+                if policy and policy.max_duration and model_duration > policy.max_duration:
+                    violations.append(
+                        (
+                            "spec.duration_seconds",
+                            f"the {policy.name} tier allows clips up to {policy.max_duration:g} s",
+                        )
+                    )
+            if spec.num_frames < 0 or (spec.num_frames and spec.num_frames not in m.frame_counts):
+                counts = " or ".join(str(c) for c in m.frame_counts)
+                violations.append(("spec.num_frames", f"num_frames: model {m.name} generates {counts} frames; got "
+                                                      f"{spec.num_frames} (0 = the default)"))  # fmt: skip
+            if not (0 <= spec.guidance_scale_2 <= 30) or not math.isfinite(spec.guidance_scale_2):
+                violations.append(("spec.guidance_scale_2",
+                                   f"guidance_scale_2 must be in 0..30 (0 = guidance_scale); got {spec.guidance_scale_2}"))  # fmt: skip
+            if policy and policy.max_pixels and out.width * out.height > policy.max_pixels:
+                violations.append(("spec.width", f"size {out.width}x{out.height} has {out.width * out.height} pixels per "
+                                                 f"frame; the {policy.name} tier allows up to {policy.max_pixels}"))  # fmt: skip
+            if policy and policy.max_frames and m.frame_counts and m.frame_counts[0] > policy.max_frames:
+                violations.append(("spec.num_frames", f"model {m.name} generates {m.frame_counts[0]} frames per clip; the "
+                                                      f"{policy.name} tier allows {policy.max_frames}"))  # fmt: skip
         if spec.num_steps < 0 or spec.num_steps > m.max_steps:
             violations.append(
                 (
@@ -433,6 +481,31 @@ class VideoGateway:
     def plan(self, spec: common_pb2.VideoSpec, watermark: str = "", visible: bool = False) -> Plan:
         m = self.model
         prompt = spec.prompt + (f", {spec.style}" if spec.style else "")
+        if rule_driven(m):
+            # frames come out of the denoiser at the requested size and count; the upscaler passes them
+            # through at the native rate, or interpolates them to spec.fps
+            return Plan(
+                prompt=prompt,
+                negative=spec.negative_prompt,
+                base_frames=spec.num_frames,
+                base_width=spec.width,
+                base_height=spec.height,
+                base_fps=m.fps,
+                width=spec.width,
+                height=spec.height,
+                fps=spec.fps,
+                frames=output_frames(spec.num_frames, m.fps, spec.fps),
+                seed=spec.seed,
+                steps=spec.num_steps,
+                guidance=spec.guidance_scale,
+                guidance_2=spec.guidance_scale_2,
+                encoder_model=m.encoder_model,
+                expect_motion=expects_motion(spec.prompt),
+                watermark=watermark,
+                visible_mark=visible,
+                adapter=spec.style_adapter,
+                adapter_strength=spec.style_strength,
+            )
         return Plan(
             prompt=prompt,
             negative=spec.negative_prompt,
@@ -447,6 +520,7 @@ class VideoGateway:
             seed=spec.seed,
             steps=spec.num_steps,
             guidance=spec.guidance_scale,
+            guidance_2=spec.guidance_scale_2,
             encoder_model=m.encoder_model,
             expect_motion=expects_motion(spec.prompt),
             watermark=watermark,
@@ -474,6 +548,10 @@ class VideoGateway:
 
         offered = [_size(s) for s in self.settings.sizes]
         max_size = (max(w for w, _ in offered), max(h for _, h in offered))
+        if self.model is not None and rule_driven(self.model):  # any size the backend's rule allows
+            r = self.model.size_rule
+            side = max([r.max_side, *(max(z.width, z.height) for z in r.official)])
+            max_size = (side, side)
 
         work = Path(self.settings.data_dir) / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -505,7 +583,9 @@ class VideoGateway:
         return gateway_pb2.VerifyWatermarkResponse(present=ok, payload=payload if ok else "", confidence=confidence,
                                                    video_id=job.id if job else "", frames=frames)  # fmt: skip
 
-    def download(self, tenant: str, video_id: str, chunk: int = 1 << 20) -> Iterator[gateway_pb2.DownloadVideoResponse]:
+    def download(
+        self, tenant: str, video_id: str, chunk: int = 1 << 20
+    ) -> Iterator[gateway_pb2.DownloadVideoResponse]:
         """The finished file's bytes, then a trailer with the size and SHA-256 of what was sent."""
         import hashlib
 
@@ -600,6 +680,9 @@ class VideoGateway:
             f"{spec.width}x{spec.height}", f"{spec.fps:g}", f"{spec.duration_seconds:g}", str(spec.num_steps),
             f"{spec.guidance_scale:g}", str(spec.seed), f"{m.name}@{m.version}", m.encoder_model,
             spec.style_adapter, adapter_version, f"{spec.style_strength:g}",
+            # only when set, so the default model's keys are what they were
+            *([f"frames={spec.num_frames}"] if spec.num_frames else []),
+            *([f"guidance2={spec.guidance_scale_2:g}"] if spec.guidance_scale_2 else []),
             f"visible={visible}:{s.watermark_text}:{s.watermark_position}:{s.watermark_opacity:g}" if visible else "",
             "invisible=" + hashlib.sha256(s.watermark_key.encode()).hexdigest()[:16]
             if s.invisible_watermark and room else "",

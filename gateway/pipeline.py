@@ -67,11 +67,21 @@ class Downstreams:
              "denoiser": [("videomesh.v1.Denoiser", "GetModelInfo")], "upscaler": [], "qc": []}  # fmt: skip
 
     def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4, *,
-                 breaker_threshold: int = 3, breaker_cooldown: float = 10.0):  # fmt: skip
+                 breaker_threshold: int = 3, breaker_cooldown: float = 10.0,
+                 text_message_bytes: int = codec.TEXT_MESSAGE_BYTES):  # fmt: skip
         self.addresses = {"encoder": encoder, "denoiser": denoiser, "upscaler": upscaler, "qc": qc}
         self.breakers = {n: CircuitBreaker(n, breaker_threshold, breaker_cooldown) for n in self.addresses}
+        # The encoder's reply and the DenoiseRequest carry two text states (Wan: 2 x 4 MiB in bf16), so
+        # those two channels take `text_message_bytes`; the frame hops stay at 4 MiB (frames travel in
+        # chunks). The encoder and denoiser servers bound what they send and accept themselves.
+        limits = {"encoder": text_message_bytes, "denoiser": text_message_bytes}
         self.channels = {
-            name: channel(address, methods=self.UNARY[name], retries=retries)
+            name: channel(
+                address,
+                methods=self.UNARY[name],
+                retries=retries,
+                max_message_bytes=limits.get(name, codec.MAX_MESSAGE_BYTES),
+            )
             for name, address in self.addresses.items()
         }
         self.encoder = encoder_pb2_grpc.TextEncoderStub(self.channels["encoder"])
@@ -90,9 +100,11 @@ class Downstreams:
             if time.monotonic() - read < max_age:
                 return st
         try:
-            st = health_pb2_grpc.HealthStub(self.channels[name]).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=2
-            ).status
+            st = (
+                health_pb2_grpc.HealthStub(self.channels[name])
+                .Check(health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=2)
+                .status
+            )
         except grpc.RpcError:
             st = health_pb2.HealthCheckResponse.NOT_SERVING
         with self._health_lock:
@@ -202,6 +214,7 @@ class Plan:
     steps: int
     guidance: float
     encoder_model: str
+    guidance_2: float = 0.0  # the low-noise expert's scale; 0 = guidance (or the model's)
     expect_motion: bool = True
     watermark: str = ""  # invisible payload (hex); empty = none
     visible_mark: bool = False
@@ -303,11 +316,16 @@ class Pipeline:
             err.stage = "encoder"
             raise
         ctl.touch()
-        if enc.notes:
-            for note in enc.notes:
-                ctl.warn(note.reason, note.message)
-        emb = codec.to_numpy(enc.embeddings, name="embeddings")
-        mask = codec.to_numpy(enc.mask, name="mask")
+        for note in enc.notes:
+            message = note.message
+            if note.index == 1:  # the encoder numbers texts; the user knows this one as the negative prompt
+                message = message.replace("the prompt", "the negative prompt", 1)
+            ctl.warn(note.reason, message)
+        # split prompt / negative by slicing the bytes: bf16 states stay bf16 (decoding would widen them)
+        emb = codec.split_rows(enc.embeddings, name="embeddings")
+        mask = codec.split_rows(enc.mask, name="mask")
+        if len(emb) != 2 or len(mask) != 2:
+            raise RuntimeError(f"encoder returned {len(emb)} states for 2 texts")
         secs["encode"] = time.perf_counter() - t0
 
         # 2. denoise
@@ -316,16 +334,17 @@ class Pipeline:
         ctl.stage(common_pb2.STAGE_DENOISING)
         req = denoiser_pb2.DenoiseRequest(
             request_id=job_id,
-            text_embeddings=codec.to_proto(emb[:1]),
-            text_mask=codec.to_proto(mask[:1]),
-            negative_embeddings=codec.to_proto(emb[1:]),
-            negative_mask=codec.to_proto(mask[1:]),
+            text_embeddings=emb[0],
+            text_mask=mask[0],
+            negative_embeddings=emb[1],
+            negative_mask=mask[1],
             num_frames=plan.base_frames,
             height=plan.base_height,
             width=plan.base_width,
             seed=plan.seed,
             num_steps=plan.steps,
             guidance_scale=plan.guidance,
+            guidance_scale_2=plan.guidance_2,
             encoder_model=enc.model,
             adapter=plan.adapter,
             adapter_strength=plan.adapter_strength,

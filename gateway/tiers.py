@@ -16,8 +16,12 @@ class TierPolicy:
     daily_quota: int  # jobs per rolling 24 h
     rate_per_minute: float  # token-bucket refill
     burst: int  # token-bucket size
-    sizes: tuple[str, ...] = ()  # allowed output sizes; empty = every size the gateway offers
+    # allowed output sizes of the default model; empty = every size the gateway offers
+    sizes: tuple[str, ...] = ()
     max_duration: float = 0.0  # seconds; 0 = whatever the model offers
+    # Limits any backend can apply (a size list cannot describe Wan's any-multiple-of-16 sizes):
+    max_pixels: int = 0  # width x height of one delivered frame; 0 = no limit
+    max_frames: int = 0  # frames the model generates per clip (VideoSpec.num_frames); 0 = no limit
     visible_watermark: bool = True
 
 

@@ -53,11 +53,15 @@ FIELD_FLAGS = {
     "spec.seed": "--seed",
     "spec.num_steps": "--steps",
     "spec.guidance_scale": "--guidance",
+    "spec.guidance_scale_2": "--guidance-2",
+    "spec.num_frames": "--frames",
     "spec.style_adapter": "--adapter",
     "spec.style_strength": "--adapter-strength",
 }
 _WORDS = {
     "num_steps": "--steps",
+    "num_frames": "--frames",
+    "guidance_scale_2": "--guidance-2",
     "guidance_scale": "--guidance",
     "style_strength": "--adapter-strength",
     "style_adapter": "--adapter",
@@ -156,6 +160,14 @@ def _spec(args):
         spec.num_steps = args.steps
     if _number("--guidance", args.guidance):
         spec.guidance_scale = args.guidance
+    if _number("--guidance-2", args.guidance_2):
+        spec.guidance_scale_2 = args.guidance_2
+    if args.frames is not None:
+        if not 0 <= args.frames <= INT32_MAX:
+            raise UsageError(
+                f"--frames must be a whole number of frames (0 = the model's default); got {args.frames}"
+            )
+        spec.num_frames = args.frames
     return spec
 
 
@@ -432,11 +444,36 @@ def cmd_watch(args) -> int:
         client.close()
 
 
+def model_args(model: str, model_dir: str | None) -> dict[str, list[str]]:
+    """The encoder's and denoiser's extra arguments for `up --model M --model-dir DIR`; UsageError for a
+    directory that cannot be served (checked here, before any process starts)."""
+    if model == "default":
+        if model_dir:
+            raise UsageError("--model-dir is for --model wan2.2 (the default model is built in)")
+        return {}
+    if not model_dir:
+        raise UsageError(f"--model {model} needs --model-dir DIR: the downloaded diffusers-layout directory, "
+                         "e.g. `hf download Wan-AI/Wan2.2-T2V-A14B-Diffusers --local-dir DIR`")  # fmt: skip
+    from videomesh.model_dir import ModelDirError, WanModelDir
+
+    path = Path(model_dir).expanduser().resolve()
+    try:
+        d = WanModelDir.open(path)
+        d.require("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+        if d.two_experts:
+            d.require("transformer_2")
+    except ModelDirError as e:
+        raise UsageError(f"--model-dir: {e}") from None
+    extra = ["--model", model, "--model-dir", str(path)]
+    return {"encoder": list(extra), "denoiser": list(extra)}
+
+
 def cmd_up(args) -> int:
     from videomesh.mesh import LocalMesh
 
+    extra = model_args(args.model, args.model_dir)
     mesh = LocalMesh(Path(args.data_dir), port=args.port or 0, max_restarts=args.max_restarts,
-                     restart_window=args.restart_window)  # fmt: skip
+                     restart_window=args.restart_window, extra_args=extra)  # fmt: skip
     stop = threading.Event()
 
     def on_signal(*_):
@@ -446,7 +483,8 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        address = mesh.start()
+        # a real Wan directory loads tens of GB of weights before its services say SERVING
+        address = mesh.start(timeout=180.0 if args.model == "default" else 1800.0)
     except Exception as e:  # noqa: BLE001
         if stop.is_set():
             print("stopped during start-up", flush=True)
@@ -696,8 +734,12 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", default="clip.mp4", help="where to write the MP4 (default clip.mp4)")
     p.add_argument("--seed", type=int, help=f"0..{INT64_MAX} (default: random, recorded in the job)")
     p.add_argument("--duration", type=float, help="seconds (default: the model's clip length)")
-    p.add_argument("--fps", type=float, help="frames per second, e.g. 24, 12 or 8")
-    p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 256x256")
+    p.add_argument(
+        "--fps", type=float, help="frames per second, e.g. 24, 12 or 8 (wan2.2: 16, or 24 interpolated)"
+    )
+    p.add_argument(
+        "--size", help="WIDTHxHEIGHT, e.g. 256x256 (wan2.2: 1280x720, 832x480, any multiple of 16)"
+    )
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--style", help="style word, e.g. documentary")
     p.add_argument(
@@ -709,6 +751,14 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale, 0..30 (default: the model's)"
     )
+    p.add_argument(
+        "--guidance-2", type=float,
+        help="the low-noise expert's guidance scale (two-expert models such as wan2.2; default: --guidance)",
+    )  # fmt: skip
+    p.add_argument(
+        "--frames", type=int,
+        help="frames the model generates, e.g. 81 for wan2.2 (4k+1); default: from --duration, else the model's",
+    )  # fmt: skip
     p.add_argument("--api-key", help=API_KEY_HELP)
     p.add_argument(
         "--timeout",
@@ -743,6 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up (stop everything, exit 1) when one service needs more restarts than this "
                          "within --restart-window (default 5)")  # fmt: skip
     up.add_argument("--restart-window", type=float, default=300.0, help="seconds (default 300)")
+    up.add_argument("--model", default="default", choices=["default", "wan2.2"],
+                    help="the model the encoder and denoiser serve (default: the embedded model)")  # fmt: skip
+    up.add_argument("--model-dir", help="wan2.2: the downloaded diffusers-layout directory, e.g. of "
+                                        "Wan-AI/Wan2.2-T2V-A14B-Diffusers")  # fmt: skip
 
     g = sub.add_parser("generate", help="generate a video through a running gateway", epilog=EXIT_CODES_HELP)
     g.add_argument("--gateway", help=GATEWAY_HELP)

@@ -196,11 +196,12 @@ def channel(
     services: list[str] | None = None,
     methods: list[tuple[str, str]] | None = None,
     retries: int = 4,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> grpc.Channel:
     """An insecure channel with explicit size limits and (for `services` / `methods`) the retry policy."""
     options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

@@ -18,6 +18,12 @@ from videomesh.v1 import common_pb2 as pb
 # proto framing around them never pushes a message over the limit.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024 - 4096
+# The text hops (Encode replies, DenoiseRequest) of a model with long, wide text states: Wan's
+# UMT5 states are 512 x 4096 bf16 = 4 MiB per text, and both messages carry the prompt and its
+# negative (8 MiB). They travel whole under this raised limit on the encoder and denoiser servers
+# and on the gateway's channels to them, not in chunks: one request's text is needed whole before
+# anything can start, so chunks would only add framing. Everything else stays at MAX_MESSAGE_BYTES.
+TEXT_MESSAGE_BYTES = 32 * 1024 * 1024
 # Sanity bounds on what a message may *declare*, checked before anything is allocated: a
 # tensor's shape (even with a zero dimension) never describes more than a message can carry,
 # and a frame (which may arrive as bands of rows) is at most MAX_FRAME_SIDE on each side. No
@@ -118,6 +124,29 @@ def to_torch(msg: pb.Tensor, *, name: str = "tensor"):
     if msg.dtype == pb.DTYPE_BFLOAT16:
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)
+
+
+def split_rows(msg: pb.Tensor, *, name: str = "tensor") -> list[pb.Tensor]:
+    """Split a tensor along dim 0 into one (1, ...) tensor per row, by slicing its bytes: nothing is
+    decoded or converted, so bf16 stays bf16 (to_numpy widens it to float32) and a row costs one copy.
+
+    Checks only what the slicing needs (a known dtype, at least one dimension, bytes matching the
+    shape): the data is already in memory, so no bound on the declared size applies here."""
+    if msg.dtype not in _NP_OF:
+        raise InvalidArgument(f"{name}: dtype is unspecified or unknown ({msg.dtype})", field=f"{name}.dtype")
+    shape = list(msg.shape)
+    if not shape or len(shape) > MAX_NDIM or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{name}: cannot split shape {shape} by rows", field=f"{name}.shape")
+    row = math.prod(shape[1:]) * _NP_OF[msg.dtype].itemsize
+    if len(msg.data) != row * shape[0]:
+        raise InvalidArgument(
+            f"{name}: shape {shape} of {dtype_name(msg.dtype)} needs {row * shape[0]} bytes, got {len(msg.data)}",
+            field=f"{name}.data",
+        )
+    return [
+        pb.Tensor(dtype=msg.dtype, shape=[1, *shape[1:]], data=msg.data[i * row : (i + 1) * row])
+        for i in range(shape[0])
+    ]
 
 
 def expect(msg: pb.Tensor, *, name: str, dtypes: Iterable[int], ndim: int) -> None:

@@ -59,6 +59,15 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _text_message_limit(settings) -> int:
+    """The denoiser's message limit: its own setting where it has one, else raised for wan2.2 (a
+    DenoiseRequest carries two 512 x 4096 bf16 text states, 8 MiB; see codec.TEXT_MESSAGE_BYTES)."""
+    from videomesh.codec import MAX_MESSAGE_BYTES, TEXT_MESSAGE_BYTES
+
+    own = getattr(settings, "max_message_bytes", 0)
+    return own or (TEXT_MESSAGE_BYTES if getattr(settings, "model", "") == "wan2.2" else MAX_MESSAGE_BYTES)
+
+
 def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[], None]]:
     """-> (server, load, close). The server is not started; load() brings it to SERVING."""
     if name == "encoder":
@@ -67,7 +76,8 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
 
         domain = TextEncoding(settings)
         servicer = TextEncoderServicer(domain)
-        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+        server = create_server([registration(servicer)], host=settings.host, port=settings.port,
+                               max_message_bytes=settings.message_limit)  # fmt: skip
         server.servicer = servicer
 
         def load():
@@ -76,22 +86,25 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
 
         return server, load, lambda: None
     if name == "denoiser":
-        from services.denoiser.engine import DenoiserEngine
+        from services.denoiser.engine import WAN, load_backend
         from services.denoiser.executors import make_executor
         from services.denoiser.servicer import DenoiserServicer, registration
 
-        engine = DenoiserEngine(settings)
-        executor = make_executor(engine, settings)
-        servicer = DenoiserServicer(engine, executor)
-        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
+        servicer = DenoiserServicer()  # the backend and executor are attached once loaded
+        server = create_server([registration(servicer)], host=settings.host, port=settings.port,
+                               max_message_bytes=_text_message_limit(settings))  # fmt: skip
         server.servicer = servicer  # tests read servicer.active
 
         def load():
             _threads(settings.threads)
-            engine.load()
+            # a Ray driver of Wan loads no expert (the shards do): it starts, steps and decodes requests
+            ray_driver = settings.executor == "ray" and settings.model == WAN
+            backend = load_backend(settings, experts=() if ray_driver else None)
+            executor = make_executor(backend, settings)
             executor.start()
+            servicer.attach(backend, executor)
 
-        return server, load, executor.close
+        return server, load, servicer.close
     if name == "upscaler":
         from services.upscaler.servicer import UpscalerServicer, registration
         from services.upscaler.upscaler import SpatialUpscaler
@@ -119,7 +132,9 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         )
         server.gateway = gw
         server.tenants = tenants
-        monitor = DownstreamMonitor(server, gw.downstreams.channels, gw.downstreams.breakers, wedged=gw.wedged)
+        monitor = DownstreamMonitor(
+            server, gw.downstreams.channels, gw.downstreams.breakers, wedged=gw.wedged
+        )
 
         def load():
             gw.load()
@@ -191,7 +206,8 @@ class DownstreamMonitor:
             wedged = self.wedged()
             if wedged != self._was_wedged:
                 log.error("the gateway's workers are all stuck: health NOT_SERVING") if wedged else log.info(
-                    "the gateway's workers are free again: health SERVING")
+                    "the gateway's workers are free again: health SERVING"
+                )
                 self.server.set_serving(not wedged)
                 self._was_wedged = wedged
 
@@ -219,7 +235,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: a free port)")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    p.add_argument("--model", default=None, help="model name (encoder, denoiser)")
+    p.add_argument("--model", default=None, help="model name (encoder, denoiser): default or wan2.2")
+    p.add_argument(
+        "--model-dir", default=None, help="encoder, denoiser: the diffusers-layout directory (wan2.2)"
+    )
     p.add_argument("--data-dir", default=None, help="gateway: where jobs, keys and videos live")
     for d in ("encoder", "denoiser", "upscaler", "qc"):
         p.add_argument(f"--{d}", default=None, help=f"gateway: address of the {d} service")
@@ -236,6 +255,8 @@ def overrides_from(name: str, args: argparse.Namespace) -> dict:
             out[k] = v
     if getattr(args, "data_dir", None) and "data_dir" in fields:
         out["data_dir"] = Path(args.data_dir)
+    if getattr(args, "model_dir", None) and "model_dir" in fields:
+        out["model_dir"] = Path(args.model_dir)
     return out
 
 

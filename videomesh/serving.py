@@ -243,18 +243,24 @@ def create_server(
     port: int = 0,
     max_workers: int = 32,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Server:
     """Build a server (not started) for the given (add_XServicer_to_server, servicer, full_name) triples.
 
     Binds host:port (port 0 = a free port). Health starts NOT_SERVING for every service;
-    call `server.set_serving()` once models are loaded.
+    call `server.set_serving()` once models are loaded. `max_message_bytes` bounds what it sends
+    and accepts per message (raised only where a model's text states need it: codec.TEXT_MESSAGE_BYTES).
     """
     registrations = list(registrations)
     loaded = threading.Event()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[*interceptors, ErrorInterceptor(loaded, [name for _, _, name in registrations])],
-        options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
         maximum_concurrent_rpcs=max_workers * 4,
     )
     names = []

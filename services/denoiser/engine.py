@@ -1,11 +1,20 @@
-"""The denoising domain object: model loading, device/precision choice and one generation.
+"""The denoiser's settings, the model backend they select, and the default model's engine.
 
-Knows nothing about gRPC. `generate()` runs the flow-matching sampler with classifier-free
-guidance, switching experts at the boundary timestep, and reports every step.
+Knows nothing about gRPC. `load_backend(settings)` gives the ModelBackend the service runs (the
+embedded U-Net through DenoiserEngine, or Wan from a diffusers-layout directory); the executors
+drive it with the one sampler loop (backends/loop.py). `DenoiserEngine.generate()` is the default
+model's reference sampler (sampling.py's Euler loop with CFG), which tests hold the backend to.
+
+The text encoder a model needs is what the model declares, never what a file on this machine
+says: the default weights record it (safetensors metadata "encoder", written by train.py, or for
+weights exported before that a small `<weights>.encoder.json` beside them, tied to the weights'
+version); Wan directories name it by their tokenizer and text encoder (`umt5@<id>`). Requests
+carry the encoder's identity (EncodeResponse.model) and a mismatch is FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,20 +39,30 @@ from services.denoiser.model import (
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
 from videomesh.adapters import NAME_RE
 from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from videomesh.weights import UNTRAINED, file_version, load_into
+from videomesh.weights import UNTRAINED, load_into, metadata
 
 log = logging.getLogger("videomesh.denoiser")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-ENCODER_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "encoder" / "weights"
+WAN = "wan2.2"  # the Wan backend: model_dir is a diffusers-layout Wan2.1 / Wan2.2 directory
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # <name>.safetensors, <tenant>/<name>.safetensors
 
 
 @dataclass(frozen=True)
 class DenoiserSettings:
-    model: str = "default"
+    model: str = "default"  # a built-in model (default, tiny, ...) or "wan2.2" (needs model_dir)
     weights: Path | None = None  # default: services/denoiser/weights/<model>.safetensors
+    model_dir: Path | None = None  # wan2.2: a local diffusers-layout directory (Wan-AI/*-Diffusers)
     device: str = "auto"  # auto | cpu | cuda
+    # auto: built-in models in bf16 autocast on CPU, bf16/fp16 on CUDA; wan2.2 in bf16 everywhere (what
+    # WanPipeline's parity is measured in; its VAE always fp32)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    # wan2.2: the CFG branches as one batch of 2n (bit-identical to WanPipeline in bf16 on CPU) or as two
+    # forwards of n, as WanPipeline runs them (bit-identical in fp32 too)
+    cfg_batch: bool = True
+    # requests stepped in one forward by the in-process executor (0 = per model: 1 for the built-in
+    # models, whose batches pad texts to the longest, so each request gives exactly its frames alone;
+    # 4 for wan2.2, whose texts are all 512 tokens and batch exactly)
+    max_batch: int = 0
     adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
     adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~1.5 MB each, default model)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
@@ -63,8 +82,26 @@ class DenoiserSettings:
             raise ValueError(
                 f"ray_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {self.ray_strategy!r}"
             )
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
+        if self.model == WAN:
+            if self.model_dir is None:
+                raise ValueError(
+                    f"model {WAN} needs model_dir: a local diffusers-layout Wan directory "
+                    "(--model-dir DIR, e.g. a downloaded Wan-AI/Wan2.2-T2V-A14B-Diffusers)"
+                )
+            from videomesh.model_dir import WanModelDir
+
+            d = WanModelDir.open(self.model_dir)  # ModelDirError (a ValueError) naming the file and the fix
+            d.require(
+                *(("transformer", "transformer_2") if d.two_experts else ("transformer",)), "vae", "scheduler"
+            )
+        elif self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS) + [WAN]}")
+        elif self.model_dir is not None:
+            raise ValueError(
+                f"model_dir is for --model {WAN}; model {self.model!r} loads weights (--weights)"
+            )
+        if self.max_batch < 0:
+            raise ValueError(f"max_batch must be 0 (per model) or more; got {self.max_batch}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -95,6 +132,23 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def declared_encoder(cfg: ModelConfig, path: Path, version: str) -> str:
+    """The text encoder ("<name>@<version>") the weights at `path` (of version `version`) were trained
+    with: their metadata, else `<stem>.encoder.json` beside them when it names this version; untrained
+    weights pair with an untrained encoder; "" when the weights do not say (no check then)."""
+    if version == UNTRAINED:
+        return f"{cfg.encoder}@{UNTRAINED}"
+    declared = metadata(path).get("encoder", "")
+    side = path.with_name(f"{path.stem}.encoder.json")
+    if not declared and side.exists():
+        record = json.loads(side.read_text())
+        if record.get("weights") == version:
+            declared = record.get("encoder", "")
+    if not declared:
+        log.warning("%s declares no text encoder: requests are not checked against one", path)
+    return declared
+
+
 class DenoiserEngine:
     def __init__(self, settings: DenoiserSettings):
         self.settings = settings
@@ -120,9 +174,7 @@ class DenoiserEngine:
         model = MoEDenoiser(self.cfg).eval()
         path = self.settings.weights or WEIGHTS_DIR / f"{self.cfg.name}.safetensors"
         self.version = load_into(model, path)
-        enc_path = ENCODER_WEIGHTS_DIR / f"{self.cfg.encoder}.safetensors"
-        enc_version = file_version(enc_path) if enc_path.exists() else UNTRAINED
-        self.encoder_model = f"{self.cfg.encoder}@{enc_version}"
+        self.encoder_model = declared_encoder(self.cfg, Path(path), self.version)
         self.model = model.to(self.device)
         self._slot = AdapterSlot(self.model)
         log.info(
@@ -174,7 +226,7 @@ class DenoiserEngine:
             raise FailedPrecondition(f"adapter {name!r} was trained on weights {adapter.base_version}, this denoiser "
                                      f"runs {self.version}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
-        if adapter.base_encoder and adapter.base_encoder != self.encoder_model:
+        if adapter.base_encoder and self.encoder_model and adapter.base_encoder != self.encoder_model:
             raise FailedPrecondition(f"adapter {name!r} was trained on text encoder {adapter.base_encoder}, this "
                                      f"denoiser reads {self.encoder_model}; retrain it (videomesh train-adapter)",
                                      reason="ADAPTER_MISMATCH")  # fmt: skip
@@ -224,10 +276,10 @@ class DenoiserEngine:
             if not (0 < job.adapter_strength <= 2) or not np.isfinite(job.adapter_strength):
                 raise InvalidArgument(f"adapter_strength must be in (0, 2]; got {job.adapter_strength}",
                                       field="adapter_strength")  # fmt: skip
-        if encoder_model and encoder_model != self.encoder_model:
+        if encoder_model and self.encoder_model and encoder_model != self.encoder_model:
             raise FailedPrecondition(
-                f"text embeddings come from encoder {encoder_model}, but this denoiser was trained with "
-                f"{self.encoder_model}; deploy matching encoder and denoiser weights",
+                f"text embeddings come from encoder {encoder_model}, but this denoiser's weights were trained "
+                f"with {self.encoder_model}; deploy matching encoder and denoiser weights",
                 reason="ENCODER_MISMATCH",
             )
 
@@ -283,3 +335,25 @@ class DenoiserEngine:
         log.debug("generated in %.2fs", time.perf_counter() - t0)
         frames = ((out[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T, C, H, W)
         return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def load_backend(settings: DenoiserSettings, *, experts: tuple[str, ...] | None = None, decode: bool = True):
+    """The ModelBackend `settings` select, loaded: the built-in U-Net (all of it; a Ray shard drops the
+    other expert) or Wan from settings.model_dir with the named experts (None = all; a Ray driver
+    loads none, a shard one) and, when `decode`, its VAE."""
+    if settings.model == WAN:
+        from services.denoiser.backends.wan import WanBackend
+
+        device = pick_device(settings.device)
+        precision = "bf16" if settings.precision == "auto" else settings.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        return WanBackend.load(settings.model_dir, dtype=dtype, device=device, experts=experts,
+                               cfg_batch=settings.cfg_batch, vae=decode)  # fmt: skip
+    from services.denoiser.backends.default import DefaultBackend
+
+    engine = DenoiserEngine(settings)
+    engine.load()
+    if experts is not None:  # a shard: only its expert stays (the other's layers are freed)
+        for name in [n for n in engine.model.experts if n not in experts]:
+            del engine.model.experts[name]
+    return DefaultBackend(engine)

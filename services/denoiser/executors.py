@@ -1,127 +1,277 @@
-"""Where the denoiser's experts run: in this process, or as Ray actors placed on a cluster.
+"""Where the denoiser's forwards run: in this process, or on expert shards placed by Ray.
 
-Both executors run the same flow-matching Euler loop with classifier-free guidance as
-DenoiserEngine.generate; the model contract is one call per step, `velocity(x, t)`, so the
-loop does not care where the expert lives.
+Both executors are the same step-level scheduler around the one sampler loop
+(`backends.loop.advance`): a thread gathers every request in flight at its next step, the loop
+groups them by the backend's batch key (expert, latent shape, ...), runs one forward per group,
+applies the backend's sampler step and reports progress. Requests join and leave between steps;
+should_stop() is asked before each of a request's steps. The executors differ only in where a
+forward runs (`_submit`): LocalExecutor calls `backend.forward` here, RayExecutor calls it on the
+shard that holds the expert. Each request's noise and sampler state (a multistep scheduler, for
+Wan) stay here, and its frames decode here, in the caller's thread, as the backend yields them
+(never on an expert shard).
 
 RayExecutor
 - one ExpertShard actor per expert per replica, each in its own placement-group bundle
   ({"GPU": 1} on a GPU cluster, {"CPU": 1} otherwise); strategy and replica count from config;
-  shards load weights only inside the actor, after Ray has assigned their device;
-- step-level (continuous) batching: every scheduler tick gathers all requests at their next
-  step, groups them by the expert their timestep needs, and sends each group to its shard
-  as one batch — requests join and leave between steps;
-- expert pipelining: the high-noise and the low-noise shard work at the same time on
-  different requests (one in its early steps, another in its late steps);
+  shards load only their expert (no VAE), inside the actor, after Ray has assigned their device;
+- a request's text states (4 MiB a text for Wan) go to a shard once, through the object store
+  (`backend.remote_state`); each step sends only the latents and the step index;
+- expert pipelining: the tick submits every group's forward before waiting for any, so the
+  high-noise and the low-noise shard work at the same time on different requests;
 - failover: the driver keeps every request's latest latent, so when a shard (or its node)
   dies the step is retried on a restarted shard and the request continues where it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from services.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
-from services.denoiser.lora import LRU, Adapter, AdapterSlot
-from services.denoiser.model import MODELS, MoEDenoiser, set_attention
-from services.denoiser.sampling import SamplingCancelled, flow_timesteps, pad_text
+from services.denoiser.backends.base import DenoiseJob, ModelBackend, SamplerState
+from services.denoiser.backends.loop import advance
+from services.denoiser.engine import WAN, DenoiserEngine, DenoiserSettings
+from services.denoiser.lora import LRU, Adapter
+from services.denoiser.model import MoEDenoiser
+from services.denoiser.sampling import SamplingCancelled
 
 log = logging.getLogger("videomesh.executors")
 
 
-class LocalExecutor:
-    """The embedded default: both experts in this process (DenoiserEngine)."""
+def as_backend(model: ModelBackend | DenoiserEngine) -> ModelBackend:
+    if isinstance(model, DenoiserEngine):
+        from services.denoiser.backends.default import DefaultBackend
+
+        return DefaultBackend(model)
+    return model
+
+
+def default_batch(backend: ModelBackend) -> int:
+    """Requests per forward when the settings leave it open: the built-in models pad a batch's
+    texts to the longest, which moves frames by a level; Wan's texts are all 512 tokens and its
+    batches give each request's frames bit for bit (tests/unit/test_wan_backend.py)."""
+    return 4 if getattr(backend, "kind", "") == WAN else 1
+
+
+@dataclass
+class _Request:
+    id: int
+    state: SamplerState
+    on_step: Callable | None
+    should_stop: Callable | None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class SteppedExecutor:
+    """The scheduler both executors share; subclasses say where a forward runs (`_submit`)."""
+
+    name = "stepped"
+
+    def __init__(self, model: ModelBackend | DenoiserEngine, max_batch: int = 0):
+        self.backend = as_backend(model)
+        self.max_batch = max_batch or default_batch(self.backend)
+        self._pending: list[_Request] = []
+        self._active: list[_Request] = []
+        self._by_state: dict[int, _Request] = {}  # id(state) -> its request
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+
+    @property
+    def capacity(self) -> int:
+        """Generations at once (the gateway sizes its slots from it): what one tick batches."""
+        return self.max_batch
+
+    def start(self) -> None:
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"{self.name}-scheduler", daemon=True)
+                self._thread.start()
+
+    # --- requests ---
+    def stream(self, job: DenoiseJob, on_step=None, should_stop=None) -> Iterator[np.ndarray]:
+        """Sample `job` with the requests in flight and yield its uint8 (n, H, W, 3) frame chunks as
+        they decode. on_step(step, total, expert, t) after every step (on the scheduler thread)."""
+        self._ensure_thread()
+        state = self.backend.start(job)
+        req = _Request(next(self._ids), state, on_step, should_stop)
+        with self._cv:
+            self._by_state[id(state)] = req
+            self._pending.append(req)
+            self._cv.notify_all()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        for frames in self.backend.decode(state):
+            if should_stop is not None and should_stop():
+                raise SamplingCancelled("stopped while decoding")
+            yield frames
+
+    def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
+        """`stream` collected: (T, H, W, 3) uint8."""
+        return np.concatenate(list(self.stream(job, on_step, should_stop)))
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._cv:
+            for r in self._active + self._pending:
+                r.error = r.error or SamplingCancelled("the denoiser is shutting down")
+                r.done.set()
+
+    # --- the scheduler: one tick = every active request advances one step ---
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                while not self._pending and not self._active and not self._stop.is_set():
+                    self._cv.wait(0.5)
+                self._active += self._pending  # requests join between steps
+                self._pending = []
+            for r in list(self._active):
+                if r.should_stop is not None and r.should_stop():
+                    s = r.state
+                    self._finish(r, SamplingCancelled(f"stopped before step {s.step + 1} of {s.total}"))
+            if self._active:
+                try:
+                    self._tick()
+                except Exception as err:  # noqa: BLE001 - a failed tick fails its requests, not the service
+                    log.exception("scheduler tick failed")
+                    for r in list(self._active):
+                        self._finish(r, err)
+
+    def _tick(self) -> None:
+        self.ticks += 1
+        advance(self.backend, [r.state for r in self._active], self._report, submit=self._submit,
+                place=self._place, max_batch=self.max_batch)  # fmt: skip
+        for r in list(self._active):
+            if r.error is not None or r.state.done:
+                self._finish(r, r.error)
+
+    def _report(self, state: SamplerState, expert: str, t: float) -> None:
+        r = self._by_state[id(state)]
+        if r.on_step is not None:
+            r.on_step(state.step, state.total, expert, t)
+
+    def _finish(self, r: _Request, error: BaseException | None = None) -> None:
+        r.error = error
+        if r in self._active:
+            self._active.remove(r)
+        self._by_state.pop(id(r.state), None)
+        self._forget(r)
+        r.done.set()
+
+    def _fail(self, states: Sequence[SamplerState], error: BaseException) -> None:
+        for s in states:
+            self._by_state[id(s)].error = error
+
+    def _place(self, state: SamplerState):
+        return None
+
+    def _forget(self, r: _Request) -> None:
+        pass
+
+    def _submit(self, place, expert: str, states: Sequence[SamplerState]):
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {"executor": self.name, "ticks": self.ticks}
+
+
+class LocalExecutor(SteppedExecutor):
+    """Every expert in this process: the forwards run on the scheduler thread, one after the other."""
 
     name = "local"
 
-    def __init__(self, engine: DenoiserEngine):
-        self.engine = engine
+    def _submit(self, place, expert: str, states: Sequence[SamplerState]):
+        def result():
+            try:
+                return self.backend.forward(expert, states)
+            except Exception as err:  # noqa: BLE001 - handed to the requests of this batch
+                self._fail(states, err)
+                return None
 
-    def start(self) -> None:
-        pass
-
-    def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
-        return self.engine.generate(job, on_step=on_step, should_stop=should_stop)
-
-    def stats(self) -> dict:
-        return {"executor": "local"}
-
-    def close(self) -> None:
-        pass
+        return result
 
 
 # --- the shard actor --------------------------------------------------------------------------------
 
 
 class ExpertShard:
-    """One expert of the MoE denoiser. A plain class; `shard_actor()` makes it a Ray actor."""
+    """One expert of the model (the default U-Net's expert, or one WanTransformer3DModel), with no
+    VAE. A plain class; `shard_actor()` makes it a Ray actor. It keeps each request's remote state
+    (texts, timesteps, guidance) from its first step to `forget`, so steps carry only latents."""
 
-    def __init__(
-        self, model: str, expert: str, weights: str | None, precision: str = "auto", attention: str = "auto"
-    ):
-        import os
+    def __init__(self, settings: DenoiserSettings, expert: str):
+        from services.denoiser.engine import load_backend
 
-        from videomesh.weights import load_into
-
-        self.model_name, self.expert = model, expert
-        self.gpu_ids = _gpu_ids()
-        cuda = torch.cuda.is_available() and bool(self.gpu_ids)
-        self.device = torch.device("cuda" if cuda else "cpu")  # Ray has set CUDA_VISIBLE_DEVICES for us
-        self.dtype = torch.float16 if (cuda and precision == "fp16") else torch.bfloat16
-        self.attention = set_attention(attention) if cuda else "matmul"
-        torch.manual_seed(0)
-        full = MoEDenoiser(MODELS[model])
-        prefix = MoEDenoiser._shard_modules[expert] + "."
-        net = full.get_submodule(MoEDenoiser._shard_modules[expert])
-        load_into(net, weights, prefix=prefix) if weights and os.path.exists(weights) else None
-        self.net = net.eval().to(self.device)
-        self.prefix = prefix
-        self.slot = AdapterSlot(self.net)  # brand style adapters, merged per batch
+        self.expert = expert
+        self.gpu_ids = _gpu_ids()  # Ray has set CUDA_VISIBLE_DEVICES for us before the model loads
+        self.backend = load_backend(settings, experts=(expert,), decode=False)
+        home = getattr(self.backend, "engine", self.backend)
+        self.device = torch.device(home.device)
+        self.attention = getattr(home, "attention", "sdpa")
+        if hasattr(self.backend, "adapter_for"):  # style adapters come through the object store
+            self.backend.adapter_for = lambda name: self._adapter_now
+        self._adapter_now: Adapter | None = None
+        self._states: dict[int, SamplerState] = {}
         # (name, file version) -> this expert's layers of that adapter, fetched once per version
         self._adapters = LRU(8)  # a batch uses one adapter at a time; a few stay for the next
         self.batch_sizes: list[int] = []
         self.adapter_fetches = 0
+        self.state_fetches = 0
         self.node_id = _node_id()
 
     def info(self) -> dict:
+        b = self.backend
+        loaded = list(b.engine.model.experts) if hasattr(b, "engine") else list(b.experts)
         return {"expert": self.expert, "node_id": self.node_id, "gpu_ids": self.gpu_ids, "device": str(self.device),
-                "attention": self.attention, "pid": __import__("os").getpid()}  # fmt: skip
+                "attention": self.attention, "pid": __import__("os").getpid(), "loaded": loaded,
+                "decoder": getattr(b, "vae", None) is not None}  # fmt: skip
 
-    def velocity(
-        self,
-        x: np.ndarray,
-        t: np.ndarray,
-        cond: list,
-        uncond: list,
-        guidance: np.ndarray,
-        adapter: tuple | None = None,
-        strength: float = 1.0,
-    ) -> np.ndarray:
-        """One CFG step for a batch of requests: x (B, T, C, H, W), t (B,), per-request text;
-        every request of a batch uses the same style adapter (or none), given as (name, file
-        version, [object ref]): the ref sits in a list so Ray does not fetch the adapter for every
-        step; the shard gets it only the first time it sees that version."""
-        self.batch_sizes.append(len(x))
-        self.slot.use(self._adapter(*adapter) if adapter is not None else None, strength)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
-            xb = torch.from_numpy(x).to(self.device)
-            tb = torch.from_numpy(t).to(self.device)
-            length = max(tx.shape[1] for tx, _ in cond + uncond)
-            padded = [pad_text(torch.from_numpy(tx), torch.from_numpy(m), length) for tx, m in cond + uncond]
-            text = torch.cat([tx for tx, _ in padded]).to(self.device)
-            mask = torch.cat([m for _, m in padded]).to(self.device)
-            v = self.net(torch.cat([xb, xb]), torch.cat([tb, tb]), text, mask).float()
-            vc, vu = v.chunk(2)
-            g = torch.from_numpy(guidance).to(self.device)[:, None, None, None, None]
-            return (vu + g * (vc - vu)).cpu().numpy()
+    def forward(
+        self, expert: str, batch: list, new: dict, adapter: tuple | None = None
+    ) -> list[torch.Tensor]:
+        """One forward for a batch of requests: batch = [(request id, step, latents)]; `new` maps the
+        ids this shard has not seen to [object ref of backend.remote_state] (in a list, so Ray does
+        not fetch it for every step); adapter = (name, file version, [object ref]) or None."""
+        import ray
+
+        if new:
+            for rid, state in zip(new, ray.get([box[0] for box in new.values()]), strict=True):
+                self._states[rid] = _on_device(state, self.device)
+                self.state_fetches += 1
+        self._adapter_now = self._adapter(*adapter) if adapter is not None else None
+        states = []
+        for rid, step, latents in batch:
+            s = self._states[rid]
+            s.step, s.latents = step, latents.to(self.device)
+            states.append(s)
+        self.batch_sizes.append(len(states))
+        out = self.backend.forward(expert, states)
+        for s in states:
+            s.latents = None
+        return [p.cpu() for p in out]
+
+    def forget(self, ids: list[int]) -> None:
+        for rid in ids:
+            self._states.pop(rid, None)
 
     def _adapter(self, name: str, version: str, box: list) -> Adapter:
         key = (name, version)
@@ -129,13 +279,27 @@ class ExpertShard:
         if sub is None:
             import ray
 
-            sub = ray.get(box[0]).under(self.prefix)
+            full = ray.get(box[0])
+            prefix = MoEDenoiser._shard_modules[self.expert] + "."
+            # only this expert's layers: the other expert is not loaded here
+            sub = dataclasses.replace(
+                full, layers={p: v for p, v in full.layers.items() if p.startswith(prefix)}
+            )
             self._adapters.put(key, sub)
             self.adapter_fetches += 1
         return sub
 
     def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "adapter_fetches": self.adapter_fetches}
+        return {"batch_sizes": list(self.batch_sizes), "adapter_fetches": self.adapter_fetches,
+                "state_fetches": self.state_fetches, "states": len(self._states)}  # fmt: skip
+
+
+def _on_device(state: SamplerState, device: torch.device) -> SamplerState:
+    for f in dataclasses.fields(state):
+        v = getattr(state, f.name)
+        if isinstance(v, torch.Tensor):
+            setattr(state, f.name, v.to(device))
+    return state
 
 
 def _gpu_ids() -> list:
@@ -166,22 +330,6 @@ def shard_actor(**options):
 # --- the Ray executor ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Request:
-    job: DenoiseJob
-    x: np.ndarray
-    timesteps: np.ndarray
-    on_step: Callable | None
-    should_stop: Callable | None
-    step: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-    @property
-    def t(self) -> float:
-        return float(self.timesteps[self.step])
-
-
 @dataclass(frozen=True)
 class RaySettings:
     address: str = ""  # "" = start a local Ray instance; else join (or $RAY_ADDRESS)
@@ -193,28 +341,37 @@ class RaySettings:
     num_cpus: int = 0  # for a locally started Ray; 0 = Ray's default
 
 
-class RayExecutor:
+class RayExecutor(SteppedExecutor):
+    """The experts as Ray actors. `model` is this process's backend (for Wan loaded without experts:
+    it starts requests, steps their schedulers and decodes); `denoiser` the settings shards load from
+    (an engine's own when a DenoiserEngine is given)."""
+
     name = "ray"
+
+    def __init__(
+        self,
+        model: ModelBackend | DenoiserEngine,
+        settings: RaySettings,
+        denoiser: DenoiserSettings | None = None,
+    ):
+        super().__init__(model, settings.max_batch)
+        self.settings = settings
+        self.denoiser = denoiser or self.backend.engine.settings
+        self.experts = [e.name for e in self.backend.supports().experts]
+        self.shards: list[dict[str, object]] = []  # per replica: expert -> actor handle
+        self.groups: list = []
+        # (replica, expert) -> ids of the requests whose remote state that shard holds
+        self._sent: dict[tuple[int, str], set[int]] = defaultdict(set)
+        self._refs: dict[int, object] = {}  # request id -> object ref of its remote state
+        # name -> (file version, object ref), as many as the engine keeps loaded (least recent first)
+        self._adapter_refs = LRU(getattr(self.denoiser, "adapter_cache", 8))
+        self._tick_experts: set[str] = set()
+        self.restarts = 0
+        self.pipelined_ticks = 0  # ticks in which two experts ran at once
 
     @property
     def capacity(self) -> int:
         return self.settings.max_batch * self.settings.replicas
-
-    def __init__(self, engine: DenoiserEngine, settings: RaySettings):
-        self.engine = engine  # for the model config, weights path and the initial noise
-        self.settings = settings
-        self.shards: list[dict[str, object]] = []  # per replica: expert -> actor handle
-        self.groups: list = []
-        self._pending: list[_Request] = []
-        # name -> (file version, object ref), as many as the engine keeps loaded (least recent first)
-        self._adapter_refs = LRU(engine.settings.adapter_cache)
-        self._active: list[_Request] = []
-        self._cv = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.restarts = 0
-        self.ticks = 0
-        self.pipelined_ticks = 0  # ticks in which both experts ran at once
 
     # --- placement ---
     def start(self) -> None:
@@ -229,35 +386,33 @@ class RayExecutor:
                 ray.init(num_cpus=self.settings.num_cpus or None, **kw)
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = self.settings.use_gpus == "yes" or (
-            self.settings.use_gpus == "auto" and gpus >= 2 * self.settings.replicas
+            self.settings.use_gpus == "auto" and gpus >= len(self.experts) * self.settings.replicas
         )
         self._bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        experts = list(MoEDenoiser._shard_modules)
         for r in range(self.settings.replicas):
             pg = placement_group(
-                [dict(self._bundle) for _ in experts], strategy=self.settings.strategy, name=f"denoiser-{r}"
+                [dict(self._bundle) for _ in self.experts],
+                strategy=self.settings.strategy,
+                name=f"denoiser-{r}",
             )
             ready = ray.wait([pg.ready()], timeout=self.settings.placement_timeout)[0]
             if not ready:
                 ray.util.remove_placement_group(pg)
                 raise RuntimeError(
-                    f"could not place {len(experts)} x {self._bundle} with strategy {self.settings.strategy} within "
-                    f"{self.settings.placement_timeout:.0f}s; `ray status` shows the cluster's free resources"
+                    f"could not place {len(self.experts)} x {self._bundle} with strategy {self.settings.strategy} "
+                    f"within {self.settings.placement_timeout:.0f}s; `ray status` shows the cluster's free resources"
                 )
             self.groups.append(pg)
-            self.shards.append({e: self._make_shard(pg, i, e) for i, e in enumerate(experts)})
+            self.shards.append({e: self._make_shard(pg, i, e) for i, e in enumerate(self.experts)})
         ray.get([s.info.remote() for rep in self.shards for s in rep.values()])  # loaded and answering
-        self._thread = threading.Thread(target=self._loop, name="ray-scheduler", daemon=True)
-        self._thread.start()
+        self._ensure_thread()
 
     def _make_shard(self, pg, index: int, expert: str):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cls = shard_actor(num_cpus=self._bundle.get("CPU", 1), num_gpus=self._bundle.get("GPU", 0), max_restarts=0,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index))  # fmt: skip
-        s = self.engine.settings
-        weights = str(s.weights) if s.weights else str(_weights_path(self.engine.cfg.name))
-        return cls.remote(self.engine.cfg.name, expert, weights, s.precision, s.attention)
+        return cls.remote(self.denoiser, expert)
 
     def placement(self) -> list[dict]:
         import ray
@@ -269,6 +424,7 @@ class RayExecutor:
 
         sizes: dict[str, list[int]] = defaultdict(list)
         fetches: dict[str, int] = defaultdict(int)
+        states: dict[str, int] = defaultdict(int)
         for rep in self.shards:
             for e, s in rep.items():
                 try:
@@ -277,29 +433,13 @@ class RayExecutor:
                     continue
                 sizes[e] += st["batch_sizes"]
                 fetches[e] += st["adapter_fetches"]
+                states[e] += st["state_fetches"]
         return {"executor": "ray", "batch_sizes": dict(sizes), "restarts": self.restarts, "ticks": self.ticks,
-                "pipelined_ticks": self.pipelined_ticks, "adapter_fetches": dict(fetches)}  # fmt: skip
-
-    # --- requests ---
-    def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
-        x = self.engine.initial_noise(job).numpy()
-        ts = flow_timesteps(job.steps, self.engine.cfg.shift).numpy()
-        req = _Request(job, x, ts, on_step, should_stop)
-        with self._cv:
-            self._pending.append(req)
-            self._cv.notify_all()
-        req.done.wait()
-        if req.error is not None:
-            raise req.error
-        frames = ((np.clip(req.x[0], -1, 1) + 1) * 127.5).round().astype(np.uint8)  # (T, C, H, W)
-        return frames.transpose(0, 2, 3, 1)
+                "pipelined_ticks": self.pipelined_ticks, "adapter_fetches": dict(fetches),
+                "state_fetches": dict(states)}  # fmt: skip
 
     def close(self) -> None:
-        self._stop.set()
-        with self._cv:
-            self._cv.notify_all()
-        if self._thread:
-            self._thread.join(timeout=10)
+        super().close()
         import ray
 
         for rep in self.shards:
@@ -308,79 +448,61 @@ class RayExecutor:
         for pg in self.groups:
             ray.util.remove_placement_group(pg)
 
-    # --- the scheduler: one tick = every active request advances one step ---
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._cv:
-                while not self._pending and not self._active and not self._stop.is_set():
-                    self._cv.wait(0.5)
-                self._active += self._pending  # requests join between steps
-                self._pending = []
-            for r in list(self._active):
-                if r.should_stop is not None and r.should_stop():
-                    self._finish(
-                        r, SamplingCancelled(f"stopped before step {r.step + 1} of {len(r.timesteps) - 1}")
-                    )
-            if self._active:
-                self._tick()
-
-    def _finish(self, r: _Request, error: BaseException | None = None) -> None:
-        r.error = error
-        self._active.remove(r)
-        r.done.set()
-
+    # --- where forwards run ---
     def _tick(self) -> None:
+        self._tick_experts = set()
+        super()._tick()
+        self.pipelined_ticks += len(self._tick_experts) > 1
+
+    def _place(self, state: SamplerState) -> int:
+        return self._by_state[id(state)].id % len(self.shards)
+
+    def _submit(self, replica: int, expert: str, states: Sequence[SamplerState]):
         import ray
 
-        cfg = self.engine.cfg
-        # one batch per replica, expert and style adapter (a shard merges one adapter at a time)
-        groups: dict[tuple[int, str, str, float], list[_Request]] = defaultdict(list)
-        for i, r in enumerate(self._active):
-            replica = i % len(self.shards)
-            groups[(replica, cfg.expert_for(r.t), r.job.adapter, r.job.adapter_strength)].append(r)
-        calls = []
-        for (replica, expert, _, _), reqs in groups.items():
-            for k in range(0, len(reqs), self.settings.max_batch):
-                part = reqs[k : k + self.settings.max_batch]
-                calls.append((replica, expert, part, self._submit(replica, expert, part)))
-        self.ticks += 1
-        self.pipelined_ticks += len({e for _, e, _, _ in calls}) > 1
-        for replica, expert, part, ref in calls:
+        self._tick_experts.add(expert)
+        reqs = [self._by_state[id(s)] for s in states]
+        sent = self._sent[(replica, expert)]
+        new = {}
+        for r in reqs:
+            if r.id not in sent:
+                if r.id not in self._refs:  # put once per request, whichever shards read it
+                    self._refs[r.id] = ray.put(self.backend.remote_state(r.state))
+                new[r.id] = [self._refs[r.id]]
+        batch = [(r.id, r.state.step, r.state.latents) for r in reqs]
+        job = states[0].job  # one adapter per batch (the backend's batch key)
+        adapter = self._adapter_arg(job.adapter) if job.adapter else None
+        ref = self.shards[replica][expert].forward.remote(expert, batch, new, adapter)
+        sent.update(new)
+
+        def result():
             try:
-                v = ray.get(ref)
+                out = ray.get(ref)
             except (
                 ray.exceptions.RayActorError,
                 ray.exceptions.ActorUnavailableError,
                 ray.exceptions.NodeDiedError,
             ) as err:
-                log.warning(
-                    "shard %s of replica %d failed (%s): restarting it; the step is retried",
-                    expert,
-                    replica,
-                    err,
-                )
+                log.warning("shard %s of replica %d failed (%s): restarting it; the step is retried",
+                            expert, replica, err)  # fmt: skip
                 self._restart(replica, expert)
-                continue  # these requests keep their latent and step; the next tick redoes the step
-            for j, r in enumerate(part):
-                t, t_next = float(r.timesteps[r.step]), float(r.timesteps[r.step + 1])
-                r.x = r.x + (t_next - t) * v[j : j + 1]
-                r.step += 1
-                if r.on_step:
-                    r.on_step(r.step, len(r.timesteps) - 1, expert, t)
-                if r.step == len(r.timesteps) - 1:
-                    self._finish(r)
+                return None  # these requests keep their latent and step; the next tick redoes the step
+            except Exception as err:  # noqa: BLE001 - the forward itself failed: its requests fail
+                self._fail(states, getattr(err, "cause", None) or err)
+                return None
+            return [p.to(s.latents.device) for p, s in zip(out, states, strict=True)]
 
-    def _submit(self, replica: int, expert: str, reqs: list[_Request]):
-        x = np.concatenate([r.x for r in reqs]).astype(np.float32)
-        t = np.array([r.t for r in reqs], np.float32)
-        cond = [(r.job.text.float().numpy(), r.job.text_mask.numpy()) for r in reqs]
-        uncond = [(r.job.negative.float().numpy(), r.job.negative_mask.numpy()) for r in reqs]
-        g = np.array([r.job.guidance or self.engine.cfg.guidance_for(expert) for r in reqs], np.float32)
-        job = reqs[0].job
-        adapter = self._adapter_arg(job.adapter) if job.adapter else None
-        return self.shards[replica][expert].velocity.remote(
-            x, t, cond, uncond, g, adapter, job.adapter_strength
-        )
+        return result
+
+    def _forget(self, r: _Request) -> None:
+        self._refs.pop(r.id, None)
+        for (replica, expert), ids in self._sent.items():
+            if r.id in ids:
+                ids.discard(r.id)
+                try:
+                    self.shards[replica][expert].forget.remote([r.id])
+                except Exception:  # noqa: BLE001 - a dead shard forgot already
+                    pass
 
     def _adapter_arg(self, name: str) -> tuple:
         """(name, file version, [object ref]) for a shard: the adapter sits in Ray's object store,
@@ -388,7 +510,7 @@ class RayExecutor:
         replaced file is put afresh, as in-process)."""
         import ray
 
-        adapter = self.engine.adapter(name)
+        adapter = self.backend.engine.adapter(name)
         cached = self._adapter_refs.get(name)
         if cached is None or cached[0] != adapter.version:
             # a dropped ref's object is freed once no shard call holds it
@@ -399,11 +521,12 @@ class RayExecutor:
         import ray
 
         self.restarts += 1
+        self._sent[(replica, expert)] = set()  # a new shard holds no request's state
         try:
             ray.kill(self.shards[replica][expert], no_restart=True)
         except Exception:  # noqa: BLE001
             pass
-        index = list(MoEDenoiser._shard_modules).index(expert)
+        index = self.experts.index(expert)
         pg = self.groups[replica]
         deadline = time.monotonic() + self.settings.placement_timeout
         while time.monotonic() < deadline:
@@ -418,16 +541,11 @@ class RayExecutor:
         raise RuntimeError(f"could not restart the {expert} shard; `ray status` shows the cluster")
 
 
-def _weights_path(model: str):
-    from services.denoiser.engine import WEIGHTS_DIR
-
-    return WEIGHTS_DIR / f"{model}.safetensors"
-
-
-def make_executor(engine: DenoiserEngine, settings: DenoiserSettings):
+def make_executor(backend: ModelBackend | DenoiserEngine, settings: DenoiserSettings):
     if settings.executor == "ray":
         import os
 
-        return RayExecutor(engine, RaySettings(address=settings.ray_address or os.environ.get("RAY_ADDRESS", ""),
-                                               replicas=settings.ray_replicas, strategy=settings.ray_strategy))  # fmt: skip
-    return LocalExecutor(engine)
+        return RayExecutor(backend, RaySettings(address=settings.ray_address or os.environ.get("RAY_ADDRESS", ""),
+                                                replicas=settings.ray_replicas, strategy=settings.ray_strategy),
+                           settings)  # fmt: skip
+    return LocalExecutor(backend, settings.max_batch)

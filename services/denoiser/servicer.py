@@ -1,4 +1,5 @@
-"""gRPC adapter for the denoiser: validates, runs the engine on a worker thread, streams events."""
+"""gRPC adapter for the denoiser: parses, checks with the backend, runs it through the executor on a
+worker thread, streams step progress, then frames as they decode, then Done."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import time
 
 import torch
 
-from services.denoiser.engine import DenoiseJob, DenoiserEngine
-from services.denoiser.model import count_parameters
+from services.denoiser.backends.base import DenoiseJob, ModelSupport
 from services.denoiser.sampling import SamplingCancelled
 from videomesh import codec
-from videomesh.errors import Cancelled, InvalidArgument
+from videomesh.errors import Cancelled, InvalidArgument, Unavailable
 from videomesh.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 from videomesh.weights import file_version
 
@@ -23,16 +23,35 @@ _FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiserEngine, executor=None):
-        from services.denoiser.executors import LocalExecutor
+    """Serves one model backend through an executor; both are attached once loaded (until then the
+    server's readiness gate answers UNAVAILABLE)."""
 
-        self.engine = engine
-        self.executor = executor or LocalExecutor(engine)
+    def __init__(self, backend=None, executor=None):
+        self.backend = None
+        self.executor = None
         self.active = 0  # generations in flight (tests and metrics read it)
         self._active_lock = threading.Lock()
+        if backend is not None:
+            self.attach(backend, executor)
 
-    def _job(self, req: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
-        cfg = self.engine.cfg
+    def attach(self, backend, executor=None) -> None:
+        """backend: a loaded ModelBackend (or a loaded DenoiserEngine: the default model)."""
+        from services.denoiser.executors import LocalExecutor, as_backend
+
+        self.backend = as_backend(backend)
+        self.executor = executor or LocalExecutor(self.backend)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+
+    def _model(self):
+        if self.backend is None:
+            raise Unavailable("the denoiser is still loading its model; retry shortly", retry_after=2.0,
+                              reason="NOT_READY")  # fmt: skip
+        return self.backend
+
+    def _job(self, req: denoiser_pb2.DenoiseRequest, support: ModelSupport) -> DenoiseJob:
         for name in ("text_embeddings", "negative_embeddings"):
             codec.expect(getattr(req, name), name=name, dtypes=_FLOATS, ndim=3)
         for name in ("text_mask", "negative_mask"):
@@ -53,24 +72,31 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 )
             if not bool(m.any()):
                 raise InvalidArgument(f"{name}_mask: no token is marked real", field=f"{name}_mask.data")
+        width, height = support.default_size
         return DenoiseJob(
             text=text,
             text_mask=text_mask,
             negative=negative,
             negative_mask=negative_mask,
-            frames=req.num_frames or cfg.frames,
-            height=req.height or cfg.height,
-            width=req.width or cfg.width,
+            frames=req.num_frames or support.default_frames,
+            height=req.height or height,
+            width=req.width or width,
             seed=req.seed,
-            steps=req.num_steps or cfg.steps,
+            steps=req.num_steps or support.default_steps,
             guidance=req.guidance_scale,
             adapter=req.adapter,
             adapter_strength=req.adapter_strength or 1.0,
+            guidance_2=req.guidance_scale_2,
+            # reserved for image-to-video: the backends refuse it until one serves it
+            image=torch.empty(0, dtype=torch.uint8) if req.HasField("image") else None,
         )
 
     def Denoise(self, request, context):
-        job = self._job(request)
-        self.engine.check(job, request.encoder_model)
+        backend = self._model()
+        executor = self.executor
+        support = backend.supports()
+        job = self._job(request, support)
+        backend.check_request(job, request.encoder_model)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         context.add_callback(stop.set)  # client cancel, deadline or disconnect
@@ -86,10 +112,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         def work():
             with self._active_lock:
                 self.active += 1
-            t0 = time.perf_counter()
             try:
-                frames = self.executor.run(job, on_step=on_step, should_stop=stop.is_set)
-                events.put((frames, time.perf_counter() - t0))
+                # frames come as the backend decodes them (Wan: one latent frame at a time), so the
+                # upscaler downstream starts on the first frames while the last ones decode
+                for frames in executor.stream(job, on_step=on_step, should_stop=stop.is_set):
+                    events.put(frames)
             except BaseException as err:  # noqa: BLE001 - handed to the RPC thread
                 events.put(err)
             finally:
@@ -97,8 +124,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     self.active -= 1
                 events.put(done)
 
+        t0 = time.perf_counter()
         worker = threading.Thread(target=work, name=f"denoise-{request.request_id}", daemon=True)
         worker.start()
+        sent = 0
         try:
             while True:
                 item = events.get()
@@ -111,53 +140,79 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    frames, seconds = item
-                    for chunk in codec.frame_chunks(frames):
+                    for chunk in codec.frame_chunks(item, start=sent):
                         yield denoiser_pb2.DenoiseEvent(frames=chunk)
-                    yield denoiser_pb2.DenoiseEvent(
-                        done=denoiser_pb2.DenoiseDone(
-                            num_frames=len(frames), fps=self.engine.cfg.fps, seconds=seconds
-                        )
-                    )
+                    sent += len(item)
+            yield denoiser_pb2.DenoiseEvent(
+                done=denoiser_pb2.DenoiseDone(
+                    num_frames=sent, fps=support.fps, seconds=time.perf_counter() - t0
+                )
+            )
         finally:
             stop.set()  # a consumer that went away stops the sampler at the next step
 
     def GetModelInfo(self, request, context):
-        e = self.engine
-        cfg = e.cfg
-        params = count_parameters(e.model.experts["high_noise"]) if e.model is not None else 0
+        backend = self._model()
+        s = backend.supports()
+        engine = getattr(backend, "engine", None)  # the default model's: adapters, trained or not
+        size = common_pb2.Size
         return denoiser_pb2.ModelInfo(
-            name=cfg.name,
-            version=e.version,
-            sizes=[common_pb2.Size(width=cfg.width, height=cfg.height)],
-            frame_counts=[cfg.frames],
-            fps=cfg.fps,
-            languages=list(cfg.languages),
-            default_steps=cfg.steps,
-            default_guidance=cfg.guidance_high,
+            name=s.name,
+            version=s.version,
+            sizes=[size(width=w, height=h) for w, h in s.sizes.official],
+            frame_counts=list(s.frames.counts),
+            fps=s.fps,
+            languages=list(s.languages),
+            default_steps=s.default_steps,
+            default_guidance=s.experts[0].default_guidance,
             experts=[
-                denoiser_pb2.ExpertInfo(name="high_noise", boundary=cfg.boundary, parameters=params),
-                denoiser_pb2.ExpertInfo(name="low_noise", boundary=cfg.boundary, parameters=params),
-            ],
-            encoder_model=e.encoder_model,
-            trained=e.trained,
-            max_steps=cfg.max_steps,
-            capacity=getattr(
-                self.executor, "capacity", 1
-            ),  # generations at once: the gateway sizes its slots from it
-            adapters=self._adapters(),
+                denoiser_pb2.ExpertInfo(
+                    name=e.name,
+                    boundary=e.boundary,
+                    parameters=backend.parameters(e.name),
+                    default_guidance=e.default_guidance,
+                )
+                for e in s.experts
+            ],  # fmt: skip
+            encoder_model=s.encoder,
+            trained=engine.trained if engine is not None else True,
+            max_steps=s.max_steps,
+            # generations at once: the gateway sizes its slots from it
+            capacity=getattr(self.executor, "capacity", 1),
+            adapters=self._adapters(engine) if engine is not None else [],
+            backend=backend.kind,
+            size_rule=denoiser_pb2.SizeRule(
+                official=[size(width=w, height=h) for w, h in s.sizes.official],
+                multiple=s.sizes.multiple,
+                min_side=s.sizes.min_side,
+                max_side=s.sizes.max_side,
+                default_size=size(width=s.default_size[0], height=s.default_size[1]),
+            ),
+            frame_rule=denoiser_pb2.FrameRule(
+                counts=list(s.frames.counts),
+                step=s.frames.step,
+                min_frames=s.frames.min_frames,
+                max_frames=s.frames.max_frames,
+                default_frames=s.default_frames,
+            ),
+            text_length=s.text_length,
+            text_dim=s.text_dim,
+            # the default model's frames are a base resolution the upscaler raises; Wan's come out at
+            # the requested size
+            upscale=backend.kind == "default",
         )
 
-    def _adapters(self) -> list[common_pb2.AdapterInfo]:
+    @staticmethod
+    def _adapters(engine) -> list[common_pb2.AdapterInfo]:
         out = []
-        for name in self.engine.adapter_names():
+        for name in engine.adapter_names():
             try:
-                a = self.engine.adapter(name)
+                a = engine.adapter(name)
             except Exception as err:  # noqa: BLE001 - an unusable file is left out, not fatal
                 log.warning("style adapter %s is installed but unusable: %s", name, err)
                 continue
             try:
-                version = file_version(self.engine.adapters_dir / f"{name}.safetensors")
+                version = file_version(engine.adapters_dir / f"{name}.safetensors")
             except OSError:  # removed meanwhile
                 continue
             out.append(common_pb2.AdapterInfo(name=name, description=a.description, rank=a.rank,

@@ -416,10 +416,12 @@ def export(ema: MoEDenoiser, encoder: TextEncoder, cfg: TrainConfig, meta: dict)
     mcfg = MODELS[cfg.model]
     den = ROOT / "services" / "denoiser" / "weights" / f"{mcfg.name}.safetensors"
     enc = ROOT / "services" / "encoder" / "weights" / f"{mcfg.encoder}.safetensors"
-    weights.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in encoder.state_dict().items()}, enc,
-                 metadata={"model": mcfg.encoder})  # fmt: skip
+    enc_version = weights.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                for k, v in encoder.state_dict().items()}, enc, metadata={"model": mcfg.encoder})  # fmt: skip
+    # the denoiser declares its encoder (engine.declared_encoder): the services may run on different machines
     weights.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ema.state_dict().items()}, den,
-                 metadata={"model": mcfg.name, "train_config": json.dumps(asdict(cfg), default=str), **meta})  # fmt: skip
+                 metadata={"model": mcfg.name, "encoder": f"{mcfg.encoder}@{enc_version}",
+                           "train_config": json.dumps(asdict(cfg), default=str), **meta})  # fmt: skip
     return den, enc
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.encoder.encoder import TextEncoding, world_notes
+from services.encoder.encoder import TextEncoding
 from videomesh import codec
 from videomesh.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -17,13 +17,13 @@ class TextEncoderServicer(encoder_pb2_grpc.TextEncoderServicer):
     def Encode(self, request, context):
         self.calls += 1
         texts = list(request.texts)
-        states, mask, langs = self.encoding.encode(texts)
+        out = self.encoding.encode(texts)
         return encoder_pb2.EncodeResponse(
-            embeddings=codec.to_proto(states),
-            mask=codec.to_proto(mask),
+            embeddings=codec.to_proto(out.states),  # bf16 stays bf16 on the wire
+            mask=codec.to_proto(out.mask),
             model=self.encoding.name,
-            languages=langs,
-            notes=[encoder_pb2.EncodeNote(index=i, reason=r, message=m) for i, r, m in world_notes(texts)],
+            languages=out.languages,
+            notes=[encoder_pb2.EncodeNote(index=i, reason=r, message=m) for i, r, m in out.notes],
         )
 
 

@@ -125,8 +125,14 @@ class SpatialUpscaler:
 def upscale_stream(
     plan: UpscalePlan, frames: Iterator[np.ndarray], spatial: SpatialUpscaler
 ) -> Iterator[np.ndarray]:
-    """Consume input frames in order, yield output frames in order."""
+    """Consume input frames in order, yield output frames in order.
+
+    Frames already at the output size and count (a backend that generates at the requested size and
+    its native rate, e.g. Wan) pass through unchanged: the same bytes, no resize, no interpolation."""
     plan.validate()
+    if plan.output_frames == plan.input_frames:
+        yield from _pass_through(plan, frames, spatial)
+        return
     positions = output_positions(plan.input_frames, plan.output_frames)
     interp = FlowInterpolator()
     j = 0
@@ -145,5 +151,18 @@ def upscale_stream(
                 yield interp.between(prev, cur, float(p - (k - 1)))
             j += 1
         prev = cur
+    if k + 1 != plan.input_frames:
+        raise InvalidArgument(f"got {k + 1} input frames, announced {plan.input_frames}", field="frames")
+
+
+def _pass_through(
+    plan: UpscalePlan, frames: Iterator[np.ndarray], spatial: SpatialUpscaler
+) -> Iterator[np.ndarray]:
+    k = -1
+    for k, frame in enumerate(frames):
+        if k >= plan.input_frames:
+            raise InvalidArgument(f"more than the announced {plan.input_frames} input frames", field="frames")
+        same = frame.shape[1] == plan.width and frame.shape[0] == plan.height
+        yield frame if same else spatial(frame, plan.width, plan.height)
     if k + 1 != plan.input_frames:
         raise InvalidArgument(f"got {k + 1} input frames, announced {plan.input_frames}", field="frames")

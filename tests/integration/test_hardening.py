@@ -131,7 +131,10 @@ def test_public_templates_are_shared_between_tenants_with_the_same_marks(tmp_pat
     try:
         k1, k2 = mesh.tenants.add("t1", "pro"), mesh.tenants.add("t2", "pro")
         tid = next(iter(mesh.gateway.templates.templates))
-        fields = {f.name: (f.choices[0] if f.choices else "x") for f in mesh.gateway.templates.get(tid).proto().fields}
+        fields = {
+            f.name: (f.choices[0] if f.choices else "x")
+            for f in mesh.gateway.templates.get(tid).proto().fields
+        }
         over = common_pb2.VideoSpec(num_steps=2)
         with VideoClient(mesh.address, k1) as a:
             v1 = wait_status(a, a.create_from_template(tid, fields, over).id, DONE)
@@ -257,7 +260,9 @@ def test_a_silent_stage_is_stopped_and_cancel_is_immediate(tmp_path):
         with VideoClient(mesh.address, key) as c:
             t0 = time.monotonic()
             v = wait_status(c, c.create(spec(seed=3)).id, DONE, timeout=60)
-            assert v.status == common_pb2.FAILED and v.error.code == grpc.StatusCode.UNAVAILABLE.value[0], v.error
+            assert v.status == common_pb2.FAILED and v.error.code == grpc.StatusCode.UNAVAILABLE.value[0], (
+                v.error
+            )
             assert "sent nothing" in v.error.message and time.monotonic() - t0 < 30
         server.stop(0)
     finally:
@@ -331,7 +336,9 @@ def test_recovery_waits_until_every_downstream_is_serving(tmp_path):
 def test_download_streams_the_file_with_a_checksum_trailer(mesh, keys):
     with VideoClient(mesh.address, keys["alice"]) as c:
         v = wait_status(c, c.create(spec(seed=21)).id, DONE)
-        parts = list(c.stub.DownloadVideo(gateway_pb2.DownloadVideoRequest(id=v.id), metadata=c._metadata, timeout=30))
+        parts = list(
+            c.stub.DownloadVideo(gateway_pb2.DownloadVideoRequest(id=v.id), metadata=c._metadata, timeout=30)
+        )
     data = b"".join(p.chunk for p in parts[:-1])
     trailer = parts[-1].trailer
     assert parts[-1].WhichOneof("part") == "trailer"

@@ -90,7 +90,9 @@ def test_an_adapter_changes_the_clip_and_the_base_comes_back(amesh):
 
     acme = Tenant("acme", "pro")
     keys = {amesh.gateway.cache_key(v.spec, acme) for v in (plain, styled, half)}
-    assert len(keys) == 3 and amesh.gateway.cache_key(plain_again.spec, acme) == amesh.gateway.cache_key(plain.spec, acme)
+    assert len(keys) == 3 and amesh.gateway.cache_key(plain_again.spec, acme) == amesh.gateway.cache_key(
+        plain.spec, acme
+    )
 
 
 def test_an_adapter_installed_later_is_found_without_a_restart(amesh):

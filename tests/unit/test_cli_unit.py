@@ -504,11 +504,17 @@ def test_tenants_refuse_unknown_tiers_and_silent_changes(tmp_path, capsys):
 
 def test_tenants_add_checks_the_webhook_url(tmp_path, capsys):
     d = str(tmp_path / "data")
-    for bad in ("ftp://example.com/hook", "https://user:pw@example.com/hook", "https://example.com/" + "x" * 3000):
+    for bad in (
+        "ftp://example.com/hook",
+        "https://user:pw@example.com/hook",
+        "https://example.com/" + "x" * 3000,
+    ):
         rc, _, err = run(capsys, "tenants", "add", "eve", "--webhook", bad, "--data-dir", d)
         assert rc == 2 and err.startswith("error: --webhook:") and len(err) < 400, err
     assert not (tmp_path / "data" / "tenants.json").exists()
-    rc, _, _ = run(capsys, "tenants", "add", "eve", "--webhook", "https://hooks.example.com/v", "--data-dir", d)
+    rc, _, _ = run(
+        capsys, "tenants", "add", "eve", "--webhook", "https://hooks.example.com/v", "--data-dir", d
+    )
     assert rc == 0
 
 

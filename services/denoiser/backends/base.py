@@ -13,6 +13,7 @@ keeps history per request, so nothing that advances is shared between requests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Sequence
@@ -174,7 +175,8 @@ class ModelBackend(ABC):
     """A model behind the sampler loop. Methods that touch a request's state are not thread-safe
     per request; the executor runs one step of a request at a time."""
 
-    name: str
+    name: str  # the model ("default", "wan2.2-t2v-a14b", ...)
+    kind: str  # the backend ("default" | "wan2.2"), as ModelInfo.backend says it
 
     @abstractmethod
     def supports(self) -> ModelSupport:
@@ -209,3 +211,13 @@ class ModelBackend(ABC):
     @abstractmethod
     def decode(self, state: SamplerState) -> Iterator[np.ndarray]:
         """The finished request's frames as uint8 (n, H, W, 3) RGB chunks, in order, as they decode."""
+
+    def remote_state(self, state: SamplerState) -> SamplerState:
+        """What `forward` needs of a request when it runs elsewhere (a Ray shard), sent there once per
+        request: the state without its latents, which travel with every step (with `step`), and
+        without anything that advances (a scheduler stays with the loop)."""
+        return dataclasses.replace(state, latents=None, experts_used=[])
+
+    def parameters(self, expert: str) -> int:
+        """Parameters of one expert (0 where this process did not load it)."""
+        return 0

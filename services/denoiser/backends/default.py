@@ -8,7 +8,8 @@ update and the same uint8 conversion (tests/unit/test_backends.py checks it bit 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +43,14 @@ class _State(SamplerState):
 
 
 class DefaultBackend(ModelBackend):
+    kind = "default"  # ModelInfo.backend
+
     def __init__(self, engine):
         self.engine = engine  # services.denoiser.engine.DenoiserEngine, loaded
         self.name = engine.cfg.name
+        # name -> the style adapter a forward merges: the engine's installed files here; a Ray shard
+        # sets its own lookup (adapters reach shards through the object store, not their disks)
+        self.adapter_for: Callable[[str], object] = engine.adapter
 
     def supports(self) -> ModelSupport:
         e, cfg = self.engine, self.engine.cfg
@@ -124,7 +130,7 @@ class DefaultBackend(ModelBackend):
         mask = torch.cat([m for _, m in texts])
         job = states[0].job  # one adapter per batch (batch_key)
         with e._lock, torch.inference_mode():
-            e._slot.use(e.adapter(job.adapter) if job.adapter else None, job.adapter_strength)
+            e._slot.use(self.adapter_for(job.adapter) if job.adapter else None, job.adapter_strength)
             with e._autocast():
                 v = e.model(x, t, text, mask, expert=expert).float()
         if not guided:
@@ -138,6 +144,18 @@ class DefaultBackend(ModelBackend):
         state.latents = state.latents + (t_next - t) * prediction.to(state.latents.dtype)
         state.step += 1
         return t
+
+    def remote_state(self, state: _State) -> _State:
+        # the padded text is in the state already; the job's own copy stays here
+        empty = torch.empty(0)
+        job = dataclasses.replace(state.job, text=empty, text_mask=empty, negative=empty, negative_mask=empty)
+        return dataclasses.replace(state, latents=None, experts_used=[], job=job)
+
+    def parameters(self, expert: str) -> int:
+        from services.denoiser.model import count_parameters
+
+        model = self.engine.model
+        return count_parameters(model.experts[expert]) if model is not None and expert in model.experts else 0
 
     def decode(self, state: _State) -> Iterator[np.ndarray]:
         frames = ((state.latents[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T, C, H, W)

@@ -25,6 +25,8 @@ are the same bit for bit (tests/unit/test_wan_backend.py):
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,9 +99,19 @@ def _nn_modules():
     return diffusers, WanCausalConv3d, unpatchify, randn_tensor
 
 
+def _config(cls, model_dir: WanModelDir, sub: str) -> dict:
+    """A component's config without loading its weights, with the class's defaults for what an older
+    config.json leaves out (as from_pretrained fills them)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **cls.load_config(model_dir.path, subfolder=sub)}
+
+
 class WanBackend(ModelBackend):
     """Not thread-safe per request; forwards of different requests must not run at the same time
     on one expert unless the caller serialises them (the executors do)."""
+
+    kind = "wan2.2"  # ModelInfo.backend
 
     def __init__(
         self,
@@ -110,7 +122,11 @@ class WanBackend(ModelBackend):
         *,
         device: torch.device,
         cfg_batch: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
     ):
+        """experts: the loaded ones (a Ray driver loads none, a shard one); vae: None where this
+        process never decodes (a shard). Their configs are read from the directory either way."""
+        diffusers, conv_cls, self._unpatchify, self._randn = _nn_modules()
         self.dir = model_dir
         self.cfg_batch = cfg_batch
         self.experts = experts  # expert name -> WanTransformer3DModel
@@ -127,17 +143,26 @@ class WanBackend(ModelBackend):
             if model_dir.boundary_ratio is not None
             else None
         )
-        first = next(iter(experts.values()))
+        first = next(iter(experts.values()), None)
         # the DiT's compute dtype (its fp32-kept modules aside), read as the pipeline reads it
-        self.dtype = first.dtype
-        self.channels = int(first.config.in_channels)
-        self.patch = tuple(first.config.patch_size)
-        self.text_dim = int(first.config.text_dim)
-        self.rope_max = int(first.config.rope_max_seq_len)
-        self.t_stride = int(vae.config.scale_factor_temporal)
-        self.s_stride = int(vae.config.scale_factor_spatial)
-        _, conv_cls, self._unpatchify, self._randn = _nn_modules()
-        self._decoder_convs = sum(isinstance(m, conv_cls) for m in vae.decoder.modules())
+        self.dtype = first.dtype if first is not None else dtype
+        dit = (
+            dict(first.config)
+            if first is not None
+            else _config(diffusers.WanTransformer3DModel, model_dir, "transformer")
+        )
+        self.channels = int(dit["in_channels"])
+        self.patch = tuple(dit["patch_size"])
+        self.text_dim = int(dit["text_dim"])
+        self.rope_max = int(dit["rope_max_seq_len"])
+        vae_cfg = (
+            dict(vae.config) if vae is not None else _config(diffusers.AutoencoderKLWan, model_dir, "vae")
+        )
+        self.t_stride = int(vae_cfg["scale_factor_temporal"])
+        self.s_stride = int(vae_cfg["scale_factor_spatial"])
+        self._decoder_convs = (
+            sum(isinstance(m, conv_cls) for m in vae.decoder.modules()) if vae is not None else 0
+        )
         # the same on every replica and shard, whichever experts this process loaded
         dit = ("transformer", "transformer_2") if self.two_experts else ("transformer",)
         self.version = model_dir.identity(*dit, "vae", "scheduler")
@@ -154,9 +179,11 @@ class WanBackend(ModelBackend):
         device: str | torch.device = "cpu",
         experts: Sequence[str] | None = None,
         cfg_batch: bool = True,
+        vae: bool = True,
     ) -> WanBackend:
-        """Load a Wan directory's experts (all, or the named ones: a Ray shard loads one), VAE (fp32)
-        and scheduler. Raises ModelDirError naming the file and what was expected.
+        """Load a Wan directory's experts (all when None, or the named ones: a Ray shard loads one, the
+        Ray driver none), VAE (fp32; vae=False skips it where nothing decodes) and scheduler. Raises
+        ModelDirError naming the file and what was expected.
 
         cfg_batch: the CFG branches as one batch of 2n (the default), or as two forwards of n, as
         WanPipeline runs them. On CPU the batch gives the pipeline's bits in bf16, but fp32 GEMMs
@@ -165,12 +192,12 @@ class WanBackend(ModelBackend):
         diffusers, *_ = _nn_modules()
         d = WanModelDir.open(path)
         names = ("high_noise", "low_noise") if d.two_experts else ("transformer",)
-        wanted = tuple(experts) if experts else names
+        wanted = names if experts is None else tuple(experts)
         for e in wanted:
             if e not in names:
                 raise ValueError(f"expert {e!r}: this directory has {', '.join(names)}")
         parts = [cls._component(e) for e in wanted]
-        d.require(*parts, "vae", "scheduler")
+        d.require(*parts, *(("vae",) if vae else ()), "scheduler")
         device = torch.device(device)
 
         def load_part(sub: str, loader, **kw):
@@ -185,10 +212,12 @@ class WanBackend(ModelBackend):
             .to(device)
             for e in wanted
         }
-        vae = (
+        decoder = (
             load_part("vae", diffusers.AutoencoderKLWan.from_pretrained, dtype=torch.float32)
             .eval()
             .to(device)
+            if vae
+            else None
         )
         sched_cls = getattr(diffusers, d.class_name("scheduler"), None)
         if sched_cls is None or not hasattr(sched_cls, "from_config"):
@@ -197,10 +226,11 @@ class WanBackend(ModelBackend):
                 "scheduler (expected e.g. UniPCMultistepScheduler)"
             )
         scheduler = load_part("scheduler", sched_cls.from_pretrained)
-        backend = cls(d, loaded, vae, scheduler, device=device, cfg_batch=cfg_batch)
+        backend = cls(d, loaded, decoder, scheduler, device=device, cfg_batch=cfg_batch, dtype=dtype)
         log.info(
-            "wan backend %s from %s: experts %s in %s on %s, VAE fp32, scheduler %s",
-            backend.name, d.path, ", ".join(loaded), backend.dtype, device, type(scheduler).__name__,
+            "wan backend %s from %s: experts %s in %s on %s, VAE %s, scheduler %s",
+            backend.name, d.path, ", ".join(loaded) or "none", backend.dtype, device,
+            "fp32" if vae else "not loaded", type(scheduler).__name__,
         )  # fmt: skip
         return backend
 
@@ -383,11 +413,23 @@ class WanBackend(ModelBackend):
         state.step += 1
         return float(t) / self.num_train_timesteps
 
+    def remote_state(self, state: _State) -> _State:
+        # the scheduler (multistep history) stays with the loop; the texts travel once, in the state
+        empty = torch.empty(0)
+        job = dataclasses.replace(state.job, text=empty, text_mask=empty, negative=empty, negative_mask=empty)
+        return dataclasses.replace(state, latents=None, experts_used=[], scheduler=None, job=job)
+
+    def parameters(self, expert: str) -> int:
+        model = self.experts.get(expert)
+        return sum(p.numel() for p in model.parameters()) if model is not None else 0
+
     # --- decoding ----------------------------------------------------------------------------------------
     def decode_float(self, state: _State) -> Iterator[np.ndarray]:
         """Frames as float32 (n, H, W, 3) in [0, 1] — WanPipeline's output_type="np" — one latent frame's
         worth at a time (1 frame, then 4 per latent frame)."""
         vae = self.vae
+        if vae is None:
+            raise RuntimeError("this WanBackend was loaded without its VAE (vae=False): it cannot decode")
         cfg = vae.config
         dev = next(vae.parameters()).device
         with torch.inference_mode():
