@@ -484,39 +484,22 @@ class VideoGateway:
         if rule_driven(m):
             # frames come out of the denoiser at the requested size and count; the upscaler passes them
             # through at the native rate, or interpolates them to spec.fps
-            return Plan(
-                prompt=prompt,
-                negative=spec.negative_prompt,
-                base_frames=spec.num_frames,
-                base_width=spec.width,
-                base_height=spec.height,
-                base_fps=m.fps,
-                width=spec.width,
-                height=spec.height,
-                fps=spec.fps,
-                frames=output_frames(spec.num_frames, m.fps, spec.fps),
-                seed=spec.seed,
-                steps=spec.num_steps,
-                guidance=spec.guidance_scale,
-                guidance_2=spec.guidance_scale_2,
-                encoder_model=m.encoder_model,
-                expect_motion=expects_motion(spec.prompt),
-                watermark=watermark,
-                visible_mark=visible,
-                adapter=spec.style_adapter,
-                adapter_strength=spec.style_strength,
-            )
+            base = (spec.num_frames, spec.width, spec.height)
+            frames = output_frames(spec.num_frames, m.fps, spec.fps)
+        else:  # the default model: its one base size and clip length, raised by the upscaler
+            base = (m.frame_counts[0], m.sizes[0].width, m.sizes[0].height)
+            frames = int(round(spec.duration_seconds * spec.fps))
         return Plan(
             prompt=prompt,
             negative=spec.negative_prompt,
-            base_frames=m.frame_counts[0],
-            base_width=m.sizes[0].width,
-            base_height=m.sizes[0].height,
+            base_frames=base[0],
+            base_width=base[1],
+            base_height=base[2],
             base_fps=m.fps,
             width=spec.width,
             height=spec.height,
             fps=spec.fps,
-            frames=int(round(spec.duration_seconds * spec.fps)),
+            frames=frames,
             seed=spec.seed,
             steps=spec.num_steps,
             guidance=spec.guidance_scale,

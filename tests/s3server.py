@@ -13,6 +13,20 @@ from pathlib import Path
 ACCESS_KEY, SECRET_KEY = "videomesh-test", "videomesh-test-secret"
 
 
+def free_ports(n: int) -> list[int]:
+    """n ports whose +10000 gRPC siblings are free too, none of them equal to another's sibling (a
+    volume port picked as the master's gRPC port made weed die with "address already in use")."""
+    taken: set[int] = set()
+    out: list[int] = []
+    while len(out) < n:
+        p = free_port()
+        if {p, p + 10000} & taken:
+            continue
+        taken |= {p, p + 10000}
+        out.append(p)
+    return out
+
+
 def free_port() -> int:
     # weed also opens <port>+10000 for gRPC: pick ports whose +10000 sibling is free too
     for _ in range(100):
@@ -50,8 +64,8 @@ class SeaweedS3:
         cfg = self.root / "s3.json"
         cfg.write_text(json.dumps({"identities": [{"name": "videomesh", "credentials": [
             {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
-        self.port = free_port()
-        ports = {k: free_port() for k in ("master", "volume", "filer")}
+        self.port, *picked = free_ports(4)
+        ports = dict(zip(("master", "volume", "filer"), picked, strict=True))
         cmd = [exe, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root}", "-s3", f"-s3.port={self.port}",
                f"-s3.config={cfg}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                f"-filer.port={ports['filer']}", "-volume.max=8", "-master.volumeSizeLimitMB=64"]  # fmt: skip
