@@ -39,6 +39,7 @@ from services.denoiser.model import (
 from services.denoiser.sampling import cfg_velocity, flow_timesteps, sample_euler
 from videomesh.adapters import NAME_RE
 from videomesh.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from videomesh.hardware import cpu_bf16_is_fast
 from videomesh.weights import UNTRAINED, load_into, metadata
 
 log = logging.getLogger("videomesh.denoiser")
@@ -127,8 +128,10 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if setting == "fp16":
         return torch.float16
-    if setting == "bf16" or device.type == "cpu":
-        return torch.bfloat16  # AMX on Sapphire Rapids: ~5x fp32 for matmul and conv
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu":  # auto: by capability (videomesh/hardware.py has the measurements)
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 

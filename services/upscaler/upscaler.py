@@ -98,7 +98,10 @@ class SpatialUpscaler:
             return
         cuda = torch.cuda.is_available() and s.device in ("auto", "cuda")
         self.device = torch.device("cuda" if cuda else "cpu")
-        self.dtype = torch.float16 if cuda else torch.bfloat16
+        from videomesh.hardware import cpu_bf16_is_fast
+
+        # bf16 on the CPU only with AMX-BF16; emulated bf16 is many times slower than fp32
+        self.dtype = torch.float16 if cuda else (torch.bfloat16 if cpu_bf16_is_fast() else torch.float32)
         self.net = net.to(self.device)
         self.name = f"learned-{s.model}@{version}"
 
