@@ -114,7 +114,8 @@ class SpatialUpscaler:
 
         if not frame.flags.writeable:  # frames decoded from a message are read-only views
             frame = frame.copy()
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype):
+        low = self.dtype != torch.float32  # autocast only for bf16/fp16; fp32 runs as it is
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=low):
             x = (
                 torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].float() / 255.0
             )  # (H, W, C) -> (1, C, H, W)
