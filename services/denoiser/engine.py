@@ -135,6 +135,18 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def precision_reason(setting: str, device: torch.device) -> str:
+    """Why pick_dtype chose what it chose, for the start-up log."""
+    if setting != "auto":
+        return f"precision={setting} as configured"
+    if device.type != "cpu":
+        return "auto: bf16 where CUDA supports it, else fp16"
+    from videomesh.hardware import describe_cpu
+
+    why = "has AMX-BF16" if cpu_bf16_is_fast() else "no AMX-BF16: bf16 would be emulated or slower than fp32"
+    return f"auto: {describe_cpu()} {why}"
+
+
 def declared_encoder(cfg: ModelConfig, path: Path, version: str) -> str:
     """The text encoder ("<name>@<version>") the weights at `path` (of version `version`) were trained
     with: their metadata, else `<stem>.encoder.json` beside them when it names this version; untrained
@@ -181,11 +193,12 @@ class DenoiserEngine:
         self.model = model.to(self.device)
         self._slot = AdapterSlot(self.model)
         log.info(
-            "denoiser %s@%s on %s/%s (attention: %s), %d params per expert",
+            "denoiser %s@%s on %s/%s (%s; attention: %s), %d params per expert",
             self.cfg.name,
             self.version,
             self.device,
             self.dtype,
+            precision_reason(self.settings.precision, self.device),
             self.attention,
             count_parameters(model.experts["high_noise"]),
         )
