@@ -1091,6 +1091,8 @@ class VideoGateway:
 
     def _finish_cancelled(self, job_id: str, why: str) -> None:
         def mut(v):
+            if v.status not in (common_pb2.QUEUED, common_pb2.RUNNING):  # e.g. NEEDS_REVIEW: not ours to end
+                raise _NotCancellable
             v.status = common_pb2.CANCELLED
             v.error.CopyFrom(
                 gateway_pb2.VideoError(
@@ -1098,7 +1100,10 @@ class VideoGateway:
                 )
             )
 
-        final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
+        try:
+            final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
+        except _NotCancellable:
+            return
         if final is not None:
             self._terminal(self.store.load(job_id), final)
 
@@ -1145,6 +1150,10 @@ def _storage(s: GatewaySettings) -> Storage:
         return S3Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, secure=s.s3_secure,
                          url_expiry=s.url_expiry_seconds)  # fmt: skip
     return LocalStorage(Path(s.data_dir) / "videos")
+
+
+class _NotCancellable(Exception):
+    """Raised inside a store transaction (rolled back): the job is no longer queued or running."""
 
 
 def _new_seed(v: gateway_pb2.Video) -> None:

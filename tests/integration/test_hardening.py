@@ -363,3 +363,12 @@ def test_a_prompt_naming_nothing_the_model_knows_gets_a_warning(mesh, keys):
     assert "balls, boxes and triangles" in warnings[0].message
     assert events[-1].completed.video.warnings == [warnings[0].message]
     assert not [e for e in known if e.WhichOneof("event") == "warning"]
+
+
+def test_a_stream_ending_late_does_not_cancel_a_job_held_for_review(mesh, keys):
+    """cancel_quietly (a GenerateVideo stream gone) only ends queued or running jobs."""
+    with VideoClient(mesh.address, keys["alice"]) as c:
+        v = wait_status(c, c.create(spec(seed=41)).id, DONE)
+    mesh.gateway.store.update(v.id, lambda x: setattr(x, "status", common_pb2.NEEDS_REVIEW))
+    mesh.gateway.cancel_quietly(v.id, "the GenerateVideo stream ended")
+    assert mesh.gateway.store.load(v.id).video.status == common_pb2.NEEDS_REVIEW
