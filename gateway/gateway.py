@@ -95,6 +95,7 @@ class GatewaySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 10.0
     job_timeout: float = 900.0  # upper bound on one attempt's wall time
+    model_wait_timeout: float = 1800.0  # at start-up, the wait for the denoiser's model (Wan: minutes)
     stall_timeout: float = (
         120.0  # a stage that sends nothing for this long is stopped; the attempt is retried
     )
@@ -217,9 +218,9 @@ class VideoGateway:
         self.templates = TemplateLibrary.load(settings.templates_file)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self, timeout: float = 120.0) -> None:
+    def load(self, timeout: float | None = None) -> None:
         """Wait for the denoiser, learn what it supports, recover jobs, start the workers."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.settings.model_wait_timeout if timeout is None else timeout)
         while True:
             try:
                 self.model = self.downstreams.denoiser.GetModelInfo(denoiser_pb2.GetModelInfoRequest(), timeout=5,
@@ -241,7 +242,11 @@ class VideoGateway:
                                  encode_timeout=s.encode_timeout)  # fmt: skip
         # jobs from before a restart resume only once every downstream is SERVING: a service still
         # loading its model would otherwise fail their first attempt (they stay QUEUED/RUNNING until then)
-        threading.Thread(target=self._recover_when_ready, name="recover", daemon=True).start()
+        # only the jobs of the previous run: jobs created from now on are this run's workers' business
+        leftover = [j.id for j in self.store.by_status(common_pb2.QUEUED, common_pb2.RUNNING)]
+        threading.Thread(
+            target=self._recover_when_ready, args=(leftover,), name="recover", daemon=True
+        ).start()
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         if self.settings.retention_seconds > 0:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
@@ -252,7 +257,7 @@ class VideoGateway:
             t.start()
             self._workers.append(t)
 
-    def _recover_when_ready(self) -> None:
+    def _recover_when_ready(self, job_ids: list[str]) -> None:
         waiting = set()
         while not self._stopping.is_set():
             down = self.downstreams.not_serving()
@@ -264,17 +269,22 @@ class VideoGateway:
             self._stopping.wait(0.5)
         else:
             return
-        self._recover()
+        self._recover(job_ids)
         self.recovered.set()
 
-    def _recover(self) -> None:
-        """Queued jobs are queued again; jobs that were running when the gateway stopped re-run."""
-        for job in self.store.by_status(common_pb2.QUEUED, common_pb2.RUNNING):
+    def _recover(self, job_ids: list[str]) -> None:
+        """Queued jobs are queued again; jobs that were running when the gateway stopped re-run.
+        A job cancelled meanwhile stays cancelled (the requeue is refused inside its transaction)."""
+        for job_id in job_ids:
+            job = self.store.load(job_id)
             if job.video.status == common_pb2.RUNNING:
                 log.warning(
                     "job %s was running at shutdown (attempt %d): re-running", job.id, job.video.attempt
                 )
-                self.store.update(job.id, _requeued)
+                if not self._requeue(job.id):
+                    continue
+            elif job.video.status != common_pb2.QUEUED:
+                continue
             policy = self.tiers.get(job.tier, self.tiers["free"])
             pos = self.queue.push(job.id, job.tenant, policy.priority, policy.max_running, force=True)
             if job.video.status == common_pb2.RUNNING:
@@ -654,7 +664,7 @@ class VideoGateway:
         s = self.settings
         policy = self.policy(tenant.tier)
         adapter_version = next((a.version for a in m.adapters if a.name == spec.style_adapter), "")
-        shared = bool(template_id) and lora_owner(spec.style_adapter) == ""
+        shared = bool(template_id) and self._public_rendering(spec, template_id)
         visible = s.visible_watermark and policy.visible_watermark
         room = (spec.width // 8) * (spec.height // 8) >= 4 * TOTAL_BITS
         parts = [
@@ -671,6 +681,16 @@ class VideoGateway:
             if s.invisible_watermark and room else "",
         ]  # fmt: skip
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def _public_rendering(self, spec: common_pb2.VideoSpec, template_id: str) -> bool:
+        """The spec is a template rendered from the library's own words only (choices and defaults),
+        with the template's style, no negative prompt and no tenant's style adapter."""
+        try:
+            t = self.templates.get(template_id)
+        except VideomeshError:
+            return False
+        return (spec.prompt.strip() in t.public_prompts() and spec.style == t.style and not spec.negative_prompt
+                and lora_owner(spec.style_adapter) == "")  # fmt: skip
 
     def _cached_source(self, key: str) -> Job | None:
         """The finished job whose file serves `key`, if it is still there."""
@@ -697,7 +717,8 @@ class VideoGateway:
         self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=0)))
         try:
             stored = self.storage.copy(f"{src.tenant}/{src.id}.mp4", f"{tenant.name}/{job.id}.mp4")
-        except VideomeshError:
+        except Exception as err:  # noqa: BLE001 - any failure of the copy fails this job, never leaves it QUEUED
+            log.warning("cached result %s could not be copied: %s", src.id, err)
             self.store.cache_drop(src.id)
             self._fail(job.id, Unavailable("the cached result could not be copied; submit again"))
             return self.store.snapshot(job.id)
@@ -1024,8 +1045,9 @@ class VideoGateway:
         job = self.store.load(job_id)
         if job.video.status != common_pb2.QUEUED:  # cancelled between pop and start
             return
-        video = self.store.update(job_id, _start)
-        if video.status != common_pb2.RUNNING:  # cancelled between the check and the start
+        try:
+            video = self.store.update(job_id, _start)
+        except _NotCancellable:  # cancelled (or taken by another worker) between the check and the start
             return
         t0 = time.perf_counter()
         try:
@@ -1052,7 +1074,8 @@ class VideoGateway:
                 log.warning(
                     "job %s attempt %d: %s; retrying in %.1fs", job_id, video.attempt, err.message, delay
                 )
-                self.store.update(job_id, _requeued)
+                if not self._requeue(job_id):  # cancelled meanwhile: it stays cancelled
+                    return
                 policy = self.policy(job.tier)
                 pos = self.queue.push(
                     job_id, job.tenant, policy.priority, policy.max_running, delay=delay, force=True
@@ -1088,6 +1111,15 @@ class VideoGateway:
             self._terminal(job, final)
             log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
                      {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip
+
+    def _requeue(self, job_id: str) -> bool:
+        """RUNNING -> QUEUED in one transaction; False (and nothing changed) if the job is no longer
+        running, e.g. cancelled while its attempt was failing."""
+        try:
+            self.store.update(job_id, _requeued)
+        except _NotCancellable:
+            return False
+        return True
 
     def _finish_cancelled(self, job_id: str, why: str) -> None:
         def mut(v):
@@ -1166,13 +1198,15 @@ def _new_seed(v: gateway_pb2.Video) -> None:
 
 def _start(v: gateway_pb2.Video) -> None:
     if v.status != common_pb2.QUEUED:
-        return
+        raise _NotCancellable  # only one worker moves a job QUEUED -> RUNNING
     v.status = common_pb2.RUNNING
     v.attempt += 1
     v.queue_position = 0
 
 
 def _requeued(v: gateway_pb2.Video) -> None:
+    if v.status != common_pb2.RUNNING:
+        raise _NotCancellable  # rolls the transaction back: a cancelled job is not revived
     v.status = common_pb2.QUEUED
     v.stage = common_pb2.STAGE_QUEUED
     v.progress = 0.0

@@ -131,7 +131,12 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
         return self.gw.regenerate(t, request.id, seed, request.request_id)
 
     def VerifyWatermark(self, request_iterator, context):
-        return self.gw.verify_watermark(self._tenant(context), (r.chunk for r in request_iterator))
+        t = self._tenant(context)
+        release = self._stream_slot(t, context)  # a slow upload holds a server thread like a watcher
+        try:
+            return self.gw.verify_watermark(t, (r.chunk for r in request_iterator))
+        finally:
+            release()
 
     def DeleteVideo(self, request, context):
         return self.gw.delete(self._tenant(context), request.id)

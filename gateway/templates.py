@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass
@@ -55,6 +57,12 @@ class Template:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         return re.sub(r"\{(\w+)\}", lambda m: filled[m.group(1)], self.prompt)
 
+    def public_prompts(self, limit: int = 4096) -> frozenset[str]:
+        """Every rendering made only of the library's own words: each field a listed choice or its
+        default. Only these may be shared between tenants in the result cache (a free-text field
+        holds the tenant's words, e.g. an unreleased product's name)."""
+        return _public_prompts(self, limit)
+
     def proto(self) -> gateway_pb2.Template:
         return gateway_pb2.Template(
             id=self.id, name=self.name, description=self.description, prompt=self.prompt, style=self.style,
@@ -62,6 +70,20 @@ class Template:
             fields=[gateway_pb2.TemplateField(name=f.name, description=f.description, required=f.required,
                                               choices=list(f.choices), default=f.default) for f in self.fields],
         )  # fmt: skip
+
+
+@functools.cache
+def _public_prompts(t: Template, limit: int) -> frozenset[str]:
+    options = []
+    for f in t.fields:
+        values = f.choices or ((f.default,) if f.default or not f.required else ())
+        if not values:
+            return frozenset()  # a required free-text field: every rendering holds the tenant's words
+        options.append([(f.name, v) for v in values])
+    out = set()
+    for combo in itertools.islice(itertools.product(*options), limit):
+        out.add(t.render(dict(combo)))
+    return frozenset(out)
 
 
 class TemplateLibrary:

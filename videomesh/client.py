@@ -1,11 +1,12 @@
 """Typed client SDK: channels with the mesh's retry policy, and a VideoService client.
 
 Retries of UNAVAILABLE use gRPC's own retry machinery (service config JSON on the channel),
-not hand-written loops, so they also apply inside streaming calls until the first response.
+for unary calls only: a retried stream is held open until its first response.
 
 Where the gateway is: an explicit address, else `$VIDEOMESH_GATEWAY`, else the file
-`videomesh up` writes (`~/.videomesh/gateway`, `$VIDEOMESH_HOME` moves it; also
-`DATA_DIR/gateway-address`).
+`videomesh up` writes in the user's home (`~/.videomesh/gateway`, `$VIDEOMESH_HOME` moves it).
+`up` also writes `DATA_DIR/gateway-address` for scripts, but the client never reads a file from
+the current directory: one that came with a cloned folder would receive the user's API key.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def find_gateway(explicit: str | None = None) -> tuple[str, str]:
         return explicit, "--gateway"
     if os.environ.get(GATEWAY_ENV, "").strip():
         return os.environ[GATEWAY_ENV].strip(), f"${GATEWAY_ENV}"
-    for f in (gateway_file(), Path(DEFAULT_DATA_DIR) / GATEWAY_ADDRESS_FILE):
+    # only the file in the user's own ~/.videomesh: a gateway-address file in the current directory
+    # could come with a cloned folder and would receive the user's API key
+    for f in (gateway_file(),):
         rec = read_address_file(f)
         if rec is not None:
             note = f", written by `videomesh up` pid {rec.pid}, which has exited" if rec.stale else ""

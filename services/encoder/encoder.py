@@ -39,12 +39,15 @@ class EncoderSettings:
     port: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     model_dir: Path | None = None  # model wan2.2: the Wan directory (tokenizer/, text_encoder/)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda: where UMT5 runs (the default model: CPU)
     # The largest message the server sends or accepts; 0 = 4 MiB (codec.MAX_MESSAGE_BYTES) for the
     # default model, 32 MiB (codec.TEXT_MESSAGE_BYTES) for wan2.2, whose reply for a prompt and its
     # negative is 2 x 512 x 4096 bf16 = 8 MiB.
     max_message_bytes: int = 0
 
     def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.model == WAN:
             from videomesh.model_dir import WanModelDir
 
@@ -88,7 +91,11 @@ class TextEncoding:
 
             # bf16 as WanPipeline.from_pretrained(..., torch_dtype=bfloat16) loads it; the name is the
             # identity the denoiser publishes as ModelInfo.encoder_model (WanModelDir.identity)
-            model = UMT5TextEncoder.from_dir(self.settings.model_dir, dtype=torch.bfloat16)
+            # UMT5-XXL on the CPU is slow (and emulated bf16 without AMX-BF16): on CUDA when present
+            device = self.settings.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = UMT5TextEncoder.from_dir(self.settings.model_dir, dtype=torch.bfloat16, device=device)
             model.encode([""])  # warm up before SERVING
             self.model = model
             self.name = model.name

@@ -372,3 +372,23 @@ def test_a_stream_ending_late_does_not_cancel_a_job_held_for_review(mesh, keys):
     mesh.gateway.store.update(v.id, lambda x: setattr(x, "status", common_pb2.NEEDS_REVIEW))
     mesh.gateway.cancel_quietly(v.id, "the GenerateVideo stream ended")
     assert mesh.gateway.store.load(v.id).video.status == common_pb2.NEEDS_REVIEW
+
+
+def test_a_template_filled_with_a_tenants_own_words_is_not_shared(mesh):
+    """Only renderings made of the library's own words (choices, defaults) share a cache key."""
+    from gateway.tenants import Tenant
+
+    gw = mesh.gateway
+    a, b = Tenant("a1", "pro"), Tenant("a2", "pro")
+
+    def keys(template_id, fields):
+        t = gw.templates.get(template_id)
+        spec = gw.normalize(common_pb2.VideoSpec(prompt=t.render(fields), style=t.style, seed=3))
+        return gw.cache_key(spec, a, template_id), gw.cache_key(spec, b, template_id)
+
+    secret = keys("product_intro", {"product": "the unreleased acme phone x"})
+    public = keys("shape_showcase", {"color": "blue", "shape": "box"})
+    holiday = keys("holiday_greeting", {"holiday": "Diwali"})  # free-text field left at its default
+    custom = keys("holiday_greeting", {"holiday": "Diwali", "scene": "our new flagship store"})
+    assert secret[0] != secret[1] and custom[0] != custom[1]
+    assert public[0] == public[1] and holiday[0] == holiday[1]
