@@ -392,3 +392,16 @@ def test_a_template_filled_with_a_tenants_own_words_is_not_shared(mesh):
     custom = keys("holiday_greeting", {"holiday": "Diwali", "scene": "our new flagship store"})
     assert secret[0] != secret[1] and custom[0] != custom[1]
     assert public[0] == public[1] and holiday[0] == holiday[1]
+
+
+def test_a_failing_attempt_does_not_revive_a_cancelled_job(mesh, keys):
+    """The retry path's requeue is refused inside its transaction once the job was cancelled."""
+    with VideoClient(mesh.address, keys["alice"]) as c:
+        v = wait_status(c, c.create(spec(seed=51)).id, DONE)
+    gw = mesh.gateway
+    gw.store.update(v.id, lambda x: setattr(x, "status", common_pb2.RUNNING))  # an attempt in flight
+    gw._finish_cancelled(v.id, "cancelled by request")  # the user cancels while it fails
+    assert gw._requeue(v.id) is False  # the failing attempt tries to queue it again
+    assert gw.store.load(v.id).video.status == common_pb2.CANCELLED
+    events = gw.store.wait_events(v.id, 0, timeout=0.1)
+    assert events[-1].WhichOneof("event") == "cancelled"
