@@ -214,6 +214,7 @@ class VideoGateway:
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
         self._audit_lock = threading.Lock()
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
+        self._not_ready_since: dict[str, float] = {}  # job -> when a downstream first answered NOT_READY
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
 
@@ -1069,12 +1070,18 @@ class VideoGateway:
         except VideomeshError as err:
             if ctl.stopped_for_shutdown:
                 return
-            if err.code in RETRYABLE and video.attempt < self.settings.max_attempts:
-                delay = err.retry_after or self.settings.retry_backoff * 2 ** (video.attempt - 1)
-                log.warning(
-                    "job %s attempt %d: %s; retrying in %.1fs", job_id, video.attempt, err.message, delay
-                )
-                if not self._requeue(job_id):  # cancelled meanwhile: it stays cancelled
+            # a downstream still loading its model (a restart: minutes for Wan) is not the job's failure:
+            # wait for it without spending attempts, up to model_wait_timeout
+            free = False
+            if err.reason == "NOT_READY":
+                first = self._not_ready_since.setdefault(job_id, time.monotonic())
+                free = time.monotonic() - first < self.settings.model_wait_timeout
+            if err.code in RETRYABLE and (free or video.attempt < self.settings.max_attempts):
+                backoff = self.settings.retry_backoff * 2 ** (video.attempt - 1)
+                delay = max(err.retry_after or 0.0, 2.0 if free else backoff)
+                log.warning("job %s attempt %d: %s; retrying in %.1fs%s", job_id, video.attempt, err.message, delay,
+                            " (not counted: the service is still loading)" if free else "")  # fmt: skip
+                if not self._requeue(job_id, refund=free):  # cancelled meanwhile: it stays cancelled
                     return
                 policy = self.policy(job.tier)
                 pos = self.queue.push(
@@ -1084,6 +1091,7 @@ class VideoGateway:
                     job_id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
                 )
                 return
+            self._not_ready_since.pop(job_id, None)
             self._fail(job_id, err)
             return
         except Exception as err:  # noqa: BLE001
@@ -1103,6 +1111,7 @@ class VideoGateway:
             for stage, secs in outcome.seconds.items():
                 v.stage_seconds[stage] = v.stage_seconds.get(stage, 0.0) + secs
 
+        self._not_ready_since.pop(job_id, None)
         final = self.store.finish(job_id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
         if final is not None:
             if final.status == common_pb2.SUCCEEDED and self.settings.cache:
@@ -1112,11 +1121,17 @@ class VideoGateway:
             log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
                      {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip
 
-    def _requeue(self, job_id: str) -> bool:
+    def _requeue(self, job_id: str, refund: bool = False) -> bool:
         """RUNNING -> QUEUED in one transaction; False (and nothing changed) if the job is no longer
-        running, e.g. cancelled while its attempt was failing."""
+        running, e.g. cancelled while its attempt was failing. `refund`: the attempt does not count."""
+
+        def mut(v):
+            _requeued(v)
+            if refund:
+                v.attempt = max(0, v.attempt - 1)
+
         try:
-            self.store.update(job_id, _requeued)
+            self.store.update(job_id, mut)
         except _NotCancellable:
             return False
         return True

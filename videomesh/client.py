@@ -209,7 +209,8 @@ def channel(
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
-    if services or methods:
+    if (services or methods) and retries >= 2:  # gRPC refuses a policy of fewer than 2 attempts (and the
+        # channel then fails every call): retries < 2 means no transparent retry at all
         options.append(
             ("grpc.service_config", retry_service_config(services, methods=methods, attempts=retries))
         )

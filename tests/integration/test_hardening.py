@@ -405,3 +405,24 @@ def test_a_failing_attempt_does_not_revive_a_cancelled_job(mesh, keys):
     assert gw.store.load(v.id).video.status == common_pb2.CANCELLED
     events = gw.store.wait_events(v.id, 0, timeout=0.1)
     assert events[-1].WhichOneof("event") == "cancelled"
+
+
+def test_a_service_still_loading_does_not_spend_the_jobs_attempts(tmp_path):
+    """During a supervised restart a service answers NOT_READY for as long as its model loads:
+    the job waits without spending attempts (max_attempts 1 here) and then succeeds."""
+    mesh = InProcessMesh(tmp_path, gateway={"workers": 1, "max_attempts": 1})
+    try:
+        key = mesh.tenants.add("w", "pro")
+        encoder = mesh.servers["encoder"]
+        encoder.loaded.clear()  # as after a restart: Encode answers UNAVAILABLE NOT_READY
+        with VideoClient(mesh.address, key) as c:
+            vid = c.create(spec(seed=61)).id
+            time.sleep(5)  # two or more NOT_READY attempts
+            v = c.get(vid)
+            assert v.status in (common_pb2.QUEUED, common_pb2.RUNNING), v.error
+            encoder.loaded.set()
+            v = wait_status(c, vid, DONE)
+        assert v.status in (common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW), v.error
+        assert v.attempt == 1
+    finally:
+        mesh.stop()
