@@ -14,8 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from videomesh import config
 from videomesh.serving import Server, create_server
@@ -132,9 +131,7 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
         )
         server.gateway = gw
         server.tenants = tenants
-        monitor = DownstreamMonitor(
-            server, gw.downstreams.channels, gw.downstreams.breakers, wedged=gw.wedged
-        )
+        monitor = DownstreamMonitor(server, gw.downstreams, wedged=gw.wedged)
 
         def load():
             gw.load()
@@ -155,26 +152,20 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
 
 class DownstreamMonitor:
     """Mirrors each downstream's health into the gateway's own health service, so one
-    probe of the gateway (`videomesh health`) shows the whole mesh."""
-
-    NAMES = {
-        "encoder": "videomesh.v1.TextEncoder",
-        "denoiser": "videomesh.v1.Denoiser",
-        "upscaler": "videomesh.v1.Upscaler",
-        "qc": "videomesh.v1.QualityCheck",
-    }
+    probe of the gateway (`videomesh health`) shows the whole mesh. It reads health through
+    the gateway's Downstreams, so each poll is also the fresh reading the recovery gate uses
+    (one Check per downstream per interval, not two)."""
 
     def __init__(
         self,
         server: Server,
-        channels: dict[str, grpc.Channel],
-        breakers: dict | None = None,
+        downstreams,  # gateway.pipeline.Downstreams
         interval: float = 1.0,
         wedged: Callable[[], bool] | None = None,
     ):
         self.server = server
-        self.channels = channels
-        self.breakers = breakers or {}
+        self.downstreams = downstreams
+        self.breakers = downstreams.breakers
         self.interval = interval
         self.wedged = wedged  # the gateway's own liveness: every worker stuck -> NOT_SERVING
         self._was_wedged = False
@@ -190,14 +181,10 @@ class DownstreamMonitor:
         self._stop.set()
 
     def poll(self) -> None:
-        for key, svc in self.NAMES.items():
-            try:
-                resp = health_pb2_grpc.HealthStub(self.channels[key]).Check(
-                    health_pb2.HealthCheckRequest(service=svc), timeout=2
-                )
-                status = resp.status
-            except grpc.RpcError:
-                status = health_pb2.HealthCheckResponse.NOT_SERVING
+        from gateway.pipeline import SERVICE_NAMES
+
+        for key, svc in SERVICE_NAMES.items():
+            status = self.downstreams.status(key, max_age=0)
             self.status[key] = status
             self.server.health.set(svc, status)
             if status == health_pb2.HealthCheckResponse.SERVING and key in self.breakers:

@@ -33,12 +33,13 @@ def test_demo_writes_playable_mp4(tmp_path):
     assert probe(out) == {"frames": 96, "fps": 24.0, "width": 256, "height": 256}
 
 
-def _start_up(tmp_path, *extra, env=None):
-    """`videomesh up` as a user runs it; -> (process, gateway address, its output lines so far)."""
+def _start_up(tmp_path, *extra, env=None, timeout=240):
+    """`videomesh up` as a user runs it; -> (process, gateway address, its output lines so far).
+    The process is terminated when no gateway address appears."""
     up = subprocess.Popen(_cli("up", "--data-dir", str(tmp_path / "data"), *extra), env=env or _env(tmp_path),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     address, lines = None, []
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = up.stdout.readline()
         lines.append(line)
@@ -46,6 +47,9 @@ def _start_up(tmp_path, *extra, env=None):
             address = line.split()[-1]
         if line.startswith("dev tenant key in") or (not line and up.poll() is not None):
             break
+    if not address:
+        up.terminate()
+        up.wait(timeout=60)
     assert address, "".join(lines)
     return up, address, lines
 

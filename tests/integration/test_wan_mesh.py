@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -29,6 +27,7 @@ pytest.importorskip("ftfy")
 
 from gateway.media import Mp4Writer, probe, read_frames  # noqa: E402
 from tests.helpers import start_service  # noqa: E402
+from tests.integration.test_cli import _cli, _start_up  # noqa: E402
 from tests.wan_tiny import save_tiny_wan  # noqa: E402
 from videomesh import codec  # noqa: E402
 from videomesh.client import VideoClient  # noqa: E402
@@ -203,10 +202,6 @@ def _denoiser_serves_wan(wan_dir) -> str:
     return ""
 
 
-def _cli(*args):
-    return [sys.executable, "-m", "videomesh.cli", *args]
-
-
 def test_up_and_generate_match_wanpipeline_within_h264_loss(wan_dir, tmp_path):
     why = _denoiser_serves_wan(wan_dir)
     if why:
@@ -215,21 +210,10 @@ def test_up_and_generate_match_wanpipeline_within_h264_loss(wan_dir, tmp_path):
 
     env = {**os.environ, "VIDEOMESH_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
            "VIDEOMESH_GATEWAY_INVISIBLE_WATERMARK": "0", "VIDEOMESH_GATEWAY_QC_POLICY": "off"}  # fmt: skip
-    up = subprocess.Popen(_cli("up", "--model", "wan2.2", "--model-dir", str(wan_dir), "--data-dir",
-                               str(tmp_path / "data")), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)  # fmt: skip
-    lines: list[str] = []
+    up, address, lines = _start_up(
+        tmp_path, "--model", "wan2.2", "--model-dir", str(wan_dir), env=env, timeout=300
+    )
     try:
-        address = None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if line.startswith("gateway listening on "):
-                address = line.split()[-1]
-            if line.startswith("dev tenant key in") or (not line and up.poll() is not None):
-                break
-        assert address, "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in up.stdout], daemon=True).start()
         prompt, negative, seed, steps, (w, h), frames = "a red ball moving left", "blurry", 42, 4, (64, 48), 9
         out = tmp_path / "clip.mp4"
