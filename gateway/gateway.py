@@ -523,12 +523,17 @@ class VideoGateway:
             adapter_strength=spec.style_strength,
         )
 
-    def _plan(self, job: Job, video: gateway_pb2.Video) -> Plan:
-        visible = self.settings.visible_watermark and self.policy(job.tier).visible_watermark
+    def _marks(self, spec: common_pb2.VideoSpec, tier: str) -> tuple[bool, bool]:
+        """(visible, invisible): which marks a job of this tier and size carries (the plan applies
+        them; the cache key covers them)."""
+        visible = self.settings.visible_watermark and self.policy(tier).visible_watermark
         # a frame needs a few 8x8 blocks per payload bit for the mark to survive encoding
-        room = (video.spec.width // 8) * (video.spec.height // 8) >= 4 * TOTAL_BITS
-        mark = video.watermark if self.settings.invisible_watermark and room else ""
-        return self.plan(video.spec, watermark=mark, visible=visible)
+        room = (spec.width // 8) * (spec.height // 8) >= 4 * TOTAL_BITS
+        return visible, self.settings.invisible_watermark and room
+
+    def _plan(self, job: Job, video: gateway_pb2.Video) -> Plan:
+        visible, invisible = self._marks(video.spec, job.tier)
+        return self.plan(video.spec, watermark=video.watermark if invisible else "", visible=visible)
 
     def verify_watermark(self, tenant: Tenant, chunks) -> gateway_pb2.VerifyWatermarkResponse:
         """Decode the invisible mark of an uploaded video; name the caller's video that carries it.
@@ -663,11 +668,9 @@ class VideoGateway:
 
         m = self.model
         s = self.settings
-        policy = self.policy(tenant.tier)
         adapter_version = next((a.version for a in m.adapters if a.name == spec.style_adapter), "")
         shared = bool(template_id) and self._public_rendering(spec, template_id)
-        visible = s.visible_watermark and policy.visible_watermark
-        room = (spec.width // 8) * (spec.height // 8) >= 4 * TOTAL_BITS
+        visible, invisible = self._marks(spec, tenant.tier)
         parts = [
             "shared" if shared else f"tenant:{tenant.name}", template_id,
             spec.prompt.strip().casefold(), spec.negative_prompt.strip().casefold(), spec.style.strip().casefold(),
@@ -678,8 +681,7 @@ class VideoGateway:
             *([f"frames={spec.num_frames}"] if spec.num_frames else []),
             *([f"guidance2={spec.guidance_scale_2:g}"] if spec.guidance_scale_2 else []),
             f"visible={visible}:{s.watermark_text}:{s.watermark_position}:{s.watermark_opacity:g}" if visible else "",
-            "invisible=" + hashlib.sha256(s.watermark_key.encode()).hexdigest()[:16]
-            if s.invisible_watermark and room else "",
+            "invisible=" + hashlib.sha256(s.watermark_key.encode()).hexdigest()[:16] if invisible else "",
         ]  # fmt: skip
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
