@@ -26,7 +26,7 @@ from gateway.metrics import METRICS
 from gateway.storage import Storage
 from gateway.watermark import InvisibleWatermark, VisibleMark
 from videomesh import codec
-from videomesh.client import channel
+from videomesh.client import channel, unary_methods
 from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, VideomeshError, from_rpc_error
 from videomesh.v1 import (
     common_pb2,
@@ -63,9 +63,6 @@ class Downstreams:
     the policy it failed UNAVAILABLE in 0.01 s). Jobs retry instead, with backoff (gateway.py).
     """
 
-    UNARY = {"encoder": [("videomesh.v1.TextEncoder", "Encode")],
-             "denoiser": [("videomesh.v1.Denoiser", "GetModelInfo")], "upscaler": [], "qc": []}  # fmt: skip
-
     def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4, *,
                  breaker_threshold: int = 3, breaker_cooldown: float = 10.0,
                  text_message_bytes: int = codec.TEXT_MESSAGE_BYTES):  # fmt: skip
@@ -78,7 +75,7 @@ class Downstreams:
         self.channels = {
             name: channel(
                 address,
-                methods=self.UNARY[name],
+                methods=unary_methods(SERVICE_NAMES[name]),  # Encode, GetModelInfo
                 retries=retries,
                 max_message_bytes=limits.get(name, codec.MAX_MESSAGE_BYTES),
             )

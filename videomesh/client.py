@@ -186,11 +186,15 @@ def retry_service_config(
 # VideoService's unary methods: the ones safe to retry transparently. Streaming calls are not:
 # gRPC holds a retried stream open until its first response, so a stream to a server that died
 # before replying could wait forever; the CLI re-attaches with WatchVideo instead.
-VIDEO_SERVICE_UNARY = [
-    ("videomesh.v1.VideoService", m.name)
-    for m in gateway_pb2.DESCRIPTOR.services_by_name["VideoService"].methods
-    if not m.client_streaming and not m.server_streaming
-]
+def unary_methods(service: str) -> list[tuple[str, str]]:
+    """(service, method) for each unary method of a videomesh.v1 service (from its descriptor)."""
+    from google.protobuf import descriptor_pool
+
+    desc = descriptor_pool.Default().FindServiceByName(service)
+    return [(service, m.name) for m in desc.methods if not m.client_streaming and not m.server_streaming]
+
+
+VIDEO_SERVICE_UNARY = unary_methods("videomesh.v1.VideoService")
 
 
 def channel(
