@@ -119,12 +119,12 @@ class Downstreams:
             ch.close()
 
 
+# the downstreams' full service names, from the generated descriptors (as each servicer's SERVICE_NAME)
 SERVICE_NAMES = {
-    "encoder": "videomesh.v1.TextEncoder",
-    "denoiser": "videomesh.v1.Denoiser",
-    "upscaler": "videomesh.v1.Upscaler",
-    "qc": "videomesh.v1.QualityCheck",
-}
+    name: module.DESCRIPTOR.services_by_name[service].full_name
+    for name, module, service in (("encoder", encoder_pb2, "TextEncoder"), ("denoiser", denoiser_pb2, "Denoiser"),
+                                  ("upscaler", upscaler_pb2, "Upscaler"), ("qc", qc_pb2, "QualityCheck"))
+}  # fmt: skip
 
 
 @dataclass
