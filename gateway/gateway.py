@@ -34,6 +34,7 @@ from gateway.tiers import RateLimiter, TierPolicy, tiers_from
 from gateway.watermark import TOTAL_BITS, InvisibleWatermark, VisibleMark, payload_for
 from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
 from gateway.webhooks import check_allow_entries as check_webhook_allow
+from services.denoiser.backends.base import MAX_STEP_CACHE
 from services.encoder.model import MAX_PROMPT_CHARS
 from services.upscaler.upscaler import MAX_OUTPUT_FRAMES
 from services.upscaler.upscaler import MAX_SIDE as UPSCALER_MAX_SIDE
@@ -73,7 +74,9 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 0
     data_dir: Path = Path("videomesh-data")
-    workers: int = 2  # jobs in the pipeline at once; stage slots keep each downstream within its capacity
+    # jobs in the pipeline at once (0 = the denoiser's capacity + 1, so one job encodes or finishes while
+    # a full batch denoises); stage slots keep each downstream within its capacity
+    workers: int = 0
     queue_size: int = 256
     aging_seconds: float = 30.0  # a free job gains one priority level per this many seconds waited
     sizes: tuple[str, ...] = ("256x256", "128x128", "512x512")
@@ -154,8 +157,9 @@ class GatewaySettings:
             raise ValueError("storage=s3 needs s3_endpoint (VIDEOMESH_GATEWAY_S3_ENDPOINT)")
         if self.qc_policy not in ("review", "off"):
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
-        if self.workers < 1 or self.queue_size < 1 or self.max_attempts < 1:
-            raise ValueError("workers, queue_size and max_attempts must be at least 1")
+        if self.workers < 0 or self.queue_size < 1 or self.max_attempts < 1:
+            raise ValueError("workers must be 0 (from the denoiser's capacity) or more; queue_size and "
+                             "max_attempts at least 1")
         if not 1 <= self.max_streams_per_tenant <= self.max_streams:
             raise ValueError("max_streams_per_tenant must be in 1..max_streams")
         check_webhook_allow(self.webhook_allow)
@@ -211,6 +215,7 @@ class VideoGateway:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
+        self.workers = settings.workers  # resolved from the denoiser's capacity at load() when 0
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
         self._audit_lock = threading.Lock()
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
@@ -253,7 +258,9 @@ class VideoGateway:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:
             self._pregenerate()
-        for i in range(self.settings.workers):
+        self.workers = self.settings.workers or cap + 1
+        log.info("denoiser capacity %d: %d job workers, stage slots %s", cap, self.workers, slots)
+        for i in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
@@ -317,7 +324,7 @@ class VideoGateway:
         now = time.monotonic()
         with self._lock:
             idle = [now - c.last_activity for c in self._controls.values()]
-        return len(idle) >= self.settings.workers and min(idle) > 2 * self.settings.stall_timeout
+        return len(idle) >= max(1, self.workers) and min(idle) > 2 * self.settings.stall_timeout
 
     def close(self) -> None:
         self._stopping.set()
@@ -465,6 +472,12 @@ class VideoGateway:
                                f"style_strength must be in 0..2 (0 = 1); got {spec.style_strength}"))  # fmt: skip
         elif spec.style_strength:
             violations.append(("spec.style_strength", "style_strength needs a style_adapter"))
+        if spec.HasField("step_cache"):
+            if not (0 <= spec.step_cache <= MAX_STEP_CACHE) or not math.isfinite(spec.step_cache):
+                violations.append(("spec.step_cache", f"step_cache must be in 0..{MAX_STEP_CACHE:g} (0 = off); "
+                                                      f"got {spec.step_cache}"))  # fmt: skip
+        else:  # the tier's default (off unless the operator configured one)
+            out.step_cache = policy.step_cache if policy else 0.0
         if violations:
             raise InvalidArgument("; ".join(d for _, d in violations), violations=violations)
         if not spec.HasField("seed"):
@@ -521,6 +534,7 @@ class VideoGateway:
             visible_mark=visible,
             adapter=spec.style_adapter,
             adapter_strength=spec.style_strength,
+            step_cache=spec.step_cache,
         )
 
     def _marks(self, spec: common_pb2.VideoSpec, tier: str) -> tuple[bool, bool]:
@@ -680,6 +694,7 @@ class VideoGateway:
             # only when set, so the default model's keys are what they were
             *([f"frames={spec.num_frames}"] if spec.num_frames else []),
             *([f"guidance2={spec.guidance_scale_2:g}"] if spec.guidance_scale_2 else []),
+            *([f"step_cache={spec.step_cache:g}"] if spec.step_cache else []),
             f"visible={visible}:{s.watermark_text}:{s.watermark_position}:{s.watermark_opacity:g}" if visible else "",
             "invisible=" + hashlib.sha256(s.watermark_key.encode()).hexdigest()[:16] if invisible else "",
         ]  # fmt: skip

@@ -217,6 +217,7 @@ class Plan:
     visible_mark: bool = False
     adapter: str = ""  # brand style adapter (LoRA) for the denoiser
     adapter_strength: float = 0.0
+    step_cache: float = 0.0  # the denoiser's step-caching threshold; 0 = off
 
 
 @dataclass
@@ -345,6 +346,7 @@ class Pipeline:
             encoder_model=enc.model,
             adapter=plan.adapter,
             adapter_strength=plan.adapter_strength,
+            step_cache=plan.step_cache,
         )
         call = self.ds.denoiser.Denoise(req, timeout=ctl.remaining())
         ctl.track(call)

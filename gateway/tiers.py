@@ -23,6 +23,8 @@ class TierPolicy:
     max_pixels: int = 0  # width x height of one delivered frame; 0 = no limit
     max_frames: int = 0  # frames the model generates per clip (VideoSpec.num_frames); 0 = no limit
     visible_watermark: bool = True
+    # step caching for this tier's jobs when the request does not say (VideoSpec.step_cache); 0 = off
+    step_cache: float = 0.0
 
 
 DEFAULT_TIERS: dict[str, TierPolicy] = {

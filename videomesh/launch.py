@@ -52,10 +52,10 @@ def load_settings(name: str, *, env: dict | None = None, **overrides):
 
 
 def _threads(n: int) -> None:
-    if n:
-        import torch
+    """torch's intra-op threads, once per process: `n`, or the cores this process may use."""
+    from videomesh.inference import set_torch_threads
 
-        torch.set_num_threads(n)
+    set_torch_threads(n)
 
 
 def _text_message_limit(settings) -> int:
@@ -83,11 +83,12 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
             _threads(settings.threads)
             domain.load()
 
-        return server, load, lambda: None
+        return server, load, domain.close
     if name == "denoiser":
         from services.denoiser.engine import WAN, load_backend
         from services.denoiser.executors import make_executor
         from services.denoiser.servicer import DenoiserServicer, registration
+        from videomesh.inference import InferenceThread
 
         servicer = DenoiserServicer()  # the backend and executor are attached once loaded
         server = create_server([registration(servicer)], host=settings.host, port=settings.port,
@@ -98,8 +99,10 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
             _threads(settings.threads)
             # a Ray driver of Wan loads no expert (the shards do): it starts, steps and decodes requests
             ray_driver = settings.executor == "ray" and settings.model == WAN
-            backend = load_backend(settings, experts=() if ray_driver else None)
-            executor = make_executor(backend, settings)
+            # loaded on the thread that will run it (the executor's scheduler): one torch thread pool
+            worker = InferenceThread("denoiser", settings.threads)
+            backend = worker.call(load_backend, settings, experts=() if ray_driver else None)
+            executor = make_executor(backend, settings, worker)
             executor.start()
             servicer.attach(backend, executor)
 
@@ -107,12 +110,19 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
     if name == "upscaler":
         from services.upscaler.servicer import UpscalerServicer, registration
         from services.upscaler.upscaler import SpatialUpscaler
+        from videomesh.inference import InferenceThread
 
         spatial = SpatialUpscaler(settings)
+        worker = InferenceThread("upscaler", settings.threads)  # the SR net loads and runs on it
         server = create_server(
-            [registration(UpscalerServicer(spatial))], host=settings.host, port=settings.port
+            [registration(UpscalerServicer(spatial, worker))], host=settings.host, port=settings.port
         )
-        return server, spatial.load, lambda: None
+
+        def load():
+            _threads(settings.threads)
+            worker.call(spatial.load)
+
+        return server, load, worker.close
     if name == "qc":
         from services.qc.servicer import QualityCheckServicer, registration
 

@@ -60,10 +60,12 @@ class DenoiserSettings:
     # wan2.2: the CFG branches as one batch of 2n (bit-identical to WanPipeline in bf16 on CPU) or as two
     # forwards of n, as WanPipeline runs them (bit-identical in fp32 too)
     cfg_batch: bool = True
-    # requests stepped in one forward by the in-process executor (0 = per model: 1 for the built-in
-    # models, whose batches pad texts to the longest, so each request gives exactly its frames alone;
-    # 4 for wan2.2, whose texts are all 512 tokens and batch exactly)
+    # requests stepped in one forward by the in-process executor (0 = per model: 8 for the built-in
+    # models, whose batched frames are within one level of their frames alone; 4 for wan2.2, whose
+    # texts are all 512 tokens and batch bit for bit); the gateway sizes its slots from it
     max_batch: int = 0
+    # seconds a new batch waits for more requests before its first step (later ones join between steps)
+    batch_wait: float = 0.0
     adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
     adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~1.5 MB each, default model)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
@@ -103,6 +105,8 @@ class DenoiserSettings:
             )
         if self.max_batch < 0:
             raise ValueError(f"max_batch must be 0 (per model) or more; got {self.max_batch}")
+        if not 0 <= self.batch_wait <= 10:
+            raise ValueError(f"batch_wait must be in 0..10 seconds; got {self.batch_wait}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

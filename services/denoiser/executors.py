@@ -1,14 +1,19 @@
 """Where the denoiser's forwards run: in this process, or on expert shards placed by Ray.
 
 Both executors are the same step-level scheduler around the one sampler loop
-(`backends.loop.advance`): a thread gathers every request in flight at its next step, the loop
+(`backends.loop.advance`): one long-lived thread gathers every request in flight at its next step, the loop
 groups them by the backend's batch key (expert, latent shape, ...), runs one forward per group,
 applies the backend's sampler step and reports progress. Requests join and leave between steps;
 should_stop() is asked before each of a request's steps. The executors differ only in where a
 forward runs (`_submit`): LocalExecutor calls `backend.forward` here, RayExecutor calls it on the
 shard that holds the expert. Each request's noise and sampler state (a multistep scheduler, for
-Wan) stay here, and its frames decode here, in the caller's thread, as the backend yields them
-(never on an expert shard).
+Wan) stay here, and its frames decode here as the backend yields them (never on an expert shard).
+
+Threads: all of this process's torch work for the model (a request's start, every forward, every
+decoded chunk) runs on the scheduler thread, so torch keeps one OpenMP pool (videomesh/inference.py
+says why that matters). Given an InferenceThread (`worker`), the scheduler runs on it, the thread
+the model was loaded on. Work from other threads goes through `call()`, which runs it on the
+scheduler thread between ticks: a decoded chunk between two steps of the requests still sampling.
 
 RayExecutor
 - one ExpertShard actor per expert per replica, each in its own placement-group bundle
@@ -31,6 +36,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +48,7 @@ from services.denoiser.engine import WAN, DenoiserEngine, DenoiserSettings
 from services.denoiser.lora import LRU, Adapter
 from services.denoiser.model import MoEDenoiser
 from services.denoiser.sampling import SamplingCancelled
+from videomesh.inference import InferenceThread
 
 log = logging.getLogger("videomesh.executors")
 
@@ -55,10 +62,13 @@ def as_backend(model: ModelBackend | DenoiserEngine) -> ModelBackend:
 
 
 def default_batch(backend: ModelBackend) -> int:
-    """Requests per forward when the settings leave it open: the built-in models pad a batch's
-    texts to the longest, which moves frames by a level; Wan's texts are all 512 tokens and its
-    batches give each request's frames bit for bit (tests/unit/test_wan_backend.py)."""
-    return 4 if getattr(backend, "kind", "") == WAN else 1
+    """Requests per forward when the settings leave it open. Wan: 4 (its texts are all 512 tokens;
+    a batch gives each request's frames bit for bit, tests/unit/test_wan_backend.py). The built-in
+    models: 8. Their texts are padded to the longest in the batch (the padding is masked out), and
+    CPU GEMM kernels round a row differently with the number of rows, so a batched request's frames
+    can differ from its frames alone by one level in a few pixels (measured: 1 level at most, in
+    2e-5 of the values; tests/unit/test_batching.py holds it to that)."""
+    return 4 if getattr(backend, "kind", "") == WAN else 8
 
 
 @dataclass
@@ -76,16 +86,29 @@ class SteppedExecutor:
 
     name = "stepped"
 
-    def __init__(self, model: ModelBackend | DenoiserEngine, max_batch: int = 0):
+    def __init__(
+        self,
+        model: ModelBackend | DenoiserEngine,
+        max_batch: int = 0,
+        *,
+        batch_wait: float = 0.0,
+        worker: InferenceThread | None = None,
+    ):
         self.backend = as_backend(model)
         self.max_batch = max_batch or default_batch(self.backend)
+        # a new batch waits this long (seconds) for more requests before its first step; requests
+        # that come later join at the next step boundary anyway
+        self.batch_wait = batch_wait
+        self.worker = worker
+        self._tasks: list[tuple[Callable, tuple, Future]] = []  # call()s waiting for the thread
+        self._loop_ident: int | None = None
         self._pending: list[_Request] = []
         self._active: list[_Request] = []
         self._by_state: dict[int, _Request] = {}  # id(state) -> its request
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | Future | None = None
         self.ticks = 0
 
     @property
@@ -99,15 +122,43 @@ class SteppedExecutor:
     def _ensure_thread(self) -> None:
         with self._cv:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"{self.name}-scheduler", daemon=True)
-                self._thread.start()
+                if self.worker is not None:  # the thread the model was loaded on
+                    self._thread = self.worker.submit(self._loop)
+                else:
+                    self._thread = threading.Thread(target=self._loop, name=f"{self.name}-scheduler", daemon=True)
+                    self._thread.start()
+
+    def call(self, fn: Callable, *args):
+        """Run fn(*args) on the scheduler thread (between ticks) and return its result."""
+        if threading.get_ident() == self._loop_ident:
+            return fn(*args)
+        done: Future = Future()
+        with self._cv:
+            if self._stop.is_set():
+                raise SamplingCancelled("the denoiser is shutting down")
+            self._tasks.append((fn, args, done))
+            self._cv.notify_all()
+        self._ensure_thread()
+        return done.result()
+
+    def _run_tasks(self) -> None:
+        with self._cv:
+            tasks, self._tasks = self._tasks, []
+        for fn, args, done in tasks:
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+                done.set_exception(err)
 
     # --- requests ---
-    def stream(self, job: DenoiseJob, on_step=None, should_stop=None) -> Iterator[np.ndarray]:
+    def stream(self, job: DenoiseJob, on_step=None, should_stop=None, stats: dict | None = None) -> Iterator[np.ndarray]:
         """Sample `job` with the requests in flight and yield its uint8 (n, H, W, 3) frame chunks as
-        they decode. on_step(step, total, expert, t) after every step (on the scheduler thread)."""
+        they decode. on_step(step, total, expert, t) after every step (on the scheduler thread);
+        `stats`, when given, receives the steps "computed" and "reused" (step caching) once sampled."""
         self._ensure_thread()
-        state = self.backend.start(job)
+        state = self.call(self.backend.start, job)
         req = _Request(next(self._ids), state, on_step, should_stop)
         with self._cv:
             self._by_state[id(state)] = req
@@ -116,9 +167,16 @@ class SteppedExecutor:
         req.done.wait()
         if req.error is not None:
             raise req.error
-        for frames in self.backend.decode(state):
+        if stats is not None:
+            reused = state.cache.reused if state.cache is not None else 0
+            stats.update(computed=state.step - reused, reused=reused)
+        chunks = self.backend.decode(state)  # a generator: each chunk decodes on the scheduler thread
+        while True:
             if should_stop is not None and should_stop():
                 raise SamplingCancelled("stopped while decoding")
+            frames = self.call(next, chunks, None)
+            if frames is None:
+                return
             yield frames
 
     def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
@@ -129,19 +187,39 @@ class SteppedExecutor:
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
-        if self._thread is not None:
+        if isinstance(self._thread, threading.Thread):
             self._thread.join(timeout=10)
+        elif self._thread is not None:
+            wait([self._thread], timeout=10)
         with self._cv:
             for r in self._active + self._pending:
                 r.error = r.error or SamplingCancelled("the denoiser is shutting down")
                 r.done.set()
+            tasks, self._tasks = self._tasks, []
+        for _, _, done in tasks:
+            if done.set_running_or_notify_cancel():
+                done.set_exception(SamplingCancelled("the denoiser is shutting down"))
 
     # --- the scheduler: one tick = every active request advances one step ---
     def _loop(self) -> None:
+        self._loop_ident = threading.get_ident()
+        batch_deadline = 0.0  # while a new batch waits for more requests (batch_wait)
         while not self._stop.is_set():
             with self._cv:
-                while not self._pending and not self._active and not self._stop.is_set():
+                while not (self._pending or self._active or self._tasks or self._stop.is_set()):
                     self._cv.wait(0.5)
+            self._run_tasks()  # starts and decoded chunks asked for by other threads
+            with self._cv:
+                if self._pending and not self._active and self.batch_wait > 0:
+                    # a new batch: give requests that arrive together a moment to start together (their
+                    # starts run here meanwhile: this loop goes round for every task)
+                    now = time.monotonic()
+                    batch_deadline = batch_deadline or now + self.batch_wait
+                    if len(self._pending) < self.max_batch and now < batch_deadline and not self._stop.is_set():
+                        if not self._tasks:
+                            self._cv.wait(batch_deadline - now)
+                        continue
+                batch_deadline = 0.0
                 self._active += self._pending  # requests join between steps
                 self._pending = []
             for r in list(self._active):
@@ -353,8 +431,9 @@ class RayExecutor(SteppedExecutor):
         model: ModelBackend | DenoiserEngine,
         settings: RaySettings,
         denoiser: DenoiserSettings | None = None,
+        worker: InferenceThread | None = None,
     ):
-        super().__init__(model, settings.max_batch)
+        super().__init__(model, settings.max_batch, worker=worker)
         self.settings = settings
         self.denoiser = denoiser or self.backend.engine.settings
         self.experts = [e.name for e in self.backend.supports().experts]
@@ -467,7 +546,9 @@ class RayExecutor(SteppedExecutor):
         for r in reqs:
             if r.id not in sent:
                 if r.id not in self._refs:  # put once per request, whichever shards read it
-                    self._refs[r.id] = ray.put(self.backend.remote_state(r.state))
+                    # the step cache stays with the loop, as the latents do (a reused step sends nothing)
+                    remote = dataclasses.replace(self.backend.remote_state(r.state), cache=None)
+                    self._refs[r.id] = ray.put(remote)
                 new[r.id] = [self._refs[r.id]]
         batch = [(r.id, r.state.step, r.state.latents) for r in reqs]
         job = states[0].job  # one adapter per batch (the backend's batch key)
@@ -541,11 +622,13 @@ class RayExecutor(SteppedExecutor):
         raise RuntimeError(f"could not restart the {expert} shard; `ray status` shows the cluster")
 
 
-def make_executor(backend: ModelBackend | DenoiserEngine, settings: DenoiserSettings):
+def make_executor(
+    backend: ModelBackend | DenoiserEngine, settings: DenoiserSettings, worker: InferenceThread | None = None
+):
     if settings.executor == "ray":
         import os
 
         return RayExecutor(backend, RaySettings(address=settings.ray_address or os.environ.get("RAY_ADDRESS", ""),
                                                 replicas=settings.ray_replicas, strategy=settings.ray_strategy),
-                           settings)  # fmt: skip
-    return LocalExecutor(backend, settings.max_batch)
+                           settings, worker=worker)  # fmt: skip
+    return LocalExecutor(backend, settings.max_batch, batch_wait=settings.batch_wait, worker=worker)

@@ -4,13 +4,14 @@ worker thread, streams step progress, then frames as they decode, then Done."""
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 
 import torch
 
-from services.denoiser.backends.base import DenoiseJob, ModelSupport
+from services.denoiser.backends.base import MAX_STEP_CACHE, DenoiseJob, ModelSupport
 from services.denoiser.sampling import SamplingCancelled
 from videomesh import codec
 from videomesh.errors import Cancelled, InvalidArgument, Unavailable
@@ -59,6 +60,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         for name in ("num_frames", "height", "width", "num_steps"):
             if getattr(req, name) < 0:
                 raise InvalidArgument(f"{name} must not be negative; got {getattr(req, name)}", field=name)
+        if not (0 <= req.step_cache <= MAX_STEP_CACHE) or not math.isfinite(req.step_cache):
+            raise InvalidArgument(f"step_cache must be in 0..{MAX_STEP_CACHE:g} (0 = off); got {req.step_cache}",
+                                  field="step_cache")  # fmt: skip
         text = codec.to_torch(req.text_embeddings, name="text_embeddings")
         text_mask = codec.to_torch(req.text_mask, name="text_mask")
         negative = codec.to_torch(req.negative_embeddings, name="negative_embeddings")
@@ -89,6 +93,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             guidance_2=req.guidance_scale_2,
             # reserved for image-to-video: the backends refuse it until one serves it
             image=torch.empty(0, dtype=torch.uint8) if req.HasField("image") else None,
+            step_cache=req.step_cache,
         )
 
     def Denoise(self, request, context):
@@ -102,6 +107,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         context.add_callback(stop.set)  # client cancel, deadline or disconnect
         done = object()
 
+        stats: dict = {}  # the executor's count of steps computed and reused (step caching)
         def on_step(step, total, expert, t):
             events.put(
                 denoiser_pb2.DenoiseEvent(
@@ -115,7 +121,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             try:
                 # frames come as the backend decodes them (Wan: one latent frame at a time), so the
                 # upscaler downstream starts on the first frames while the last ones decode
-                for frames in executor.stream(job, on_step=on_step, should_stop=stop.is_set):
+                for frames in executor.stream(job, on_step=on_step, should_stop=stop.is_set, stats=stats):
                     events.put(frames)
             except BaseException as err:  # noqa: BLE001 - handed to the RPC thread
                 events.put(err)
@@ -145,7 +151,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     sent += len(item)
             yield denoiser_pb2.DenoiseEvent(
                 done=denoiser_pb2.DenoiseDone(
-                    num_frames=sent, fps=support.fps, seconds=time.perf_counter() - t0
+                    num_frames=sent,
+                    fps=support.fps,
+                    seconds=time.perf_counter() - t0,
+                    steps_computed=stats.get("computed", job.steps),
+                    steps_reused=stats.get("reused", 0),
                 )
             )
         finally:
@@ -179,7 +189,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             max_steps=s.max_steps,
             # generations at once: the gateway sizes its slots from it
             capacity=getattr(self.executor, "capacity", 1),
-            adapters=self._adapters(engine) if engine is not None else [],
+            # the default model's adapters, or a backend's own (Wan: its LoRAs, wan_lora.py)
+            adapters=self._adapters(engine)
+            if engine is not None
+            else [common_pb2.AdapterInfo(**a) for a in getattr(backend, "adapter_infos", list)()],
             backend=backend.kind,
             size_rule=denoiser_pb2.SizeRule(
                 official=[size(width=w, height=h) for w, h in s.sizes.official],

@@ -16,6 +16,7 @@ import torch
 from services.encoder.model import MAX_PROMPT_CHARS, TEXT_ENCODERS, TextEncoder, detect_language
 from videomesh.codec import MAX_MESSAGE_BYTES, TEXT_MESSAGE_BYTES
 from videomesh.errors import InvalidArgument, Unavailable
+from videomesh.inference import InferenceThread
 from videomesh.weights import load_into
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -37,7 +38,7 @@ class EncoderSettings:
     weights: Path | None = None  # default: services/encoder/weights/<model>.safetensors
     host: str = "127.0.0.1"
     port: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
     model_dir: Path | None = None  # model wan2.2: the Wan directory (tokenizer/, text_encoder/)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda: where UMT5 runs (the default model: CPU)
     # The largest message the server sends or accepts; 0 = 4 MiB (codec.MAX_MESSAGE_BYTES) for the
@@ -73,11 +74,13 @@ class EncoderSettings:
 
 
 class TextEncoding:
-    """Thread-safe wrapper around TextEncoder for the service."""
+    """Thread-safe wrapper around TextEncoder for the service: the model loads and runs on one
+    long-lived inference thread (videomesh/inference.py), whichever gRPC thread asks."""
 
     def __init__(self, settings: EncoderSettings):
         self.settings = settings
         self._lock = threading.Lock()
+        self._worker = InferenceThread("encoder", settings.threads)
         self.model = None  # TextEncoder (default) or UMT5TextEncoder (wan2.2)
         self.name = ""
 
@@ -86,6 +89,12 @@ class TextEncoding:
         return self.settings.model == WAN
 
     def load(self) -> None:
+        self._worker.call(self._load)
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def _load(self) -> None:
         if self.wan:
             from services.encoder.umt5 import UMT5TextEncoder
 
@@ -131,17 +140,22 @@ class TextEncoding:
         langs = [detect_language(t) for t in texts]
         if self.wan:
             with self._lock:
-                out = self.model.encode(texts)
+                out = self._worker.call(self.model.encode, texts)
             notes = [
                 (i, "PROMPT_TRUNCATED", truncation_note(lost + self.model.max_length, self.model.max_length))
                 for i, lost in enumerate(out.truncated)
                 if lost
             ]
             return Encoded(out.states, out.mask, langs, notes)
-        with self._lock, torch.inference_mode():
-            states, mask = self.model.encode(texts)
+        with self._lock:
+            states, mask = self._worker.call(self._encode_default, texts)
         # the default model draws a world of shapes; Wan draws anything, so it gets no such note
         return Encoded(states, mask, langs, world_notes(texts))
+
+
+    def _encode_default(self, texts: list[str]):
+        with torch.inference_mode():
+            return self.model.encode(texts)
 
 
 def truncation_note(tokens: int, max_length: int) -> str:

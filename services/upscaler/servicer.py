@@ -11,6 +11,7 @@ from services.upscaler.interpolate import output_positions
 from services.upscaler.upscaler import SpatialUpscaler, UpscalePlan, upscale_stream
 from videomesh import codec
 from videomesh.errors import InvalidArgument
+from videomesh.inference import InferenceThread
 from videomesh.v1 import upscaler_pb2, upscaler_pb2_grpc
 
 SERVICE_NAME = upscaler_pb2.DESCRIPTOR.services_by_name["Upscaler"].full_name
@@ -43,8 +44,17 @@ def _check_settings(s: upscaler_pb2.UpscaleSettings, plan: UpscalePlan) -> None:
 
 
 class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
-    def __init__(self, spatial: SpatialUpscaler):
+    """`worker`: the one thread the SR network runs on, whichever gRPC thread serves the stream
+    (videomesh/inference.py); without one, the calling thread runs it."""
+
+    def __init__(self, spatial: SpatialUpscaler, worker: InferenceThread | None = None):
         self.spatial = spatial
+        self.worker = worker
+
+    def _spatial(self, frame: np.ndarray, width: int, height: int) -> np.ndarray:
+        if self.worker is None or (frame.shape[1] == width and frame.shape[0] == height):
+            return self.spatial(frame, width, height)
+        return self.worker.call(self.spatial, frame, width, height)
 
     def Upscale(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -71,7 +81,7 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
                 raise InvalidArgument("stream ended inside a frame", field="frames")
 
         batch, start = [], 0
-        for frame in upscale_stream(plan, inputs(), self.spatial):
+        for frame in upscale_stream(plan, inputs(), self._spatial):
             batch.append(frame)
             if len(batch) == _FRAMES_PER_REPLY:
                 yield from codec.frame_chunks(np.stack(batch), start=start)

@@ -226,3 +226,15 @@ def test_qc_reports_black_frames_and_rejects_empty(services):
     assert [(r.start, r.end) for r in black.frames] == [(4, 6)]
     _invalid(lambda: _inspect(stub, frames[:0].reshape(0, 32, 32, 3), fps=8), "frames")
     _invalid(lambda: _inspect(stub, frames, fps=0), "settings.fps")
+
+
+def test_denoiser_step_cache_counts_and_range(services):
+    stub = denoiser_pb2_grpc.DenoiserStub(channel(services["denoiser"].address))
+    done = [e.done for e in stub.Denoise(_denoise_request(num_steps=8)) if e.WhichOneof("event") == "done"][0]
+    assert (done.steps_computed, done.steps_reused) == (8, 0)
+    events = list(stub.Denoise(_denoise_request(num_steps=8, step_cache=1.0)))
+    done = events[-1].done
+    assert done.steps_reused > 0 and done.steps_computed + done.steps_reused == 8
+    assert [e.progress.step for e in events if e.WhichOneof("event") == "progress"] == list(range(1, 9))
+    for bad in (-0.1, 1.5, float("nan")):
+        _invalid(lambda b=bad: list(stub.Denoise(_denoise_request(step_cache=b))), "step_cache")

@@ -210,3 +210,18 @@ def test_split_rows_slices_bytes_and_keeps_bf16():
         codec.split_rows(bad)
     with pytest.raises(InvalidArgument, match="cannot split"):
         codec.split_rows(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[], data=b"\0\0\0\0"))
+
+
+def test_step_cache_from_the_request_or_the_tier(gw):
+    import dataclasses
+
+    from gateway.tiers import DEFAULT_TIERS
+
+    assert gw.normalize(common_pb2.VideoSpec(prompt="a cat")).step_cache == 0.0  # off by default
+    fast = dataclasses.replace(DEFAULT_TIERS["free"], step_cache=0.1)
+    assert gw.normalize(common_pb2.VideoSpec(prompt="a cat"), fast).step_cache == pytest.approx(0.1)
+    # the request's own value wins, 0 included
+    assert gw.normalize(common_pb2.VideoSpec(prompt="a cat", step_cache=0.0), fast).step_cache == 0.0
+    assert gw.normalize(common_pb2.VideoSpec(prompt="a cat", step_cache=0.2), fast).step_cache == pytest.approx(0.2)
+    for bad in (-1.0, 2.0, float("inf")):
+        assert "spec.step_cache" in _violations(gw, step_cache=bad)[0]

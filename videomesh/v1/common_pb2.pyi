@@ -102,7 +102,7 @@ class Size(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class VideoSpec(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "duration_seconds", "fps", "seed", "language", "style", "num_steps", "guidance_scale", "style_adapter", "style_strength", "num_frames", "guidance_scale_2", "image")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "duration_seconds", "fps", "seed", "language", "style", "num_steps", "guidance_scale", "style_adapter", "style_strength", "num_frames", "guidance_scale_2", "image", "step_cache")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class VideoSpec(_message.Message):
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -135,7 +136,8 @@ class VideoSpec(_message.Message):
     num_frames: int
     guidance_scale_2: float
     image: Image
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., language: _Optional[str] = ..., style: _Optional[str] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., style_adapter: _Optional[str] = ..., style_strength: _Optional[float] = ..., num_frames: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    step_cache: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., language: _Optional[str] = ..., style: _Optional[str] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., style_adapter: _Optional[str] = ..., style_strength: _Optional[float] = ..., num_frames: _Optional[int] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., step_cache: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type")

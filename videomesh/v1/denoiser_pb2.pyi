@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model", "adapter", "adapter_strength", "guidance_scale_2", "image")
+    __slots__ = ("request_id", "text_embeddings", "text_mask", "negative_embeddings", "negative_mask", "num_frames", "height", "width", "seed", "num_steps", "guidance_scale", "encoder_model", "adapter", "adapter_strength", "guidance_scale_2", "image", "step_cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TEXT_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class DenoiseRequest(_message.Message):
     ADAPTER_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text_embeddings: _common_pb2.Tensor
     text_mask: _common_pb2.Tensor
@@ -42,7 +43,8 @@ class DenoiseRequest(_message.Message):
     adapter_strength: float
     guidance_scale_2: float
     image: _common_pb2.Image
-    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_strength: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ...) -> None: ...
+    step_cache: float
+    def __init__(self, request_id: _Optional[str] = ..., text_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., negative_mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., encoder_model: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_strength: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., step_cache: _Optional[float] = ...) -> None: ...
 
 class StepProgress(_message.Message):
     __slots__ = ("step", "total", "expert", "sigma")
@@ -57,14 +59,18 @@ class StepProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., expert: _Optional[str] = ..., sigma: _Optional[float] = ...) -> None: ...
 
 class DenoiseDone(_message.Message):
-    __slots__ = ("num_frames", "fps", "seconds")
+    __slots__ = ("num_frames", "fps", "seconds", "steps_computed", "steps_reused")
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_REUSED_FIELD_NUMBER: _ClassVar[int]
     num_frames: int
     fps: float
     seconds: float
-    def __init__(self, num_frames: _Optional[int] = ..., fps: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+    steps_computed: int
+    steps_reused: int
+    def __init__(self, num_frames: _Optional[int] = ..., fps: _Optional[float] = ..., seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., steps_reused: _Optional[int] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "frames", "done")

@@ -46,6 +46,9 @@ class DenoiseJob:
     guidance_2: float = 0.0
     # reserved for image-to-video (Wan2.2-I2V-A14B, TI2V-5B with an image): (3, H, W) uint8; not served yet
     image: torch.Tensor | None = None
+    # step caching: reuse an expert's last prediction while the model's input has changed by less than
+    # this (relative L1) since that prediction was computed; 0 = off (see StepCache)
+    step_cache: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,51 @@ class ModelSupport:
     default_frames: int
 
 
+MAX_STEP_CACHE = 1.0  # a threshold above this would reuse nearly every step
+
+
+@dataclass
+class StepCache:
+    """Step caching for one request (TeaCache / First-Block-Cache style, at the model's boundary).
+
+    For each expert it keeps the model input (the latents) and the prediction of the last step
+    that expert computed. A step whose input differs from that input by less than `threshold`
+    (mean |x - x_ref| / mean |x_ref|, the relative L1 distance TeaCache and FBCache gate on)
+    reuses the prediction instead of running the forward; otherwise it runs and becomes the new
+    reference. The distance is always to the last computed input, so reused steps add up until
+    the input has moved far enough. An expert's first step and the request's last step always run.
+
+    State lives in the request (SamplerState.cache), so nothing is shared between requests, and
+    is keyed by expert, so the high-noise expert's output is never reused for a low-noise step.
+    The CFG branches: the prediction kept is the guided one, vu + g (vc - vu), with the expert's
+    fixed scale g; both branches see the same input, so the gate skips or runs them together,
+    and keeping (vc, vu) apart would give the same step bit for bit. Runs wherever the loop runs
+    (in process or driving Ray shards): a reused step sends nothing to a shard.
+    """
+
+    threshold: float
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # expert -> latents it last saw
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # expert -> its prediction then
+    computed: int = 0
+    reused: int = 0
+
+    def lookup(self, expert: str, latents: torch.Tensor, last: bool) -> torch.Tensor | None:
+        ref = self.inputs.get(expert)
+        if ref is None or last or ref.shape != latents.shape:
+            return None
+        scale = float(ref.abs().mean())
+        distance = float((latents - ref).abs().mean()) / max(scale, 1e-8)
+        if distance >= self.threshold:
+            return None
+        self.reused += 1
+        return self.outputs[expert]
+
+    def store(self, expert: str, latents: torch.Tensor, prediction: torch.Tensor) -> None:
+        self.inputs[expert] = latents
+        self.outputs[expert] = prediction
+        self.computed += 1
+
+
 @dataclass
 class SamplerState:
     """One request in flight: its latents and where it is in its schedule (backends subclass it)."""
@@ -160,6 +208,7 @@ class SamplerState:
     total: int  # steps
     step: int = 0  # steps done
     experts_used: list[str] = field(default_factory=list)
+    cache: StepCache | None = None  # when job.step_cache is set: created by the loop at the first step
 
     @property
     def done(self) -> bool:
@@ -216,7 +265,7 @@ class ModelBackend(ABC):
         """What `forward` needs of a request when it runs elsewhere (a Ray shard), sent there once per
         request: the state without its latents, which travel with every step (with `step`), and
         without anything that advances (a scheduler stays with the loop)."""
-        return dataclasses.replace(state, latents=None, experts_used=[])
+        return dataclasses.replace(state, latents=None, experts_used=[], cache=None)
 
     def parameters(self, expert: str) -> int:
         """Parameters of one expert (0 where this process did not load it)."""

@@ -149,7 +149,7 @@ class DefaultBackend(ModelBackend):
         # the padded text is in the state already; the job's own copy stays here
         empty = torch.empty(0)
         job = dataclasses.replace(state.job, text=empty, text_mask=empty, negative=empty, negative_mask=empty)
-        return dataclasses.replace(state, latents=None, experts_used=[], job=job)
+        return dataclasses.replace(state, latents=None, experts_used=[], job=job, cache=None)
 
     def parameters(self, expert: str) -> int:
         from services.denoiser.model import count_parameters

@@ -2,7 +2,8 @@
 
 `advance(backend, states)` is one scheduler tick of a step-level batcher: every unfinished
 request does its next step, requests that share a batch key (same expert, same latent shape)
-in one forward. Where a forward runs is the caller's choice (`submit`): in this process by
+in one forward; a request with step caching on (DenoiseJob.step_cache, base.StepCache) whose
+input has hardly moved reuses its expert's last prediction instead of joining a forward. Where a forward runs is the caller's choice (`submit`): in this process by
 default, on a Ray shard for the Ray executor; the grouping, the sampler step and the progress
 callback are the same everywhere. `run(backend, job)` is one request alone, frames streamed as
 they decode.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from services.denoiser.backends.base import DenoiseJob, ModelBackend, SamplerState
+from services.denoiser.backends.base import DenoiseJob, ModelBackend, SamplerState, StepCache
 from services.denoiser.sampling import SamplingCancelled
 
 # on_step(state, expert, t): after each step; t in [0, 1] is where the step started
@@ -39,9 +40,19 @@ def advance(
     at most `max_batch` requests each (0 = no limit). All forwards of the tick are submitted before
     the first is waited for, so forwards on different experts (shards) run at the same time."""
     groups: dict[tuple, list[SamplerState]] = defaultdict(list)
+    reused: list[tuple[SamplerState, str, torch.Tensor]] = []
     for s in states:
-        if not s.done:
-            groups[(place(s) if place else None, backend.batch_key(s))].append(s)
+        if s.done:
+            continue
+        if s.job.step_cache > 0:
+            if s.cache is None:
+                s.cache = StepCache(s.job.step_cache)
+            expert = backend.expert_for(s)
+            cached = s.cache.lookup(expert, s.latents, last=s.step == s.total - 1)
+            if cached is not None:
+                reused.append((s, expert, cached))
+                continue
+        groups[(place(s) if place else None, backend.batch_key(s))].append(s)
     calls = []
     for (where, _), group in groups.items():
         expert = backend.expert_for(group[0])
@@ -52,15 +63,20 @@ def advance(
                 calls.append((expert, part, lambda e=expert, p=part: backend.forward(e, p)))
             else:
                 calls.append((expert, part, submit(where, expert, part)))
+    done: list[tuple[SamplerState, str, torch.Tensor]] = list(reused)
     for expert, part, result in calls:
         predictions = result()
         if predictions is None:
             continue
         for s, prediction in zip(part, predictions, strict=True):
-            t = backend.step(s, prediction)
-            s.experts_used.append(expert)
-            if on_step is not None:
-                on_step(s, expert, t)
+            if s.cache is not None:
+                s.cache.store(expert, s.latents, prediction)
+            done.append((s, expert, prediction))
+    for s, expert, prediction in done:
+        t = backend.step(s, prediction)
+        s.experts_used.append(expert)
+        if on_step is not None:
+            on_step(s, expert, t)
 
 
 def run(
