@@ -158,8 +158,10 @@ class GatewaySettings:
         if self.qc_policy not in ("review", "off"):
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
         if self.workers < 0 or self.queue_size < 1 or self.max_attempts < 1:
-            raise ValueError("workers must be 0 (from the denoiser's capacity) or more; queue_size and "
-                             "max_attempts at least 1")
+            raise ValueError(
+                "workers must be 0 (from the denoiser's capacity) or more; queue_size and "
+                "max_attempts at least 1"
+            )
         if not 1 <= self.max_streams_per_tenant <= self.max_streams:
             raise ValueError("max_streams_per_tenant must be in 1..max_streams")
         check_webhook_allow(self.webhook_allow)

@@ -150,3 +150,82 @@ def save_tiny_wan(path: str | Path, layout: str = "a14b") -> Path:
     path = Path(path)
     tiny_pipeline(layout).save_pretrained(path)
     return path
+
+
+# diffusers module path -> the original Wan / lightx2v name, per block and for the head
+_LIGHTX2V = {
+    **{
+        f"attn1.{c}": f"self_attn.{o}"
+        for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"), strict=True)
+    },
+    **{
+        f"attn2.{c}": f"cross_attn.{o}"
+        for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"), strict=True)
+    },
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
+
+def save_tiny_lora(
+    path: str | Path,
+    transformer,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.3,
+    style: str = "diffusers",
+    blocks: tuple[int, ...] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """A random LoRA for a (tiny) WanTransformer3DModel, written as safetensors; returns the path.
+
+    style "diffusers": `transformer.blocks.N.attn1.to_q.lora_A.weight` / `lora_B.weight` (fp32), for every
+    attention projection and FFN layer of the blocks and for proj_out. style "lightx2v": the original
+    Wan keys lightx2v / kohya ship (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `lora_up`, an
+    `alpha` per layer, `diff_b` bias deltas, zero `norm_*.diff` keys, `head.head`), in bf16."""
+    from safetensors.torch import save_file
+
+    if style not in ("diffusers", "lightx2v"):
+        raise ValueError(f"style must be diffusers or lightx2v; got {style!r}")
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = len(transformer.blocks)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pair(mod):
+        down = torch.randn(rank, mod.in_features, generator=g) * std
+        up = torch.randn(mod.out_features, rank, generator=g) * std
+        return down, up
+
+    for i in blocks if blocks is not None else range(n_blocks):
+        for ours, theirs in _LIGHTX2V.items():
+            mod = transformer.get_submodule(f"blocks.{i}.{ours}")
+            down, up = pair(mod)
+            if style == "diffusers":
+                tensors[f"transformer.blocks.{i}.{ours}.lora_A.weight"] = down
+                tensors[f"transformer.blocks.{i}.{ours}.lora_B.weight"] = up
+            else:
+                key = f"diffusion_model.blocks.{i}.{theirs}"
+                tensors[f"{key}.lora_down.weight"] = down.bfloat16()
+                tensors[f"{key}.lora_up.weight"] = up.bfloat16()
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank * 2), dtype=torch.bfloat16)
+                tensors[f"{key}.diff_b"] = (torch.randn(mod.out_features, generator=g) * std * 0.1).bfloat16()
+        if style == "lightx2v":
+            dim = transformer.blocks[i].attn1.norm_q.weight.shape[0]
+            tensors[f"diffusion_model.blocks.{i}.self_attn.norm_q.diff"] = torch.zeros(
+                dim, dtype=torch.bfloat16
+            )
+    down, up = pair(transformer.proj_out)
+    if style == "diffusers":
+        tensors["transformer.proj_out.lora_A.weight"] = down
+        tensors["transformer.proj_out.lora_B.weight"] = up
+    else:
+        tensors["diffusion_model.head.head.lora_down.weight"] = down.bfloat16()
+        tensors["diffusion_model.head.head.lora_up.weight"] = up.bfloat16()
+        tensors["diffusion_model.head.head.diff_b"] = (
+            torch.randn(up.shape[0], generator=g) * std * 0.1
+        ).bfloat16()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path

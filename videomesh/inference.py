@@ -75,9 +75,7 @@ class InferenceThread:
     def __init__(self, name: str = "inference", threads: int = 0):
         self.name = name
         self.threads = threads
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=name, initializer=self._init_thread
-        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._init_thread)
         self._ident: int | None = None
 
     def _init_thread(self) -> None:

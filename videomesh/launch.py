@@ -126,6 +126,7 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
     if name == "qc":
         from services.qc.servicer import QualityCheckServicer, registration
 
+        settings.apply_threads()  # OpenCV's threads: every usable core unless the settings say
         servicer = QualityCheckServicer(settings.thresholds(), faces=settings.faces)
         server = create_server([registration(servicer)], host=settings.host, port=settings.port)
         return server, lambda: None, lambda: None

@@ -70,6 +70,10 @@ class DenoiserSettings:
     adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~1.5 MB each, default model)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
     attention: str = "auto"
+    # where the built-in model's experts run: torch | onnx (onnxruntime, CPU) | tensorrt (CUDA) | compile
+    # (torch.compile); the exported graphs are cached in accel_cache (default ~/.cache/videomesh/accel)
+    runtime: str = "torch"
+    accel_cache: Path | None = None
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
@@ -113,6 +117,11 @@ class DenoiserSettings:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32; got {self.precision!r}")
         if self.adapter_cache < 1:
             raise ValueError(f"adapter_cache must be at least 1; got {self.adapter_cache}")
+        from videomesh.accel import check_runtime
+
+        check_runtime(self.runtime)
+        if self.runtime != "torch" and self.model == WAN:
+            raise ValueError(f"runtime={self.runtime} is for the built-in models; {WAN} runs on torch")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}"
@@ -196,14 +205,21 @@ class DenoiserEngine:
         self.encoder_model = declared_encoder(self.cfg, Path(path), self.version)
         self.model = model.to(self.device)
         self._slot = AdapterSlot(self.model)
+        if self.settings.runtime != "torch":  # ONNX Runtime / TensorRT / torch.compile (videomesh/accel.py)
+            from services.denoiser.accel import accelerate_denoiser
+
+            accelerate_denoiser(self.model, self.settings.runtime, self.settings.accel_cache,
+                                fp16=self.dtype != torch.float32, threads=self.settings.threads,
+                                max_batch=max(16, self.settings.max_batch))  # fmt: skip
         log.info(
-            "denoiser %s@%s on %s/%s (%s; attention: %s), %d params per expert",
+            "denoiser %s@%s on %s/%s (%s; attention: %s; runtime: %s), %d params per expert",
             self.cfg.name,
             self.version,
             self.device,
             self.dtype,
             precision_reason(self.settings.precision, self.device),
             self.attention,
+            self.settings.runtime,
             count_parameters(model.experts["high_noise"]),
         )
 
@@ -367,8 +383,11 @@ def load_backend(settings: DenoiserSettings, *, experts: tuple[str, ...] | None 
         device = pick_device(settings.device)
         precision = "bf16" if settings.precision == "auto" else settings.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        # Wan LoRAs (brand styles, few-step distillation) from the same adapters directory
         return WanBackend.load(settings.model_dir, dtype=dtype, device=device, experts=experts,
-                               cfg_batch=settings.cfg_batch, vae=decode)  # fmt: skip
+                               cfg_batch=settings.cfg_batch, vae=decode,
+                               adapters_dir=settings.adapters_dir or ADAPTERS_DIR,
+                               adapter_cache=min(settings.adapter_cache, 4))  # fmt: skip
     from services.denoiser.backends.default import DefaultBackend
 
     engine = DenoiserEngine(settings)

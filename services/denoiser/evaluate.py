@@ -38,38 +38,53 @@ def _seconds(events, stage_a: int, stage_b: int) -> float:
     return times.get(stage_b, 0.0) - times.get(stage_a, 0.0)
 
 
-def run(per_lang: int, seed: int, out_json: Path | None, size: str) -> dict:
+def run(per_lang: int, seed: int, out_json: Path | None, size: str, step_cache: float = 0.0,
+        mesh: LocalMesh | None = None) -> dict:  # fmt: skip
+    """step_cache: the threshold every clip asks for (0 = off); mesh: a running one to use (else one
+    is started and stopped here)."""
+    with tempfile.TemporaryDirectory(prefix="videomesh-eval-") as d:
+        if mesh is not None:
+            return _run(mesh, per_lang, seed, out_json, size, step_cache)
+        with LocalMesh(Path(d) / "data") as started:
+            return _run(started, per_lang, seed, out_json, size, step_cache)
+
+
+def _run(
+    mesh: LocalMesh, per_lang: int, seed: int, out_json: Path | None, size: str, step_cache: float
+) -> dict:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="videomesh-eval-") as d, LocalMesh(Path(d) / "data") as mesh:
-        client = VideoClient(mesh.addresses["gateway"], mesh.api_key)
-        w, h = (int(v) for v in size.split("x"))
-        for lang in LANGS:
-            unseen = heldout_only_words(lang)
-            for i, (prompt, spec) in enumerate(heldout_prompts(lang, per_lang, seed=seed)):
-                events = list(
-                    client.generate(
-                        common_pb2.VideoSpec(prompt=prompt, seed=seed * 1000 + i, width=w, height=h)
+    client = VideoClient(mesh.addresses["gateway"], mesh.api_key)
+    w, h = (int(v) for v in size.split("x"))
+    for lang in LANGS:
+        unseen = heldout_only_words(lang)
+        for i, (prompt, spec) in enumerate(heldout_prompts(lang, per_lang, seed=seed)):
+            events = list(
+                client.generate(
+                    common_pb2.VideoSpec(
+                        prompt=prompt, seed=seed * 1000 + i, width=w, height=h, step_cache=step_cache
                     )
                 )
-                last = events[-1]
-                if last.WhichOneof("event") != "completed":
-                    raise RuntimeError(f"{prompt!r}: {last}")
-                video = last.completed.video
-                frames = read_frames(Path(video.result.uri.removeprefix("file://")))
-                det = detect(frames)
-                rows.append({
-                    "lang": lang, "prompt": prompt, "expected": spec.__dict__ if hasattr(spec, "__dict__") else str(spec),
-                    "detected": {k: getattr(det, k) for k in ("color", "shape", "motion", "size", "background")},
-                    "score": score(det, spec), "unseen_words": any(u in prompt for u in unseen),
-                    # per attribute: is the word that names it held-out-only? (a held-out motion
-                    # word does not make the shape word unseen)
-                    "unseen_by_attribute": unseen_by_attribute(lang, prompt),
-                    "denoise_s": _seconds(events, common_pb2.STAGE_DENOISING, common_pb2.STAGE_UPSCALING),
-                    "total_s": (events[-1].time.ToNanoseconds() - events[0].time.ToNanoseconds()) / 1e9,
-                    "qc_passed": video.quality.passed,
-                    "model": video.model,  # name@version of the weights that drew it
-                })  # fmt: skip
-        client.close()
+            )
+            last = events[-1]
+            if last.WhichOneof("event") != "completed":
+                raise RuntimeError(f"{prompt!r}: {last}")
+            video = last.completed.video
+            frames = read_frames(Path(video.result.uri.removeprefix("file://")))
+            det = detect(frames)
+            rows.append({
+                "lang": lang, "prompt": prompt, "expected": spec.__dict__ if hasattr(spec, "__dict__") else str(spec),
+                "detected": {k: getattr(det, k) for k in ("color", "shape", "motion", "size", "background")},
+                "score": score(det, spec), "unseen_words": any(u in prompt for u in unseen),
+                # per attribute: is the word that names it held-out-only? (a held-out motion
+                # word does not make the shape word unseen)
+                "unseen_by_attribute": unseen_by_attribute(lang, prompt),
+                "denoise_s": _seconds(events, common_pb2.STAGE_DENOISING, common_pb2.STAGE_UPSCALING),
+                "total_s": (events[-1].time.ToNanoseconds() - events[0].time.ToNanoseconds()) / 1e9,
+                "qc_passed": video.quality.passed,
+                "step_cache": step_cache,
+                "model": video.model,  # name@version of the weights that drew it
+            })  # fmt: skip
+    client.close()
     summary = summarize(rows)
     summary["vocabulary"] = training_vocabulary()
     summary["model"] = ", ".join(sorted({r["model"] for r in rows}))
@@ -152,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="256x256")
     p.add_argument("--json", type=Path, default=None, help="write every row here")
+    p.add_argument("--step-cache", type=float, default=0.0,
+                   help="step caching threshold every clip asks for (0 = off): its adherence against uncached")  # fmt: skip
     p.add_argument("--table-from", type=Path, default=None,
                    help="print the table of an earlier run's --json file (no mesh, nothing generated)")  # fmt: skip
     a = p.parse_args(argv)
@@ -162,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"vocabulary": saved.get("vocabulary", "core"), "model": saved.get("model", "")}
         return 0 if print_table({**summarize(saved["rows"]), **meta}) else 1
     t0 = time.time()
-    summary = run(a.per_lang, a.seed, a.json, a.size)
+    summary = run(a.per_lang, a.seed, a.json, a.size, a.step_cache)
     ok = print_table(summary)
     print(f"({time.time() - t0:.0f} s)")
     return 0 if ok else 1

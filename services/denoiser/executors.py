@@ -125,7 +125,9 @@ class SteppedExecutor:
                 if self.worker is not None:  # the thread the model was loaded on
                     self._thread = self.worker.submit(self._loop)
                 else:
-                    self._thread = threading.Thread(target=self._loop, name=f"{self.name}-scheduler", daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._loop, name=f"{self.name}-scheduler", daemon=True
+                    )
                     self._thread.start()
 
     def call(self, fn: Callable, *args):
@@ -153,7 +155,9 @@ class SteppedExecutor:
                 done.set_exception(err)
 
     # --- requests ---
-    def stream(self, job: DenoiseJob, on_step=None, should_stop=None, stats: dict | None = None) -> Iterator[np.ndarray]:
+    def stream(
+        self, job: DenoiseJob, on_step=None, should_stop=None, stats: dict | None = None
+    ) -> Iterator[np.ndarray]:
         """Sample `job` with the requests in flight and yield its uint8 (n, H, W, 3) frame chunks as
         they decode. on_step(step, total, expert, t) after every step (on the scheduler thread);
         `stats`, when given, receives the steps "computed" and "reused" (step caching) once sampled."""
@@ -215,7 +219,11 @@ class SteppedExecutor:
                     # starts run here meanwhile: this loop goes round for every task)
                     now = time.monotonic()
                     batch_deadline = batch_deadline or now + self.batch_wait
-                    if len(self._pending) < self.max_batch and now < batch_deadline and not self._stop.is_set():
+                    if (
+                        len(self._pending) < self.max_batch
+                        and now < batch_deadline
+                        and not self._stop.is_set()
+                    ):
                         if not self._tasks:
                             self._cv.wait(batch_deadline - now)
                         continue

@@ -108,6 +108,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         done = object()
 
         stats: dict = {}  # the executor's count of steps computed and reused (step caching)
+
         def on_step(step, total, expert, t):
             events.put(
                 denoiser_pb2.DenoiseEvent(

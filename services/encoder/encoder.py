@@ -152,7 +152,6 @@ class TextEncoding:
         # the default model draws a world of shapes; Wan draws anything, so it gets no such note
         return Encoded(states, mask, langs, world_notes(texts))
 
-
     def _encode_default(self, texts: list[str]):
         with torch.inference_mode():
             return self.model.encode(texts)

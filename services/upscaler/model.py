@@ -57,13 +57,15 @@ class ResidualESPCN(nn.Module):
         h = F.silu(self.head(x))
         h = h + self.body(h)
         out = base + F.pixel_shuffle(self.tail(h), s)  # (N, 3*s*s, h, w) -> (N, 3, h*s, w*s)
-        return antiring(out, x, self.cfg.antiring) if self.cfg.antiring else out
+        return antiring(out, x, self.cfg.antiring, s) if self.cfg.antiring else out
 
 
-def antiring(y: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+def antiring(y: torch.Tensor, x: torch.Tensor, k: int, scale: int | None = None) -> torch.Tensor:
     """Clamp y (N, C, h*s, w*s) to the min/max of the k x k pixels of x (N, C, h, w) centred on
-    the input pixel each output pixel lies in."""
-    s = y.shape[-1] // x.shape[-1]
+    the input pixel each output pixel lies in. `scale` is s when the caller knows it (as a Python
+    int it stays one under ONNX tracing, where a ratio of traced sizes would not be a valid
+    scale_factor); else it is read from the shapes."""
+    s = scale or y.shape[-1] // x.shape[-1]
     r = k // 2
     p = F.pad(x.float(), (r, r, r, r), mode="replicate")
     bounds = torch.cat([-F.max_pool2d(-p, k, 1), F.max_pool2d(p, k, 1)], dim=1)  # (N, 2C, h, w): min, max

@@ -81,7 +81,8 @@ class UpscalerServicer(upscaler_pb2_grpc.UpscalerServicer):
                 raise InvalidArgument("stream ended inside a frame", field="frames")
 
         batch, start = [], 0
-        for frame in upscale_stream(plan, inputs(), self._spatial):
+        preset = self.spatial.settings.flow_preset
+        for frame in upscale_stream(plan, inputs(), self._spatial, flow_preset=preset):
             batch.append(frame)
             if len(batch) == _FRAMES_PER_REPLY:
                 yield from codec.frame_chunks(np.stack(batch), start=start)

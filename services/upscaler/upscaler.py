@@ -6,7 +6,7 @@ the clip length. Output frames come out in order as soon as the inputs they need
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +32,23 @@ class UpscalerSettings:
     host: str = "127.0.0.1"
     port: int = 0
     threads: int = 0
+    # the SR net's runtime: torch | onnx (onnxruntime, CPU) | tensorrt (CUDA) | compile (torch.compile);
+    # onnx/tensorrt export it once to accel_cache (default ~/.cache/videomesh/accel, videomesh/accel.py)
+    runtime: str = "torch"
+    accel_cache: Path | None = None
+    # frame interpolation's optical flow: auto (ultrafast from 256x256 up, medium below) | ultrafast | fast |
+    # medium (best on large motion; `make eval-upscaler` has the trade-off)
+    flow_preset: str = "auto"
 
     def validate(self) -> None:
         if self.spatial not in ("auto", "bicubic", "learned"):
             raise ValueError(f"spatial must be auto, bicubic or learned; got {self.spatial!r}")
+        from services.upscaler.interpolate import validate_flow_preset
+
+        validate_flow_preset(self.flow_preset)
+        from videomesh.accel import check_runtime
+
+        check_runtime(self.runtime, "runtime")
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,30 @@ class SpatialUpscaler:
         # bf16 on the CPU only with AMX-BF16; emulated bf16 is many times slower than fp32
         self.dtype = torch.float16 if cuda else (torch.bfloat16 if cpu_bf16_is_fast() else torch.float32)
         self.net = net.to(self.device)
-        self.name = f"learned-{s.model}@{version}"
+        if s.runtime != "torch":
+            self.net = self._accelerate(net)
+        self.name = f"learned-{s.model}@{version}" + ("" if s.runtime == "torch" else f" ({s.runtime})")
+
+    def _accelerate(self, net):
+        """The SR net on settings.runtime: dynamic in batch and frame size (TensorRT's profile: 1..512
+        input pixels a side, up to 4096 out at x8; larger frames run on torch)."""
+        import torch
+
+        from videomesh.accel import SR_DYNAMIC_AXES, accelerate
+
+        s = self.settings
+        if s.runtime == "tensorrt" and self.device.type != "cuda":
+            raise ValueError(f"runtime=tensorrt needs CUDA; device={s.device} runs on {self.device}")
+        if s.runtime == "onnx":
+            self.device, self.dtype = torch.device("cpu"), torch.float32  # onnxruntime's CPU provider, fp32
+            net = net.cpu()
+        elif s.runtime == "tensorrt":
+            self.dtype = torch.float32  # the engine takes fp32 in and out; fp16 kernels inside (fp16=True)
+        example = torch.rand(1, 3, 32, 32)
+        ranges = {"x": ((1, 3, 1, 1), (1, 3, 90, 160), (1, 3, 512, 512))}
+        return accelerate(net, s.runtime, (example,), s.accel_cache, name=f"sr-{s.model}", input_names=["x"],
+                          output_names=["y"], dynamic_axes=SR_DYNAMIC_AXES, shape_ranges=ranges,
+                          fp16=s.runtime == "tensorrt", threads=s.threads)  # fmt: skip
 
     def __call__(self, frame: np.ndarray, width: int, height: int) -> np.ndarray:
         if frame.shape[1] == width and frame.shape[0] == height:
@@ -127,7 +163,10 @@ class SpatialUpscaler:
 
 
 def upscale_stream(
-    plan: UpscalePlan, frames: Iterator[np.ndarray], spatial: SpatialUpscaler
+    plan: UpscalePlan,
+    frames: Iterator[np.ndarray],
+    spatial: SpatialUpscaler | Callable[[np.ndarray, int, int], np.ndarray],
+    flow_preset: str = "auto",
 ) -> Iterator[np.ndarray]:
     """Consume input frames in order, yield output frames in order.
 
@@ -138,7 +177,7 @@ def upscale_stream(
         yield from _pass_through(plan, frames, spatial)
         return
     positions = output_positions(plan.input_frames, plan.output_frames)
-    interp = FlowInterpolator()
+    interp = FlowInterpolator(flow_preset=flow_preset)
     j = 0
     prev: np.ndarray | None = None
     k = -1

@@ -235,7 +235,7 @@ def test_default_model_info_keeps_its_values():
         )
     finally:
         stop()
-    assert (m.backend, m.upscale, m.text_length, m.capacity) == ("default", True, 0, 1)
+    assert (m.backend, m.upscale, m.text_length, m.capacity) == ("default", True, 0, 8)  # max_batch 8
     assert [(s.width, s.height) for s in m.sizes] == [(16, 16)] and list(m.frame_counts) == [4]
     assert m.size_rule.multiple == 0 and m.frame_rule.step == 0 and m.frame_rule.default_frames == 4
     assert [(e.name, e.default_guidance) for e in m.experts] == [("high_noise", 5.0), ("low_noise", 2.0)]

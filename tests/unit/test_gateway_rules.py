@@ -222,6 +222,8 @@ def test_step_cache_from_the_request_or_the_tier(gw):
     assert gw.normalize(common_pb2.VideoSpec(prompt="a cat"), fast).step_cache == pytest.approx(0.1)
     # the request's own value wins, 0 included
     assert gw.normalize(common_pb2.VideoSpec(prompt="a cat", step_cache=0.0), fast).step_cache == 0.0
-    assert gw.normalize(common_pb2.VideoSpec(prompt="a cat", step_cache=0.2), fast).step_cache == pytest.approx(0.2)
+    assert gw.normalize(
+        common_pb2.VideoSpec(prompt="a cat", step_cache=0.2), fast
+    ).step_cache == pytest.approx(0.2)
     for bad in (-1.0, 2.0, float("inf")):
         assert "spec.step_cache" in _violations(gw, step_cache=bad)[0]

@@ -75,3 +75,22 @@ def test_faces_check_with_no_typical_face_and_a_stray_detection(th):
     boxes = {0: [], 6: [(0.1, 0.1, 0.2, 0.2)], 12: [], 18: []}
     c = _check_faces(boxes, 20, np.zeros(20, bool), np.zeros(20), th)
     assert c.name == "faces"
+
+
+def test_qc_threads_default_to_every_available_core_and_apply_to_opencv():
+    import cv2
+
+    from services.qc.settings import QCSettings, set_opencv_threads
+    from videomesh.inference import available_cores
+
+    assert QCSettings().threads == 0
+    assert QCSettings().opencv_threads() == available_cores() >= 1
+    assert QCSettings(threads=3).opencv_threads() == 3
+    with pytest.raises(ValueError, match="threads"):
+        QCSettings(threads=-1).validate()
+    before = cv2.getNumThreads()
+    try:
+        assert set_opencv_threads(0) == available_cores() == cv2.getNumThreads()
+        assert QCSettings(threads=1).apply_threads() == 1 == cv2.getNumThreads()
+    finally:
+        cv2.setNumThreads(before)

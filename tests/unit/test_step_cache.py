@@ -21,7 +21,9 @@ def engine():
     e = DenoiserEngine(DenoiserSettings(model="tiny"))
     e.load()
     torch.manual_seed(1)
-    for p in e.model.parameters():  # untrained tiny weights predict zero: make the output depend on everything
+    for (
+        p
+    ) in e.model.parameters():  # untrained tiny weights predict zero: make the output depend on everything
         torch.nn.init.normal_(p, std=0.05)
     return e
 

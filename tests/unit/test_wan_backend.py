@@ -23,7 +23,7 @@ from services.denoiser.backends.loop import advance, run, sample  # noqa: E402
 from services.denoiser.backends.wan import WanBackend  # noqa: E402
 from services.encoder.umt5 import UMT5TextEncoder, prompt_clean  # noqa: E402
 from tests.wan_tiny import save_tiny_wan  # noqa: E402
-from videomesh.errors import InvalidArgument  # noqa: E402
+from videomesh.errors import InvalidArgument, NotFound  # noqa: E402
 from videomesh.model_dir import ModelDirError  # noqa: E402
 
 SIZES = {"a14b": (32, 16), "t2v": (32, 16), "ti2v5b": (64, 32)}  # (width, height): not square, to catch swaps
@@ -259,12 +259,13 @@ def test_request_errors_say_the_fix(wan_dirs):
         (dict(height=20), "height must be a multiple of 16.*got 20 — use 16"),
         (dict(steps=0), "num_steps must be in 1..200"),
         (dict(guidance=-1.0), "guidance_scale must be in 0..30"),
-        (dict(adapter="acme/look"), "style adapters are not available"),
         (dict(text=job.text[:, :77]), "text_embeddings: expected float shape \\[1, 512, 32\\]"),
     ]
     for change, message in cases:
         with pytest.raises(InvalidArgument, match=message):
             backend.check_request(dataclasses.replace(job, **change))
+    with pytest.raises(NotFound, match="no style adapter 'acme/look'"):  # tests/unit/test_wan_lora.py
+        backend.check_request(dataclasses.replace(job, adapter="acme/look"))
     one = _loaded("backend", wan_dirs, "ti2v5b", torch.bfloat16)
     with pytest.raises(
         InvalidArgument, match="multiple of 32 .*VAE stride 16 x patch 2.*got 48 — use 32 or 64"

@@ -21,6 +21,13 @@ are the same bit for bit (tests/unit/test_wan_backend.py):
   at a time through the causal decoder with a cache of its own per request (what
   AutoencoderKLWan._decode does in its loop, but yielding each frame group as it is ready:
   1 frame, then 4 per latent frame).
+
+LoRAs per request (`DenoiseJob.adapter`, `adapter_strength`): services/denoiser/wan_lora.py — brand styles
+and few-step distillation LoRAs (lightx2v's 4-step Wan2.2 LoRAs, run with guidance_scale 1: no CFG
+branch), one file for every expert or one per expert, loaded as WanPipeline.load_lora_weights loads
+them and kept as unmerged PEFT layers, so a request gives the pipeline's frames with that LoRA and
+the base weights are never written (tests/unit/test_wan_lora.py). Applied where the experts are
+loaded: the Ray driver (experts on shards) refuses adapters (FAILED_PRECONDITION, ADAPTER_UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +53,12 @@ from services.denoiser.backends.base import (
     SizeRule,
     check_guidance,
 )
+from services.denoiser.wan_lora import WanLora, WanLoras
 from videomesh.errors import FailedPrecondition, InvalidArgument
 from videomesh.model_dir import ModelDirError, WanModelDir
 
 log = logging.getLogger("videomesh.denoiser.wan")
+ADAPTER_CACHE = 4  # LoRAs kept loaded per expert (a Wan2.2 A14B rank-64 LoRA is ~0.6 GB per expert)
 TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the states are zero-padded to exactly this
 MAX_STEPS = 200
 
@@ -83,6 +93,7 @@ class _State(SamplerState):
     text: torch.Tensor = None  # (1, 512, D) in the DiT's dtype
     negative: torch.Tensor | None = None  # None when guidance_scale <= 1 (no CFG, as the pipeline)
     guidance: tuple[float, float] = (0.0, 0.0)  # (high noise, low noise)
+    lora: WanLora | None = None  # the request's adapter, pinned at start (not a file replaced later)
 
     @property
     def t(self) -> torch.Tensor:
@@ -123,9 +134,12 @@ class WanBackend(ModelBackend):
         device: torch.device,
         cfg_batch: bool = True,
         dtype: torch.dtype = torch.bfloat16,
+        adapters_dir: Path | None = None,
+        adapter_cache: int = ADAPTER_CACHE,
     ):
         """experts: the loaded ones (a Ray driver loads none, a shard one); vae: None where this
-        process never decodes (a shard). Their configs are read from the directory either way."""
+        process never decodes (a shard). Their configs are read from the directory either way.
+        adapters_dir: the LoRAs requests may name (services/denoiser/wan_lora.py; None = none)."""
         diffusers, conv_cls, self._unpatchify, self._randn = _nn_modules()
         self.dir = model_dir
         self.cfg_batch = cfg_batch
@@ -168,6 +182,8 @@ class WanBackend(ModelBackend):
         self.version = model_dir.identity(*dit, "vae", "scheduler")
         has_text = all((model_dir.path / c).is_dir() for c in ("tokenizer", "text_encoder"))
         self.encoder = f"umt5@{model_dir.identity('tokenizer', 'text_encoder')}" if has_text else ""
+        names = ("high_noise", "low_noise") if self.two_experts else ("transformer",)
+        self.loras = WanLoras(adapters_dir, names, experts, adapter_cache)
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -180,6 +196,8 @@ class WanBackend(ModelBackend):
         experts: Sequence[str] | None = None,
         cfg_batch: bool = True,
         vae: bool = True,
+        adapters_dir: str | Path | None = None,
+        adapter_cache: int = ADAPTER_CACHE,
     ) -> WanBackend:
         """Load a Wan directory's experts (all when None, or the named ones: a Ray shard loads one, the
         Ray driver none), VAE (fp32; vae=False skips it where nothing decodes) and scheduler. Raises
@@ -226,7 +244,9 @@ class WanBackend(ModelBackend):
                 "scheduler (expected e.g. UniPCMultistepScheduler)"
             )
         scheduler = load_part("scheduler", sched_cls.from_pretrained)
-        backend = cls(d, loaded, decoder, scheduler, device=device, cfg_batch=cfg_batch, dtype=dtype)
+        backend = cls(d, loaded, decoder, scheduler, device=device, cfg_batch=cfg_batch, dtype=dtype,
+                      adapters_dir=Path(adapters_dir) if adapters_dir is not None else None,
+                      adapter_cache=adapter_cache)  # fmt: skip
         log.info(
             "wan backend %s from %s: experts %s in %s on %s, VAE %s, scheduler %s",
             backend.name, d.path, ", ".join(loaded) or "none", backend.dtype, device,
@@ -315,9 +335,7 @@ class WanBackend(ModelBackend):
                 field="guidance_scale_2",
             )
         if job.adapter:
-            raise InvalidArgument(
-                f"adapter: style adapters are not available for {self.name}", field="adapter"
-            )
+            self._check_adapter(job)
         if job.image is not None:
             raise InvalidArgument(f"image: image-to-video is not served yet; {self.name} runs text-to-video",
                                   field="image")  # fmt: skip
@@ -327,6 +345,23 @@ class WanBackend(ModelBackend):
                 "serve the encoder and the denoiser from the same Wan directory",
                 reason="ENCODER_MISMATCH",
             )
+
+    def _check_adapter(self, job: DenoiseJob) -> None:
+        s = job.adapter_strength
+        if not math.isfinite(s) or not 0 < s <= 2:
+            raise InvalidArgument(f"adapter_strength must be in (0, 2]; got {s}", field="adapter_strength")
+        if not self.experts:
+            # the Ray driver: its experts are on shards, which take adapters only for the built-in model
+            raise FailedPrecondition(
+                f"adapter: LoRAs for {self.name} are applied by the local executor only; this denoiser runs "
+                "its experts on Ray shards (serve it with --executor local to use adapters)",
+                reason="ADAPTER_UNSUPPORTED",
+            )
+        self.loras.get(job.adapter)  # NotFound / FailedPrecondition (ADAPTER_MISMATCH); loads and caches it
+
+    def adapter_infos(self) -> list[dict]:
+        """The installed LoRAs this process can apply, for ModelInfo.adapters (none on a Ray driver)."""
+        return self.loras.infos() if self.experts else []
 
     # --- sampling --------------------------------------------------------------------------------------
     def guidance(self, job: DenoiseJob) -> tuple[float, float]:
@@ -361,6 +396,7 @@ class WanBackend(ModelBackend):
             text=job.text.to(self.device, self.dtype),
             negative=job.negative.to(self.device, self.dtype) if cfg else None,
             guidance=(high, low),
+            lora=self.loras.get(job.adapter) if job.adapter else None,
         )
 
     def expert_for(self, state: _State) -> str:
@@ -368,8 +404,22 @@ class WanBackend(ModelBackend):
             return "transformer"
         return "high_noise" if bool(state.t >= self.boundary_timestep) else "low_noise"
 
+    def _adapter_key(self, expert: str, state: _State) -> tuple[str, float] | None:
+        """The LoRA (file version included) and strength this expert runs the request with."""
+        lora = state.lora
+        if lora is None or expert not in lora.parts:
+            return None
+        return (lora.key, float(state.job.adapter_strength))
+
     def batch_key(self, state: _State) -> Hashable:
-        return (self.expert_for(state), tuple(state.latents.shape), state.negative is not None)
+        expert = self.expert_for(state)
+        # one LoRA at one strength per forward: requests with different ones never share a batch
+        return (
+            expert,
+            tuple(state.latents.shape),
+            state.negative is not None,
+            self._adapter_key(expert, state),
+        )
 
     def _timestep(self, state: _State) -> torch.Tensor:
         t = state.t
@@ -385,6 +435,10 @@ class WanBackend(ModelBackend):
         timestep = torch.stack([self._timestep(s) for s in states])  # (n,) or (n, seq)
         text = torch.cat([s.text for s in states])  # (n, 512, D)
         cfg = states[0].negative is not None  # one value per batch (batch_key)
+        first = states[0]  # one LoRA and strength per batch (batch_key)
+        self.loras.use(
+            expert, first.lora if self._adapter_key(expert, first) else None, first.job.adapter_strength
+        )
 
         def dit(x, timestep, text):
             return model(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
@@ -417,7 +471,7 @@ class WanBackend(ModelBackend):
         # the scheduler (multistep history) stays with the loop; the texts travel once, in the state
         empty = torch.empty(0)
         job = dataclasses.replace(state.job, text=empty, text_mask=empty, negative=empty, negative_mask=empty)
-        return dataclasses.replace(state, latents=None, experts_used=[], scheduler=None, job=job)
+        return dataclasses.replace(state, latents=None, experts_used=[], scheduler=None, cache=None, job=job)
 
     def parameters(self, expert: str) -> int:
         model = self.experts.get(expert)
