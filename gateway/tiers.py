@@ -69,7 +69,10 @@ def tiers_from(table: dict | None) -> dict[str, TierPolicy]:
         kw = {**base.__dict__, **fields, "name": name}
         if "sizes" in fields:
             kw["sizes"] = tuple(fields["sizes"])
-        out[name] = TierPolicy(**kw)
+        policy = TierPolicy(**kw)
+        if not 0 <= policy.step_cache <= 1:  # the denoiser's range (base.MAX_STEP_CACHE)
+            raise ValueError(f"tiers.{name}.step_cache must be in 0..1 (0 = off); got {policy.step_cache}")
+        out[name] = policy
     return out
 
 

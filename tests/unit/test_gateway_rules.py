@@ -227,3 +227,9 @@ def test_step_cache_from_the_request_or_the_tier(gw):
     ).step_cache == pytest.approx(0.2)
     for bad in (-1.0, 2.0, float("inf")):
         assert "spec.step_cache" in _violations(gw, step_cache=bad)[0]
+
+
+def test_a_tier_step_cache_out_of_range_fails_at_start():
+    assert tiers_from({"pro": {"step_cache": 0.1}})["pro"].step_cache == 0.1
+    with pytest.raises(ValueError, match="tiers.pro.step_cache must be in 0..1"):
+        tiers_from({"pro": {"step_cache": 3}})
