@@ -5,7 +5,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PROMPT ?= a purple triangle moving up on a white background
 
-.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench
+.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench bench-ray
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,14 @@ train: install
 eval: install
 	$(BIN)/videomesh eval --json services/denoiser/weights/default.eval.json
 
-# Throughput figures: Ray batching/pipelining vs one at a time; bf16 vs fp32.
+# Performance ratios (issue #20), every comparison interleaved in one run: mesh vs in-process, 8
+# concurrent vs sequential and the CPU limit, stage times, denoiser FLOP/s vs GEMM, step caching, tiny
+# Wan vs WanPipeline; prints a table and writes bench.json. `videomesh bench --quick` for a short run.
 bench: install
+	$(BIN)/videomesh bench --json bench.json
+
+# The denoiser's Ray throughput figures: batching/pipelining vs one at a time; bf16 vs fp32.
+bench-ray: install
 	$(BIN)/python -m services.denoiser.bench
 
 # The shipped brand style adapter (LoRA) on the frozen default model, then its evaluation.

@@ -57,6 +57,7 @@ FIELD_FLAGS = {
     "spec.num_frames": "--frames",
     "spec.style_adapter": "--adapter",
     "spec.style_strength": "--adapter-strength",
+    "spec.step_cache": "--step-cache",
 }
 _WORDS = {
     "num_steps": "--steps",
@@ -67,6 +68,7 @@ _WORDS = {
     "style_adapter": "--adapter",
     "negative_prompt": "--negative",
     "duration_seconds": "--duration",
+    "step_cache": "--step-cache",
 }
 _WORDS_RE = re.compile(r"\b(?:spec\.)?(" + "|".join(_WORDS) + r")\b")
 
@@ -168,6 +170,9 @@ def _spec(args):
                 f"--frames must be a whole number of frames (0 = the model's default); got {args.frames}"
             )
         spec.num_frames = args.frames
+    if args.step_cache is not None:
+        _number("--step-cache", args.step_cache)
+        spec.step_cache = args.step_cache
     return spec
 
 
@@ -759,6 +764,11 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
         "--frames", type=int,
         help="frames the model generates, e.g. 81 for wan2.2 (4k+1); default: from --duration, else the model's",
     )  # fmt: skip
+    p.add_argument(
+        "--step-cache", type=float,
+        help="step caching: reuse a denoising step's prediction while the model's input changed less than this "
+             "(0..1, e.g. 0.1: faster, slightly different frames; 0 = off; default: your tier's)",
+    )  # fmt: skip
     p.add_argument("--api-key", help=API_KEY_HELP)
     p.add_argument(
         "--timeout",
@@ -857,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train the default model from scratch (see services/denoiser/train.py)", add_help=False
     )
     sub.add_parser("eval", help="prompt adherence on held-out phrasings, through the mesh", add_help=False)
+    sub.add_parser("bench", help="performance ratios: mesh, throughput, FLOP/s, caching, Wan", add_help=False)
     sub.add_parser("train-adapter", help="fit a brand style adapter (LoRA) on the shipped denoiser",
                    add_help=False)  # fmt: skip
 
@@ -894,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.denoiser.evaluate import main as eval_main
 
         return eval_main(rest)
+    if args.cmd == "bench":
+        from videomesh.bench import main as bench_main
+
+        return bench_main(rest)
     if args.cmd == "train-adapter":
         from services.denoiser.train_adapter import main as adapter_main
 

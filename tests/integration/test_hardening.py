@@ -273,7 +273,7 @@ def test_gateway_health_turns_not_serving_when_every_worker_is_wedged(mesh):
     gw = mesh.gateway
     from gateway.pipeline import JobControl
 
-    stuck = [JobControl(report=lambda *a: None, stage=lambda s: None) for _ in range(gw.settings.workers)]
+    stuck = [JobControl(report=lambda *a: None, stage=lambda s: None) for _ in range(gw.workers)]
     for c in stuck:
         c.last_activity -= 3 * gw.settings.stall_timeout
     assert not gw.wedged()

@@ -486,20 +486,24 @@ class WanBackend(ModelBackend):
             raise RuntimeError("this WanBackend was loaded without its VAE (vae=False): it cannot decode")
         cfg = vae.config
         dev = next(vae.parameters()).device
+        # inference mode is entered per chunk, never held across a yield: generators of several requests
+        # advance on one thread (the executor's), and a mode held open by one would be closed by another
         with torch.inference_mode():
             z = state.latents.to(dev, dtype=vae.dtype)
             mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             z = z / inv_std + mean
             x = vae.post_quant_conv(z)  # a 1x1x1 conv: over all latent frames at once, as _decode does
-            cache: list = [None] * self._decoder_convs  # the causal convs' last frames, this request's own
-            for i in range(x.shape[2]):
+        cache: list = [None] * self._decoder_convs  # the causal convs' last frames, this request's own
+        for i in range(x.shape[2]):
+            with torch.inference_mode():
                 out = vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
                 if cfg.patch_size is not None:
                     out = self._unpatchify(out, patch_size=cfg.patch_size)
                 out = torch.clamp(out, min=-1.0, max=1.0)  # (1, 3, n, H, W)
                 frames = (out[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1)  # (n, 3, H, W), as postprocess
-                yield frames.cpu().permute(0, 2, 3, 1).float().numpy()
+                chunk = frames.cpu().permute(0, 2, 3, 1).float().numpy()
+            yield chunk
 
     def decode(self, state: _State) -> Iterator[np.ndarray]:
         for frames in self.decode_float(state):
