@@ -34,10 +34,11 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -79,6 +80,48 @@ class _Request:
     should_stop: Callable | None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    decoding: _DecodeGroup | None = None  # set when the request finished sampling with others
+
+
+class _DecodeGroup:
+    """Requests that finished sampling in the same tick, decoded as one batch (backend.decode_batch).
+
+    Each request's stream pulls its own chunks (`next`, on the scheduler thread); a chunk step of the
+    batch runs when the request asking has none queued, and the other requests' chunks wait in their
+    queues until they ask. A request that stops reading (`drop`) no longer collects chunks. An error
+    of the batch is raised to every request still reading, never read as the end of the frames."""
+
+    def __init__(self, backend: ModelBackend, states: Sequence[SamplerState]):
+        self.states = list(states)
+        self.queues: dict[int, deque] = {id(s): deque() for s in states}
+        self._chunks = backend.decode_batch(self.states)
+        self._ended = False
+        self.error: BaseException | None = None
+
+    def next(self, state: SamplerState) -> np.ndarray | None:
+        q = self.queues.get(id(state))
+        if q is None:
+            return None
+        while not q and not self._ended:
+            if self.error is not None:
+                raise self.error
+            try:
+                chunks = next(self._chunks)
+            except StopIteration:
+                self._ended = True
+                break
+            except BaseException as err:  # noqa: BLE001 - every reader gets it
+                self.error = err
+                raise
+            for s, chunk in zip(self.states, chunks, strict=True):
+                if id(s) in self.queues:
+                    self.queues[id(s)].append(chunk)
+        if not q and self.error is not None:
+            raise self.error
+        return q.popleft() if q else None
+
+    def drop(self, state: SamplerState) -> None:
+        self.queues.pop(id(state), None)
 
 
 class SteppedExecutor:
@@ -110,6 +153,7 @@ class SteppedExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | Future | None = None
         self.ticks = 0
+        self.decode_batches: list[int] = []  # sizes of the decodes that batched requests
 
     @property
     def capacity(self) -> int:
@@ -174,14 +218,25 @@ class SteppedExecutor:
         if stats is not None:
             reused = state.cache.reused if state.cache is not None else 0
             stats.update(computed=state.step - reused, reused=reused)
-        chunks = self.backend.decode(state)  # a generator: each chunk decodes on the scheduler thread
-        while True:
-            if should_stop is not None and should_stop():
-                raise SamplingCancelled("stopped while decoding")
-            frames = self.call(next, chunks, None)
-            if frames is None:
-                return
-            yield frames
+        group = req.decoding
+        # chunks decode on the scheduler thread, this request's alone or in a batch with the requests
+        # that finished with it
+        pull = (
+            (lambda: group.next(state))
+            if group is not None
+            else partial(next, self.backend.decode(state), None)
+        )
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    raise SamplingCancelled("stopped while decoding")
+                frames = self.call(pull)
+                if frames is None:
+                    return
+                yield frames
+        finally:
+            if group is not None:
+                group.drop(state)
 
     def run(self, job: DenoiseJob, on_step=None, should_stop=None) -> np.ndarray:
         """`stream` collected: (T, H, W, 3) uint8."""
@@ -246,6 +301,18 @@ class SteppedExecutor:
         self.ticks += 1
         advance(self.backend, [r.state for r in self._active], self._report, submit=self._submit,
                 place=self._place, max_batch=self.max_batch)  # fmt: skip
+        finished: dict = defaultdict(list)  # decode key -> requests that finished sampling together
+        for r in self._active:
+            if r.error is None and r.state.done:
+                finished[self.backend.decode_key(r.state)].append(r)
+        for group in finished.values():
+            for k in range(0, len(group), self.max_batch):
+                part = group[k : k + self.max_batch]
+                if len(part) > 1:
+                    batch = _DecodeGroup(self.backend, [r.state for r in part])
+                    for r in part:
+                        r.decoding = batch
+                    self.decode_batches.append(len(part))
         for r in list(self._active):
             if r.error is not None or r.state.done:
                 self._finish(r, r.error)
@@ -277,7 +344,7 @@ class SteppedExecutor:
         raise NotImplementedError
 
     def stats(self) -> dict:
-        return {"executor": self.name, "ticks": self.ticks}
+        return {"executor": self.name, "ticks": self.ticks, "decode_batches": list(self.decode_batches)}
 
 
 class LocalExecutor(SteppedExecutor):

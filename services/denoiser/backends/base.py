@@ -261,6 +261,17 @@ class ModelBackend(ABC):
     def decode(self, state: SamplerState) -> Iterator[np.ndarray]:
         """The finished request's frames as uint8 (n, H, W, 3) RGB chunks, in order, as they decode."""
 
+    def decode_key(self, state: SamplerState) -> Hashable:
+        """Finished requests with equal keys may decode together (decode_batch)."""
+        return tuple(state.latents.shape)
+
+    def decode_batch(self, states: Sequence[SamplerState]) -> Iterator[list[np.ndarray]]:
+        """Several finished requests of one decode_key decoded together: per chunk, one uint8 array per
+        state. This default decodes them one chunk of each in turn; a backend whose decoder batches
+        (Wan's VAE) overrides it."""
+        for chunks in zip(*(self.decode(s) for s in states), strict=True):
+            yield list(chunks)
+
     def remote_state(self, state: SamplerState) -> SamplerState:
         """What `forward` needs of a request when it runs elsewhere (a Ray shard), sent there once per
         request: the state without its latents, which travel with every step (with `step`), and

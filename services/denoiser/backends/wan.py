@@ -481,6 +481,13 @@ class WanBackend(ModelBackend):
     def decode_float(self, state: _State) -> Iterator[np.ndarray]:
         """Frames as float32 (n, H, W, 3) in [0, 1] — WanPipeline's output_type="np" — one latent frame's
         worth at a time (1 frame, then 4 per latent frame)."""
+        for chunks in self.decode_float_batch([state]):
+            yield chunks[0]
+
+    def decode_float_batch(self, states: Sequence[_State]) -> Iterator[list[np.ndarray]]:
+        """decode_float for requests of one latent shape at once: the VAE's causal decoder runs on the
+        batch (its cache keeps a batch dimension), one latent frame at a time; per chunk, one array
+        per state. A batch of one computes exactly what WanPipeline's decode does."""
         vae = self.vae
         if vae is None:
             raise RuntimeError("this WanBackend was loaded without its VAE (vae=False): it cannot decode")
@@ -489,21 +496,27 @@ class WanBackend(ModelBackend):
         # inference mode is entered per chunk, never held across a yield: generators of several requests
         # advance on one thread (the executor's), and a mode held open by one would be closed by another
         with torch.inference_mode():
-            z = state.latents.to(dev, dtype=vae.dtype)
+            z = torch.cat([s.latents for s in states]).to(dev, dtype=vae.dtype)
             mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             z = z / inv_std + mean
             x = vae.post_quant_conv(z)  # a 1x1x1 conv: over all latent frames at once, as _decode does
-        cache: list = [None] * self._decoder_convs  # the causal convs' last frames, this request's own
+        cache: list = [None] * self._decoder_convs  # the causal convs' last frames, these requests' own
         for i in range(x.shape[2]):
             with torch.inference_mode():
                 out = vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
                 if cfg.patch_size is not None:
                     out = self._unpatchify(out, patch_size=cfg.patch_size)
-                out = torch.clamp(out, min=-1.0, max=1.0)  # (1, 3, n, H, W)
-                frames = (out[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1)  # (n, 3, H, W), as postprocess
-                chunk = frames.cpu().permute(0, 2, 3, 1).float().numpy()
-            yield chunk
+                out = torch.clamp(out, min=-1.0, max=1.0)  # (B, 3, n, H, W)
+                frames = (out.permute(0, 2, 1, 3, 4) * 0.5 + 0.5).clamp(
+                    0, 1
+                )  # (B, n, 3, H, W), as postprocess
+                chunks = [f.cpu().permute(0, 2, 3, 1).float().numpy() for f in frames]
+            yield chunks
+
+    def decode_batch(self, states: Sequence[_State]) -> Iterator[list[np.ndarray]]:
+        for chunks in self.decode_float_batch(states):
+            yield [(f * 255).round().astype(np.uint8) for f in chunks]
 
     def decode(self, state: _State) -> Iterator[np.ndarray]:
         for frames in self.decode_float(state):
