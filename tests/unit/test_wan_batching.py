@@ -40,7 +40,9 @@ def test_a_decode_batch_of_one_is_the_decode(wan):
         advance(backend, [state])
     alone = list(backend.decode(state))
     batched = [chunks[0] for chunks in backend.decode_batch([state])]
-    assert len(alone) == len(batched) and all(np.array_equal(a, b) for a, b in zip(alone, batched, strict=True))
+    assert len(alone) == len(batched) and all(
+        np.array_equal(a, b) for a, b in zip(alone, batched, strict=True)
+    )
 
 
 def test_requests_finishing_together_decode_together_with_their_own_frames(wan):
@@ -50,7 +52,9 @@ def test_requests_finishing_together_decode_together_with_their_own_frames(wan):
     executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0)
     out: dict[int, np.ndarray] = {}
     try:
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, executor.run(jobs[i]))) for i in range(3)]
+        threads = [
+            threading.Thread(target=lambda i=i: out.__setitem__(i, executor.run(jobs[i]))) for i in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:
