@@ -86,6 +86,7 @@ class Downstreams:
         self.upscaler = upscaler_pb2_grpc.UpscalerStub(self.channels["upscaler"])
         self.qc = qc_pb2_grpc.QualityCheckStub(self.channels["qc"])
         self._health: dict[str, tuple[float, int]] = {}  # name -> (monotonic time read, status)
+        self.closed = False
         self._health_lock = threading.Lock()
 
     def status(self, name: str, max_age: float = 1.0) -> int:
@@ -115,6 +116,7 @@ class Downstreams:
         return [n for n in self.addresses if self.status(n) != health_pb2.HealthCheckResponse.SERVING]
 
     def close(self) -> None:
+        self.closed = True  # readers (the health mirror) stop instead of calling on closed channels
         for ch in self.channels.values():
             ch.close()
 

@@ -220,7 +220,12 @@ class DownstreamMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.poll()
+            try:
+                self.poll()
+            except ValueError:  # the gateway closed its channels while stopping: nothing left to mirror
+                if self._stop.is_set() or getattr(self.downstreams, "closed", False):
+                    return
+                raise
 
 
 def serve(name: str, settings, *, port_file: str | None = None, grace: float = 10.0) -> None:
