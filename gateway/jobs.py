@@ -95,4 +95,43 @@ class JobStore(ABC):
         terminal event stays the last one; the event comes back with sequence 0)."""
 
     @abstractmethod
-    def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]: ...
+    def wait_events(self, job_id: str, after: int, timeout: float) -> list[gateway_pb2.VideoEvent]:
+        """Events with sequence > after, waiting up to `timeout` seconds for the first one."""
+
+    # --- the result cache (key -> the job whose stored file answers it) -----------------------------------
+    @abstractmethod
+    def cache_get(self, key: str) -> str | None:
+        """The job id cached under `key`, if any."""
+
+    @abstractmethod
+    def cache_put(self, key: str, job_id: str) -> None: ...
+
+    @abstractmethod
+    def cache_drop(self, job_id: str) -> None:
+        """Forget every key that points at this job (its file is gone or it was regenerated)."""
+
+    # --- feedback, refusals, metering and retention ----------------------------------------------------
+    @abstractmethod
+    def add_feedback(self, fid: str, tenant: str, job_id: str, rating: int, reason: str) -> None: ...
+
+    @abstractmethod
+    def feedback_for(self, job_id: str) -> list[tuple[int, str]]:
+        """(rating, reason) of every feedback on the job, oldest first."""
+
+    @abstractmethod
+    def add_blocked(self, tenant: str, category: str) -> None:
+        """Record a refused prompt: its category only, never its text."""
+
+    @abstractmethod
+    def count_blocked(self, tenant: str, since: float = 0.0) -> int: ...
+
+    @abstractmethod
+    def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
+        """The tenant's jobs created since `since`, oldest first (metering)."""
+
+    @abstractmethod
+    def finished_before(self, before: float) -> list[Job]:
+        """Jobs with a stored file created before `before` (retention)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

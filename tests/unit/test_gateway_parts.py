@@ -97,3 +97,16 @@ def test_expects_motion_reads_still_phrasings_in_three_languages():
               "a box slides to the left"]  # fmt: skip
     assert [expects_motion(p) for p in still] == [False] * len(still)
     assert [expects_motion(p) for p in moving] == [True] * len(moving)
+
+
+def test_the_job_store_interface_declares_everything_the_gateway_calls():
+    """A second JobStore (issue #21) must not fail at run time on a method only SQLite has: every
+    `store.<method>(` the gateway's modules call is declared abstract on JobStore."""
+    import re
+    from pathlib import Path
+
+    from gateway.jobs import JobStore
+
+    root = Path(__file__).resolve().parents[2] / "gateway"
+    called = {m for f in root.glob("*.py") for m in re.findall(r"\bstore\.([a-z_]+)\(", f.read_text())}
+    assert called and called <= JobStore.__abstractmethods__, called - JobStore.__abstractmethods__
