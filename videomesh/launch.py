@@ -104,18 +104,23 @@ def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[],
                                max_message_bytes=_text_message_limit(settings))  # fmt: skip
         server.servicer = servicer  # tests read servicer.active
 
+        # the model loads on the thread that will run it (the executor's scheduler): one torch thread pool
+        worker = InferenceThread("denoiser", settings.threads)
+
         def load():
             _threads(settings.threads)
             # a Ray driver of Wan loads no expert (the shards do): it starts, steps and decodes requests
             ray_driver = settings.executor == "ray" and settings.model == WAN
-            # loaded on the thread that will run it (the executor's scheduler): one torch thread pool
-            worker = InferenceThread("denoiser", settings.threads)
             backend = worker.call(load_backend, settings, experts=() if ray_driver else None)
             executor = make_executor(backend, settings, worker)
             executor.start()
             servicer.attach(backend, executor)
 
-        return server, load, servicer.close
+        def close():
+            servicer.close()
+            worker.close()
+
+        return server, load, close
     if name == "upscaler":
         from services.upscaler.servicer import UpscalerServicer, registration
         from services.upscaler.upscaler import SpatialUpscaler

@@ -226,9 +226,12 @@ class Server:
             log.info("signal %s: draining", signum)
 
             def _stop():
+                # drain first (NOT_SERVING, calls in flight finish within `grace`), then release what
+                # serves them (an engine's inference thread, the gateway's workers): closing first
+                # failed in-flight work that the grace period is there to let finish
+                self.stop(grace)
                 if on_stop:
                     on_stop()
-                self.stop(grace)
 
             threading.Thread(target=_stop, daemon=True).start()
 

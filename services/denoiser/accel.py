@@ -112,5 +112,9 @@ def accelerate_denoiser(
                 threads=threads,
                 setting=setting,
             )
+        if hasattr(fast, "fallback"):
+            # a TensorRT engine hands inputs outside its shape profile to its fallback: the class's torch
+            # forward, not the module (whose forward is about to be this wrapper: that would loop)
+            fast.fallback = torch_forward
         expert.forward = AcceleratedForward(expert, fast, torch_forward, frame_shape, runtime)
     log.info("denoiser experts %s run on %s", ", ".join(model.experts), runtime)

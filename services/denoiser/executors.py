@@ -49,6 +49,7 @@ from services.denoiser.engine import WAN, DenoiserEngine, DenoiserSettings
 from services.denoiser.lora import LRU, Adapter
 from services.denoiser.model import MoEDenoiser
 from services.denoiser.sampling import SamplingCancelled
+from videomesh.errors import Unavailable
 from videomesh.inference import InferenceThread
 
 log = logging.getLogger("videomesh.executors")
@@ -114,8 +115,9 @@ class _DecodeGroup:
                 self.error = err
                 raise
             for s, chunk in zip(self.states, chunks, strict=True):
-                if id(s) in self.queues:
-                    self.queues[id(s)].append(chunk)
+                other = self.queues.get(id(s))  # None once its reader stopped (drop, from its thread)
+                if other is not None:
+                    other.append(chunk)
         if not q and self.error is not None:
             raise self.error
         return q.popleft() if q else None
@@ -153,7 +155,9 @@ class SteppedExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | Future | None = None
         self.ticks = 0
-        self.decode_batches: list[int] = []  # sizes of the decodes that batched requests
+        self.decode_batches: deque[int] = deque(
+            maxlen=1000
+        )  # sizes of the latest decodes that batched requests
 
     @property
     def capacity(self) -> int:
@@ -209,6 +213,8 @@ class SteppedExecutor:
         state = self.call(self.backend.start, job)
         req = _Request(next(self._ids), state, on_step, should_stop)
         with self._cv:
+            if self._stop.is_set():  # close() has emptied the lists already: nothing would serve it
+                raise SamplingCancelled("the denoiser is shutting down")
             self._by_state[id(state)] = req
             self._pending.append(req)
             self._cv.notify_all()
@@ -250,18 +256,32 @@ class SteppedExecutor:
             self._thread.join(timeout=10)
         elif self._thread is not None:
             wait([self._thread], timeout=10)
+        self._fail_all(SamplingCancelled("the denoiser is shutting down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every request and queued call still waiting gets `error` (the loop will not serve them)."""
         with self._cv:
-            for r in self._active + self._pending:
-                r.error = r.error or SamplingCancelled("the denoiser is shutting down")
-                r.done.set()
+            waiting, self._active, self._pending = self._active + self._pending, [], []
             tasks, self._tasks = self._tasks, []
+        for r in waiting:
+            r.error = r.error or error
+            r.done.set()
         for _, _, done in tasks:
             if done.set_running_or_notify_cancel():
-                done.set_exception(SamplingCancelled("the denoiser is shutting down"))
+                done.set_exception(error)
 
     # --- the scheduler: one tick = every active request advances one step ---
     def _loop(self) -> None:
         self._loop_ident = threading.get_ident()
+        try:
+            self._serve()
+        except BaseException as err:
+            log.exception("the denoiser's scheduler stopped")
+            self._stop.set()  # no caller waits for a loop that is gone: all of them get an error now
+            self._fail_all(Unavailable(f"the denoiser's scheduler stopped ({err}); retry", retry_after=5.0))
+            raise
+
+    def _serve(self) -> None:
         batch_deadline = 0.0  # while a new batch waits for more requests (batch_wait)
         while not self._stop.is_set():
             with self._cv:
@@ -286,7 +306,12 @@ class SteppedExecutor:
                 self._active += self._pending  # requests join between steps
                 self._pending = []
             for r in list(self._active):
-                if r.should_stop is not None and r.should_stop():
+                try:
+                    stop = r.should_stop is not None and r.should_stop()
+                except Exception as err:  # noqa: BLE001 - the caller's callback failed: its request fails
+                    self._finish(r, err)
+                    continue
+                if stop:
                     s = r.state
                     self._finish(r, SamplingCancelled(f"stopped before step {s.step + 1} of {s.total}"))
             if self._active:
@@ -639,6 +664,9 @@ class RayExecutor(SteppedExecutor):
                 ray.exceptions.ActorUnavailableError,
                 ray.exceptions.NodeDiedError,
             ) as err:
+                if self._stop.is_set():  # close() killed the shards: nothing to restart
+                    self._fail(states, SamplingCancelled("the denoiser is shutting down"))
+                    return None
                 log.warning("shard %s of replica %d failed (%s): restarting it; the step is retried",
                             expert, replica, err)  # fmt: skip
                 self._restart(replica, expert)
@@ -685,7 +713,7 @@ class RayExecutor(SteppedExecutor):
         index = self.experts.index(expert)
         pg = self.groups[replica]
         deadline = time.monotonic() + self.settings.placement_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stop.is_set():
             try:
                 shard = self._make_shard(pg, index, expert)
                 ray.get(shard.info.remote(), timeout=self.settings.placement_timeout)

@@ -166,3 +166,55 @@ def test_torch_threads_come_from_the_machine(tmp_path):
         assert set_torch_threads(0) == available_cores()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_request_starting_while_the_executor_closes_is_refused_not_left_waiting(engine):
+    from services.denoiser.sampling import SamplingCancelled
+
+    release = threading.Event()
+
+    class SlowStart(DefaultBackend):
+        def start(self, job):
+            release.wait(10)  # close() begins while this request's start runs
+            return super().start(job)
+
+    executor = LocalExecutor(SlowStart(engine))
+    outcome: list = []
+
+    def request():
+        try:
+            executor.run(_job(1))
+            outcome.append("ran")
+        except SamplingCancelled as err:
+            outcome.append(err)
+
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(0.3)
+    closing = threading.Thread(target=executor.close)
+    closing.start()
+    time.sleep(0.2)
+    release.set()
+    t.join(15)
+    closing.join(15)
+    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], SamplingCancelled)
+
+
+def test_a_scheduler_that_dies_fails_its_waiters_instead_of_hanging_them(engine):
+    from videomesh.errors import Unavailable
+
+    class Fatal(BaseException):
+        pass
+
+    class Dying(DefaultBackend):
+        def forward(self, expert, states):
+            raise Fatal("boom")
+
+    worker = InferenceThread("test-dying")
+    executor = LocalExecutor(Dying(engine), worker=worker)
+    try:
+        with pytest.raises(Unavailable, match="scheduler stopped"):
+            executor.run(_job(2))
+    finally:
+        executor.close()
+        worker.close()
