@@ -177,6 +177,7 @@ class WanLoras:
         self._loaded: dict[str, OrderedDict[str, str]] = {e: OrderedDict() for e in experts}
         self._active: dict[str, tuple[str, float] | None] = dict.fromkeys(experts)
         self.loads = 0  # files read (tests)
+        self.evictions = 0  # loaded LoRAs dropped to make room for another (thrashing shows here)
 
     # --- finding ---
     def names(self) -> list[str]:
@@ -345,6 +346,12 @@ class WanLoras:
             while len(loaded) - len(stale) >= self.capacity:
                 stale.append(next(k for k in loaded if k not in stale))
             if stale:
+                evicted = [k for k in stale if loaded[k] != lora.name]
+                if evicted:  # more distinct adapters in flight than the cache holds: each switch reloads
+                    self.evictions += len(evicted)
+                    log.warning("wan adapters: %s expert evicts %s to load %s (adapter_cache %d); with more "
+                                "adapters in flight than that, every switch reloads a LoRA", expert,
+                                ", ".join(evicted), lora.key, self.capacity)  # fmt: skip
                 model.delete_adapters(stale)
                 for k in stale:
                     del loaded[k]
