@@ -233,3 +233,36 @@ def test_a_tier_step_cache_out_of_range_fails_at_start():
     assert tiers_from({"pro": {"step_cache": 0.1}})["pro"].step_cache == 0.1
     with pytest.raises(ValueError, match="tiers.pro.step_cache must be in 0..1"):
         tiers_from({"pro": {"step_cache": 3}})
+
+
+def test_the_spec_policy_runs_without_a_gateway_or_a_denoiser(tmp_path):
+    """gateway/policy.py: normalise and plan from the settings, the tier and published rules alone."""
+    import grpc as grpc_
+
+    from gateway.policy import ModelRules, SpecPolicy
+    from gateway.templates import TemplateLibrary
+
+    settings = GatewaySettings(data_dir=tmp_path)
+    calls = []
+
+    class Down(grpc_.RpcError):
+        def details(self):
+            return "down"
+
+    def fetch():
+        calls.append(1)
+        raise Down()
+
+    rules = ModelRules(fetch, refresh_seconds=60)
+    spec_policy = SpecPolicy(settings, tiers_from(None), TemplateLibrary.load(settings.templates_file), rules)
+    with pytest.raises(Exception, match="still starting"):
+        spec_policy.normalize(common_pb2.VideoSpec(prompt="a cat"))
+    rules.set(wan_info())
+    out = spec_policy.normalize(common_pb2.VideoSpec(prompt="  a cat  "), spec_policy.policy("pro"))
+    assert out.prompt == "a cat" and out.width and out.num_frames and out.seed
+    plan = spec_policy.plan(out)
+    assert (plan.base_width, plan.base_height, plan.base_frames) == (out.width, out.height, out.num_frames)
+    rules.read_at = 0.0
+    rules.refresh()  # a failed read keeps what it had, and is not retried within refresh_seconds
+    rules.refresh()
+    assert rules.info == wan_info() and len(calls) == 1
