@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from gateway.admission import Admission
 from gateway.jobs import TERMINAL, Job, JobStore, new_id, now_ts
 from gateway.metrics import METRICS
 from gateway.pipeline import PROGRESS, Downstreams, JobControl, Pipeline, Plan
@@ -40,7 +41,6 @@ from videomesh.errors import (
     Cancelled,
     FailedPrecondition,
     InvalidArgument,
-    ResourceExhausted,
     Unavailable,
     VideomeshError,
 )
@@ -196,12 +196,12 @@ class VideoGateway:
         self._workers: list[threading.Thread] = []
         self.workers = settings.workers  # resolved from the denoiser's capacity at load() when 0
         self._admit = threading.Lock()  # admission checks + insert are one step per gateway
-        self._audit_lock = threading.Lock()
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
         self._not_ready_since: dict[str, float] = {}  # job -> when a downstream first answered NOT_READY
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
         self.spec = SpecPolicy(settings, self.tiers, self.templates, self.rules)
+        self.admission = Admission(settings, self.store, self.queue, self.safety, self.limiter)
 
     @property
     def model(self) -> denoiser_pb2.ModelInfo | None:
@@ -592,50 +592,10 @@ class VideoGateway:
                     self._delete_file(job)
 
     def _screen(self, tenant: Tenant, spec: common_pb2.VideoSpec) -> None:
-        """Content policy, before anything is queued or reaches the encoder; refusals are audited."""
-        verdict = self.safety.check(spec.prompt, spec.negative_prompt, spec.style)
-        if not verdict.blocked:
-            return
-        METRICS.rejected.labels(reason="CONTENT_POLICY").inc()
-        self.store.add_blocked(tenant.name, verdict.category)
-        import hashlib
-        import json
-
-        record = {"time": time.time(), "tenant": tenant.name, "category": verdict.category, "term": verdict.term,
-                  "prompt_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(), "prompt": spec.prompt[:500]}  # fmt: skip
-        with self._audit_lock, open(Path(self.settings.data_dir) / "audit.log", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        raise InvalidArgument(
-            f"the prompt was refused by the content policy ({verdict.category.replace('_', ' ')})",
-            reason="CONTENT_POLICY",
-            field="spec.prompt",
-            metadata={"category": verdict.category},
-        )
+        self.admission.screen(tenant, spec)
 
     def _admission(self, tenant: Tenant, policy: TierPolicy, *, cache_hit: bool = False) -> None:
-        """Queue bound, rate limit, per-tenant in-flight cap, daily quota: RESOURCE_EXHAUSTED + RetryInfo.
-        A cache hit is checked against the rate limit and the quota only (it is never queued or active)."""
-        if not cache_hit and self.queue.full():
-            METRICS.rejected.labels(reason="QUEUE_FULL").inc()
-            raise ResourceExhausted(f"the queue is full ({self.settings.queue_size} jobs); retry later", retry_after=5.0,
-                                    reason="QUEUE_FULL")  # fmt: skip
-        wait = self.limiter.take(tenant.name, policy)
-        if wait > 0:
-            METRICS.rejected.labels(reason="RATE_LIMITED").inc()
-            raise ResourceExhausted(f"rate limit of the {policy.name} tier ({policy.rate_per_minute:g}/min) reached",
-                                    retry_after=wait, reason="RATE_LIMITED")  # fmt: skip
-        active = 0 if cache_hit else self.store.active_count(tenant.name)
-        if active >= policy.max_active:
-            METRICS.rejected.labels(reason="TOO_MANY_ACTIVE").inc()
-            raise ResourceExhausted(f"{active} of your jobs are queued or running; the {policy.name} tier allows "
-                                    f"{policy.max_active}", retry_after=10.0, reason="TOO_MANY_ACTIVE")  # fmt: skip
-        since = time.time() - 86400
-        n, oldest = self.store.count_since(tenant.name, since)
-        if n >= policy.daily_quota:
-            METRICS.rejected.labels(reason="QUOTA_EXCEEDED").inc()
-            raise ResourceExhausted(f"daily quota of the {policy.name} tier ({policy.daily_quota} videos per 24 h) is used up",
-                                    retry_after=max(1.0, (oldest or since) + 86400 - time.time()),
-                                    reason="QUOTA_EXCEEDED")  # fmt: skip
+        self.admission.admit(tenant, policy, cache_hit=cache_hit)
 
     def get(self, tenant: str, video_id: str) -> gateway_pb2.Video:
         video = self.store.snapshot(self.store.get(tenant, video_id).id)

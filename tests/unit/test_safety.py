@@ -2,13 +2,11 @@
 in context, and refusals name the category, not the word."""
 
 import statistics
-import threading
 import timeit
 from types import SimpleNamespace
 
 import pytest
 
-from gateway.gateway import VideoGateway
 from gateway.safety import SafetyFilter
 from gateway.tenants import Tenant
 from videomesh.errors import InvalidArgument
@@ -125,14 +123,12 @@ def test_ambiguous_entries_and_their_validation():
 
 
 def test_refusal_names_the_category_but_not_the_word(safety, tmp_path):
-    gw = SimpleNamespace(
-        safety=safety,
-        store=SimpleNamespace(add_blocked=lambda tenant, category: None),
-        settings=SimpleNamespace(data_dir=tmp_path),
-        _audit_lock=threading.Lock(),
-    )
+    from gateway.admission import Admission
+
+    store = SimpleNamespace(add_blocked=lambda tenant, category: None)
+    admission = Admission(SimpleNamespace(data_dir=tmp_path), store, None, safety)
     with pytest.raises(InvalidArgument) as e:
-        VideoGateway._screen(gw, Tenant("studio"), common_pb2.VideoSpec(prompt="make tr0mp dance"))
+        admission.screen(Tenant("studio"), common_pb2.VideoSpec(prompt="make tr0mp dance"))
     assert "public figures" in e.value.message and "trump" not in e.value.message.lower()
     assert e.value.metadata == {"category": "public_figures"}
     assert '"term": "trump"' in (tmp_path / "audit.log").read_text()  # the word goes to the audit log only
