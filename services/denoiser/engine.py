@@ -66,6 +66,10 @@ class DenoiserSettings:
     max_batch: int = 0
     # seconds a new batch waits for more requests before its first step (later ones join between steps)
     batch_wait: float = 0.0
+    # requests that finish sampling in the same tick decode as one batch, up to this many. 1 (each alone)
+    # keeps every request's frames bit for bit what it gets alone (WanPipeline's, for Wan); more decodes
+    # faster (4 tiny-Wan VAE decodes 1.1 -> 0.6-0.85 s on 2 CPU cores) with frames within one level
+    decode_batch: int = 1
     adapters_dir: Path | None = None  # brand style adapters (LoRA); default: services/denoiser/adapters
     adapter_cache: int = 64  # adapters kept loaded (least recently used dropped; ~1.5 MB each, default model)
     # long attention sequences on CUDA: auto (xformers if installed, else sdpa) | xformers | sdpa | matmul
@@ -109,6 +113,8 @@ class DenoiserSettings:
             )
         if self.max_batch < 0:
             raise ValueError(f"max_batch must be 0 (per model) or more; got {self.max_batch}")
+        if self.decode_batch < 1:
+            raise ValueError(f"decode_batch must be at least 1; got {self.decode_batch}")
         if not 0 <= self.batch_wait <= 10:
             raise ValueError(f"batch_wait must be in 0..10 seconds; got {self.batch_wait}")
         if self.device not in ("auto", "cpu", "cuda"):

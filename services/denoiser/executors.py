@@ -138,8 +138,11 @@ class SteppedExecutor:
         *,
         batch_wait: float = 0.0,
         worker: InferenceThread | None = None,
+        decode_batch: int = 1,
     ):
         self.backend = as_backend(model)
+        # requests that finish sampling in the same tick decode together, up to this many (1 = each alone)
+        self.decode_batch = decode_batch
         self.max_batch = max_batch or default_batch(self.backend)
         # a new batch waits this long (seconds) for more requests before its first step; requests
         # that come later join at the next step boundary anyway
@@ -330,9 +333,9 @@ class SteppedExecutor:
         for r in self._active:
             if r.error is None and r.state.done:
                 finished[self.backend.decode_key(r.state)].append(r)
-        for group in finished.values():
-            for k in range(0, len(group), self.max_batch):
-                part = group[k : k + self.max_batch]
+        for group in finished.values() if self.decode_batch > 1 else ():
+            for k in range(0, len(group), self.decode_batch):
+                part = group[k : k + self.decode_batch]
                 if len(part) > 1:
                     batch = _DecodeGroup(self.backend, [r.state for r in part])
                     for r in part:
@@ -734,4 +737,5 @@ def make_executor(
         return RayExecutor(backend, RaySettings(address=settings.ray_address or os.environ.get("RAY_ADDRESS", ""),
                                                 replicas=settings.ray_replicas, strategy=settings.ray_strategy),
                            settings, worker=worker)  # fmt: skip
-    return LocalExecutor(backend, settings.max_batch, batch_wait=settings.batch_wait, worker=worker)
+    return LocalExecutor(backend, settings.max_batch, batch_wait=settings.batch_wait, worker=worker,
+                         decode_batch=settings.decode_batch)  # fmt: skip

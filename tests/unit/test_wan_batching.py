@@ -49,7 +49,7 @@ def test_requests_finishing_together_decode_together_with_their_own_frames(wan):
     backend, enc = wan
     jobs = [_job(enc, s) for s in (1, 2, 3)]
     alone = [sample(backend, j) for j in jobs]
-    executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0)
+    executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0, decode_batch=4)
     out: dict[int, np.ndarray] = {}
     try:
         threads = [
@@ -69,9 +69,29 @@ def test_requests_finishing_together_decode_together_with_their_own_frames(wan):
     assert not np.array_equal(out[0], out[1])  # each got its own frames
 
 
+def test_decoding_alone_is_the_default_and_keeps_frames_bit_for_bit(wan):
+    backend, enc = wan
+    jobs = [_job(enc, s) for s in (6, 7)]
+    alone = [sample(backend, j) for j in jobs]
+    executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0)
+    out: dict[int, np.ndarray] = {}
+    try:
+        threads = [
+            threading.Thread(target=lambda i=i: out.__setitem__(i, executor.run(jobs[i]))) for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not executor.stats()["decode_batches"]
+    finally:
+        executor.close()
+    assert all(np.array_equal(out[i], alone[i]) for i in range(2))
+
+
 def test_a_reader_that_stops_does_not_stop_the_others(wan):
     backend, enc = wan
-    executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0)
+    executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0, decode_batch=4)
     jobs = [_job(enc, s) for s in (4, 5)]
     want = sample(backend, jobs[1])
     got: dict[int, object] = {}
