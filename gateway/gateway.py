@@ -431,13 +431,13 @@ class VideoGateway:
             if found is not None:
                 return self.get(tenant.name, found.id)
         norm = self.normalize(spec, policy, tenant.name)
-        self._screen(tenant, norm)
+        self.admission.screen(tenant, norm)
         with self._admit:
             key = self.cache_key(norm, tenant, template_id) if self.settings.cache else ""
             source = self._cached_source(key) if key else None
             # rate limits and quotas apply to every accepted request, cache hits included (a hit
             # takes no queue slot and is never "active", so those two checks are skipped for it)
-            self._admission(tenant, policy, cache_hit=source is not None)
+            self.admission.admit(tenant, policy, cache_hit=source is not None)
             if source is not None:
                 return self._from_cache(source, key, tenant, norm, request_id, webhook_url, regenerated_from,
                                         template_id)  # fmt: skip
@@ -590,12 +590,6 @@ class VideoGateway:
                 if not job.video.deleted:
                     log.info("retention: deleting %s", job.id)
                     self._delete_file(job)
-
-    def _screen(self, tenant: Tenant, spec: common_pb2.VideoSpec) -> None:
-        self.admission.screen(tenant, spec)
-
-    def _admission(self, tenant: Tenant, policy: TierPolicy, *, cache_hit: bool = False) -> None:
-        self.admission.admit(tenant, policy, cache_hit=cache_hit)
 
     def get(self, tenant: str, video_id: str) -> gateway_pb2.Video:
         video = self.store.snapshot(self.store.get(tenant, video_id).id)

@@ -7,7 +7,6 @@ and UMT5 for the Wan backend (`model="wan2.2"`, tokenizer/ and text_encoder/ of 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +78,6 @@ class TextEncoding:
 
     def __init__(self, settings: EncoderSettings):
         self.settings = settings
-        self._lock = threading.Lock()
         self._worker = InferenceThread("encoder", settings.threads)
         self.model = None  # TextEncoder (default) or UMT5TextEncoder (wan2.2)
         self.name = ""
@@ -139,16 +137,14 @@ class TextEncoding:
                 )
         langs = [detect_language(t) for t in texts]
         if self.wan:
-            with self._lock:
-                out = self._worker.call(self.model.encode, texts)
+            out = self._worker.call(self.model.encode, texts)  # calls run one at a time on the thread
             notes = [
                 (i, "PROMPT_TRUNCATED", truncation_note(lost + self.model.max_length, self.model.max_length))
                 for i, lost in enumerate(out.truncated)
                 if lost
             ]
             return Encoded(out.states, out.mask, langs, notes)
-        with self._lock:
-            states, mask = self._worker.call(self._encode_default, texts)
+        states, mask = self._worker.call(self._encode_default, texts)
         # the default model draws a world of shapes; Wan draws anything, so it gets no such note
         return Encoded(states, mask, langs, world_notes(texts))
 
