@@ -108,3 +108,53 @@ def random_adapter(name: str, seed: int, scale: float = 0.3):
             torch.randn(out, 2, generator=g) * scale,
         )
     return lora.Adapter(name, "tiny", 2, 2.0, layers, f"test adapter {name}")
+
+
+def random_tiny_engine(adapters_dir: Path | None = None):
+    """The tiny built-in denoiser, loaded, with random weights: untrained tiny weights predict zero, so
+    this makes every output depend on everything."""
+    import torch
+
+    from services.denoiser.engine import DenoiserEngine, DenoiserSettings
+
+    e = DenoiserEngine(DenoiserSettings(model="tiny", adapters_dir=adapters_dir))
+    e.load()
+    torch.manual_seed(1)
+    for p in e.model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return e
+
+
+def tiny_job(seed: int = 0, length: int = 5, **fields):
+    """A DenoiseJob for the tiny model: random texts of `length` tokens (negative: 2) from `seed`."""
+    import torch
+
+    from services.denoiser.backends.base import DenoiseJob
+
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(frames=4, height=16, width=16, seed=seed, steps=4, guidance=0.0)
+    kw.update(fields)
+    return DenoiseJob(torch.randn(1, length, 32, generator=g), torch.ones(1, length, dtype=torch.bool),
+                      torch.randn(1, 2, 32, generator=g), torch.ones(1, 2, dtype=torch.bool), **kw)  # fmt: skip
+
+
+def run_concurrently(executor, jobs, timeout: float = 120.0) -> list:
+    """executor.run(job) for every job at once, a thread each; their frames in order (errors raised)."""
+    import threading
+
+    out: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def one(i, job):
+        try:
+            out[i] = executor.run(job)
+        except BaseException as err:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+    return [out[i] for i in range(len(jobs))]

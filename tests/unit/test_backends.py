@@ -11,8 +11,8 @@ import torch
 from services.denoiser.backends.base import DenoiseJob, FrameRule, SizeRule
 from services.denoiser.backends.default import DefaultBackend
 from services.denoiser.backends.loop import advance, run, sample
-from services.denoiser.engine import DenoiserEngine, DenoiserSettings
 from services.denoiser.sampling import SamplingCancelled
+from tests.helpers import random_tiny_engine, tiny_job
 from videomesh.errors import InvalidArgument
 
 
@@ -22,21 +22,11 @@ def engine(tmp_path_factory):
 
     adapters = tmp_path_factory.mktemp("adapters")
     random_adapter("look", 1).save(adapters / "look.safetensors")
-    e = DenoiserEngine(DenoiserSettings(model="tiny", adapters_dir=adapters))
-    e.load()
-    torch.manual_seed(1)
-    # untrained tiny weights predict zero: make the output depend on everything
-    for p in e.model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return e
+    return random_tiny_engine(adapters)
 
 
 def _job(seed=0, **kw) -> DenoiseJob:
-    g = torch.Generator().manual_seed(seed)
-    fields = dict(frames=4, height=16, width=16, seed=seed, steps=4, guidance=0.0)
-    fields.update(kw)
-    return DenoiseJob(torch.randn(1, 5, 32, generator=g), torch.ones(1, 5, dtype=torch.bool),
-                      torch.randn(1, 2, 32, generator=g), torch.ones(1, 2, dtype=torch.bool), **fields)  # fmt: skip
+    return tiny_job(seed, **kw)
 
 
 @pytest.mark.parametrize(

@@ -15,27 +15,17 @@ from services.denoiser.backends.default import DefaultBackend
 from services.denoiser.backends.loop import sample
 from services.denoiser.engine import DenoiserEngine, DenoiserSettings, load_backend
 from services.denoiser.executors import LocalExecutor, default_batch, make_executor
+from tests.helpers import random_tiny_engine, run_concurrently, tiny_job
 from videomesh.inference import InferenceThread, available_cores, set_torch_threads
 
 
 @pytest.fixture(scope="module")
 def engine():
-    e = DenoiserEngine(DenoiserSettings(model="tiny"))
-    e.load()
-    torch.manual_seed(1)
-    for (
-        p
-    ) in e.model.parameters():  # untrained tiny weights predict zero: make the output depend on everything
-        torch.nn.init.normal_(p, std=0.05)
-    return e
+    return random_tiny_engine()
 
 
 def _job(seed=0, length=5, **kw) -> DenoiseJob:
-    g = torch.Generator().manual_seed(seed)
-    fields = dict(frames=4, height=16, width=16, seed=seed, steps=6, guidance=0.0)
-    fields.update(kw)
-    return DenoiseJob(torch.randn(1, length, 32, generator=g), torch.ones(1, length, dtype=torch.bool),
-                      torch.randn(1, 2, 32, generator=g), torch.ones(1, 2, dtype=torch.bool), **fields)  # fmt: skip
+    return tiny_job(seed, length, **{"steps": 6, **kw})
 
 
 class _Spy(DefaultBackend):
@@ -61,31 +51,12 @@ class _Spy(DefaultBackend):
             yield chunk
 
 
-def _concurrently(executor, jobs):
-    out: dict[int, np.ndarray] = {}
-    errors = []
-
-    def one(i, job):
-        try:
-            out[i] = executor.run(job)
-        except BaseException as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=one, args=(i, j)) for i, j in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return [out[i] for i in range(len(jobs))]
-
-
 def test_concurrent_requests_share_forwards_and_keep_their_frames(engine):
     backend = _Spy(engine)
     alone = [sample(DefaultBackend(engine), _job(i, length=3 + i)) for i in range(4)]
     executor = LocalExecutor(backend, max_batch=4, batch_wait=0.5)
     try:
-        together = _concurrently(executor, [_job(i, length=3 + i) for i in range(4)])
+        together = run_concurrently(executor, [_job(i, length=3 + i) for i in range(4)])
     finally:
         executor.close()
     assert max(backend.batches) > 1  # requests shared forwards (texts of different lengths too)
@@ -102,7 +73,7 @@ def test_all_torch_work_runs_on_the_thread_the_model_loaded_on(engine):
     backend = _Spy(engine)
     executor = LocalExecutor(backend, max_batch=2, worker=worker)
     try:
-        _concurrently(executor, [_job(1), _job(2), _job(3)])
+        run_concurrently(executor, [_job(1), _job(2), _job(3)])
         # a call from another thread runs there too, between ticks
         assert executor.call(threading.get_ident) == loaded_on
     finally:
@@ -117,7 +88,7 @@ def test_max_batch_bounds_a_forward_and_is_the_capacity(engine):
     executor = LocalExecutor(backend, max_batch=2, batch_wait=0.5)
     try:
         assert executor.capacity == 2
-        _concurrently(executor, [_job(i) for i in range(5)])
+        run_concurrently(executor, [_job(i) for i in range(5)])
     finally:
         executor.close()
     assert max(backend.batches) == 2
@@ -127,7 +98,7 @@ def test_a_new_batch_waits_for_requests_that_arrive_together(engine):
     backend = _Spy(engine)
     executor = LocalExecutor(backend, max_batch=3, batch_wait=2.0)
     try:
-        _concurrently(executor, [_job(i) for i in range(3)])
+        run_concurrently(executor, [_job(i) for i in range(3)])
     finally:
         executor.close()
     assert backend.batches[0] == 3  # all three started at the first step

@@ -12,28 +12,17 @@ import torch
 from services.denoiser.backends.base import DenoiseJob, StepCache
 from services.denoiser.backends.default import DefaultBackend
 from services.denoiser.backends.loop import advance, sample
-from services.denoiser.engine import DenoiserEngine, DenoiserSettings
 from services.denoiser.executors import LocalExecutor
+from tests.helpers import random_tiny_engine, tiny_job
 
 
 @pytest.fixture(scope="module")
 def engine():
-    e = DenoiserEngine(DenoiserSettings(model="tiny"))
-    e.load()
-    torch.manual_seed(1)
-    for (
-        p
-    ) in e.model.parameters():  # untrained tiny weights predict zero: make the output depend on everything
-        torch.nn.init.normal_(p, std=0.05)
-    return e
+    return random_tiny_engine()
 
 
 def _job(seed=0, **kw) -> DenoiseJob:
-    g = torch.Generator().manual_seed(seed)
-    fields = dict(frames=4, height=16, width=16, seed=seed, steps=12, guidance=0.0)
-    fields.update(kw)
-    return DenoiseJob(torch.randn(1, 5, 32, generator=g), torch.ones(1, 5, dtype=torch.bool),
-                      torch.randn(1, 2, 32, generator=g), torch.ones(1, 2, dtype=torch.bool), **fields)  # fmt: skip
+    return tiny_job(seed, **{"steps": 12, **kw})
 
 
 class _Counting(DefaultBackend):

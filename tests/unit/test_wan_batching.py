@@ -15,6 +15,7 @@ from services.denoiser.backends.loop import sample  # noqa: E402
 from services.denoiser.backends.wan import WanBackend  # noqa: E402
 from services.denoiser.executors import LocalExecutor  # noqa: E402
 from services.encoder.umt5 import UMT5TextEncoder  # noqa: E402
+from tests.helpers import run_concurrently  # noqa: E402
 from tests.wan_tiny import save_tiny_wan  # noqa: E402
 
 
@@ -50,15 +51,8 @@ def test_requests_finishing_together_decode_together_with_their_own_frames(wan):
     jobs = [_job(enc, s) for s in (1, 2, 3)]
     alone = [sample(backend, j) for j in jobs]
     executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0, decode_batch=4)
-    out: dict[int, np.ndarray] = {}
     try:
-        threads = [
-            threading.Thread(target=lambda i=i: out.__setitem__(i, executor.run(jobs[i]))) for i in range(3)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        out = run_concurrently(executor, jobs)
         assert executor.stats()["decode_batches"] == [3]
     finally:
         executor.close()
@@ -74,15 +68,8 @@ def test_decoding_alone_is_the_default_and_keeps_frames_bit_for_bit(wan):
     jobs = [_job(enc, s) for s in (6, 7)]
     alone = [sample(backend, j) for j in jobs]
     executor = LocalExecutor(backend, max_batch=4, batch_wait=1.0)
-    out: dict[int, np.ndarray] = {}
     try:
-        threads = [
-            threading.Thread(target=lambda i=i: out.__setitem__(i, executor.run(jobs[i]))) for i in range(2)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        out = run_concurrently(executor, jobs)
         assert not executor.stats()["decode_batches"]
     finally:
         executor.close()
