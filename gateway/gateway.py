@@ -1,9 +1,15 @@
-"""The gateway's domain object: admit jobs, schedule them, run the pipeline, record events.
+"""The gateway's domain object: the public operations over its parts.
 
-Durable: jobs and their events live in the JobStore (SQLite by default); on start-up,
-queued jobs are queued again and jobs that were running are re-run (attempt + 1) under the
-same object key, so a crash neither loses nor duplicates a result. The gRPC servicer is a
-thin layer over this class.
+The parts, each in its own module: the spec policy (gateway/policy.py: normalise, validate and plan a
+request), admission (gateway/admission.py: content screen, rate limits, caps, quotas), the result cache
+(gateway/result_cache.py), and the runner (gateway/runner.py: workers, attempts, QC regeneration,
+retries, terminal transitions, leases). The gRPC servicer is a thin layer over this class.
+
+Durable: jobs and their events live in the JobStore. SQLite (the default) for one gateway: on start-up
+queued jobs are queued again and jobs that were running re-run (attempt + 1) under the same object
+key. PostgreSQL (`database = "postgresql://…"`) for several replicas: the queue is in the database,
+each running job is held by a lease, and a replica that dies has its jobs re-run by the others once
+their leases expire, under the same key; fencing keeps a late result from landing twice.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from pathlib import Path
 import grpc
 
 from gateway.admission import Admission
-from gateway.jobs import TERMINAL, Job, JobStore, new_id, now_ts
+from gateway.jobs import ENDED, TERMINAL, Job, JobStore, new_id, now_ts
 from gateway.metrics import METRICS
-from gateway.pipeline import PROGRESS, Downstreams, JobControl, Pipeline, Plan
+from gateway.pipeline import Downstreams, Pipeline, Plan
 from gateway.policy import MOTION_WORDS, STILL_WORDS, ModelRules, SpecPolicy, _size, expects_motion  # noqa: F401
+from gateway.result_cache import ResultCache
 from gateway.rules import rule_driven
+from gateway.runner import RETRYABLE, JobRunner  # noqa: F401
 from gateway.safety import SafetyFilter
-from gateway.scheduler import JobQueue
 from gateway.sqlite_store import SQLiteJobStore
 from gateway.storage import LocalStorage, Storage
 from gateway.templates import TemplateLibrary
@@ -37,18 +44,10 @@ from gateway.watermark import InvisibleWatermark, VisibleMark, payload_for
 from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
 from gateway.webhooks import check_allow_entries as check_webhook_allow
 from videomesh.codec import TEXT_MESSAGE_BYTES
-from videomesh.errors import (
-    Cancelled,
-    FailedPrecondition,
-    InvalidArgument,
-    Unavailable,
-    VideomeshError,
-)
+from videomesh.errors import FailedPrecondition, InvalidArgument, VideomeshError
 from videomesh.v1 import common_pb2, denoiser_pb2, gateway_pb2
 
 log = logging.getLogger("videomesh.gateway")
-
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,16 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 0
     data_dir: Path = Path("videomesh-data")
+    # Where jobs, events, the cache, the queue (several replicas) and rate-limit buckets live: empty =
+    # SQLite at data_dir/jobs.sqlite3 (one gateway, zero set-up); a path = SQLite there;
+    # postgresql://user:pass@host/db = PostgreSQL, shared by any number of gateway replicas. Prefer
+    # VIDEOMESH_GATEWAY_DATABASE (it may hold a password) to a config file.
+    database: str = ""
+    lease_seconds: float = 30.0  # PostgreSQL: a replica that stops renewing for this long loses its jobs
+    database_pool: int = 16  # PostgreSQL connections per replica
+    # PostgreSQL with storage=local: every replica must see the same directory (one machine, or a shared
+    # mount); say so here. S3 is the normal case for several machines.
+    shared_storage: bool = False
     # jobs in the pipeline at once (0 = the denoiser's capacity + 1, so one job encodes or finishes while
     # a full batch denoises); stage slots keep each downstream within its capacity
     workers: int = 0
@@ -128,6 +137,10 @@ class GatewaySettings:
     max_streams_per_tenant: int = 8
     max_streams: int = 24
 
+    @property
+    def postgres(self) -> bool:
+        return self.database.startswith(("postgresql://", "postgres://"))
+
     def validate(self) -> None:
         for s in self.sizes:
             w, _, h = s.partition("x")
@@ -137,6 +150,14 @@ class GatewaySettings:
             raise ValueError(f"default_size {self.default_size!r} is not in sizes {self.sizes}")
         if self.default_fps not in self.fps_choices:
             raise ValueError(f"default_fps {self.default_fps} is not in fps_choices {self.fps_choices}")
+        if self.postgres and self.storage == "local" and not self.shared_storage:
+            raise ValueError(
+                "database is PostgreSQL (several replicas) but storage is local: each replica would keep its own "
+                "files. Use storage=s3, or set shared_storage=true (VIDEOMESH_GATEWAY_SHARED_STORAGE) if every "
+                "replica sees the same data_dir (one machine, or a shared mount)"
+            )
+        if not self.lease_seconds >= 0.5 or self.database_pool < 2:
+            raise ValueError("lease_seconds must be at least 0.5 and database_pool at least 2")
         if self.storage not in ("local", "s3"):
             raise ValueError(f"storage must be local or s3; got {self.storage!r}")
         if self.storage == "s3" and not self.s3_endpoint:
@@ -171,8 +192,7 @@ class VideoGateway:
     def __init__(self, settings: GatewaySettings, *, store: JobStore | None = None, storage: Storage | None = None,
                  tenants=None):  # fmt: skip
         self.settings = settings
-        data = Path(settings.data_dir)
-        self.store = store or SQLiteJobStore(data / "jobs.sqlite3")
+        self.store = store or open_store(settings)
         self.storage = storage or _storage(settings)
         self.tenants = tenants
         self.tiers: dict[str, TierPolicy] = tiers_from(settings.tiers)
@@ -186,22 +206,23 @@ class VideoGateway:
             lambda: self.downstreams.denoiser.GetModelInfo(denoiser_pb2.GetModelInfoRequest(), timeout=5),
             settings.model_refresh_seconds,
         )
-        self.queue = JobQueue(settings.queue_size, settings.aging_seconds)
-        self.limiter = RateLimiter()
+        # in this process (SQLite), or in the database shared by the replicas with leases (PostgreSQL)
+        self.queue = self.store.queue(settings.queue_size, settings.aging_seconds, settings.lease_seconds)
+        self.limiter = RateLimiter(self.store)
         self.webhooks = WebhookSender(attempts=settings.webhook_attempts, backoff=settings.webhook_backoff,
                                       allow_private=settings.webhook_allow_private)  # fmt: skip
-        self._controls: dict[str, JobControl] = {}
-        self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._workers: list[threading.Thread] = []
         self.workers = settings.workers  # resolved from the denoiser's capacity at load() when 0
-        self._admit = threading.Lock()  # admission checks + insert are one step per gateway
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
-        self._not_ready_since: dict[str, float] = {}  # job -> when a downstream first answered NOT_READY
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
         self.spec = SpecPolicy(settings, self.tiers, self.templates, self.rules)
         self.admission = Admission(settings, self.store, self.queue, self.safety, self.limiter)
+        self.runner = JobRunner(self)
+        self.cache = ResultCache(settings.cache, self.store, self.storage, self.spec, self.runner)
+        # the runner's state, under the names the gateway's own tests and the health monitor use
+        self._controls = self.runner.controls
+        self._lock = self.runner.lock
 
     @property
     def model(self) -> denoiser_pb2.ModelInfo | None:
@@ -222,9 +243,6 @@ class VideoGateway:
 
     def plan(self, spec: common_pb2.VideoSpec, watermark: str = "", visible: bool = False) -> Plan:
         return self.spec.plan(spec, watermark, visible)
-
-    def _plan(self, job: Job, video: gateway_pb2.Video) -> Plan:
-        return self.spec.plan_for(job, video)
 
     def cache_key(self, spec: common_pb2.VideoSpec, tenant: Tenant, template_id: str = "") -> str:
         return self.spec.cache_key(spec, tenant, template_id)
@@ -251,97 +269,33 @@ class VideoGateway:
                                  invisible=InvisibleWatermark(s.watermark_key),
                                  visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity),
                                  encode_timeout=s.encode_timeout)  # fmt: skip
-        # jobs from before a restart resume only once every downstream is SERVING: a service still
-        # loading its model would otherwise fail their first attempt (they stay QUEUED/RUNNING until then)
-        # only the jobs of the previous run: jobs created from now on are this run's workers' business
-        leftover = [j.id for j in self.store.by_status(common_pb2.QUEUED, common_pb2.RUNNING)]
-        threading.Thread(
-            target=self._recover_when_ready, args=(leftover,), name="recover", daemon=True
-        ).start()
-        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         if self.settings.retention_seconds > 0:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:
             self._pregenerate()
         self.workers = self.settings.workers or cap + 1
-        log.info("denoiser capacity %d: %d job workers, stage slots %s", cap, self.workers, slots)
-        for i in range(self.workers):
-            t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
-            t.start()
-            self._workers.append(t)
-
-    def _recover_when_ready(self, job_ids: list[str]) -> None:
-        waiting = set()
-        while not self._stopping.is_set():
-            down = self.downstreams.not_serving()
-            if not down:
-                break
-            if set(down) != waiting:
-                waiting = set(down)
-                log.info("recovery waits for %s to be SERVING", ", ".join(down))
-            self._stopping.wait(0.5)
-        else:
-            return
-        self._recover(job_ids)
-        self.recovered.set()
-
-    def _recover(self, job_ids: list[str]) -> None:
-        """Queued jobs are queued again; jobs that were running when the gateway stopped re-run.
-        A job cancelled meanwhile stays cancelled (the requeue is refused inside its transaction)."""
-        for job_id in job_ids:
-            job = self.store.load(job_id)
-            if job.video.status == common_pb2.RUNNING:
-                log.warning(
-                    "job %s was running at shutdown (attempt %d): re-running", job.id, job.video.attempt
-                )
-                if not self._requeue(job.id):
-                    continue
-            elif job.video.status != common_pb2.QUEUED:
-                continue
-            policy = self.tiers.get(job.tier, self.tiers["free"])
-            pos = self.queue.push(job.id, job.tenant, policy.priority, policy.max_running, force=True)
-            if job.video.status == common_pb2.RUNNING:
-                self.store.append_event(
-                    job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
-                )
-
-    def _watchdog(self) -> None:
-        """Stop attempts whose downstream went silent (no message for stall_timeout): their calls are
-        cancelled and the attempt fails UNAVAILABLE, so it is retried instead of holding a worker."""
-        limit = self.settings.stall_timeout
-        while not self._stopping.wait(min(1.0, limit / 4)):
-            now = time.monotonic()
-            with self._lock:
-                controls = list(self._controls.items())
-            for job_id, ctl in controls:
-                idle = now - ctl.last_activity
-                if idle > limit and not ctl.stalled and not ctl.cancelled.is_set():
-                    log.warning(
-                        "job %s: no word from downstream for %.0f s; stopping the attempt", job_id, idle
-                    )
-                    ctl.stall(
-                        f"a downstream service sent nothing for {idle:.0f} s (stall_timeout {limit:g} s)"
-                    )
+        log.info("denoiser capacity %d: %d job workers, stage slots %s; job store %s", cap, self.workers, slots,
+                 "PostgreSQL (shared queue, leases)" if self.queue.leased else "SQLite")  # fmt: skip
+        self.runner.start(self.workers)
 
     def wedged(self) -> bool:
-        """Every worker holds a job that has been silent for twice the stall timeout (the watchdog could
-        not free it): the gateway takes no work, so its health must say so."""
-        now = time.monotonic()
-        with self._lock:
-            idle = [now - c.last_activity for c in self._controls.values()]
-        return len(idle) >= max(1, self.workers) and min(idle) > 2 * self.settings.stall_timeout
+        return self.runner.wedged()
 
     def close(self) -> None:
         self._stopping.set()
-        self.queue.close()
-        with self._lock:
-            controls = list(self._controls.values())
-        for ctl in controls:  # stop work in flight; those jobs stay RUNNING and re-run on restart
-            ctl.shutdown()
-        for t in self._workers:
-            t.join(timeout=10)
+        self.runner.close()
         self.webhooks.close()
         self.downstreams.close()
+
+    # the runner's transitions, as the gateway's own tests call them
+    def _requeue(self, job_id: str, refund: bool = False) -> bool:
+        return self.runner.requeue(job_id, refund)
+
+    def _finish_cancelled(self, job_id: str, why: str) -> None:
+        self.runner.finish_cancelled(job_id, why)
+
+    def _fail(self, job_id: str, err: VideomeshError) -> None:
+        self.runner.fail(job_id, err)
 
     # --- spec ---------------------------------------------------------------------------------
     def verify_watermark(self, tenant: Tenant, chunks) -> gateway_pb2.VerifyWatermarkResponse:
@@ -432,15 +386,16 @@ class VideoGateway:
                 return self.get(tenant.name, found.id)
         norm = self.normalize(spec, policy, tenant.name)
         self.admission.screen(tenant, norm)
-        with self._admit:
-            key = self.cache_key(norm, tenant, template_id) if self.settings.cache else ""
-            source = self._cached_source(key) if key else None
+        # admission checks + insert are one step per tenant, across every gateway on the store
+        with self.store.tenant_lock(tenant.name):
+            key = self.cache.key(norm, tenant, template_id)
+            source = self.cache.source(key)
             # rate limits and quotas apply to every accepted request, cache hits included (a hit
             # takes no queue slot and is never "active", so those two checks are skipped for it)
             self.admission.admit(tenant, policy, cache_hit=source is not None)
             if source is not None:
-                return self._from_cache(source, key, tenant, norm, request_id, webhook_url, regenerated_from,
-                                        template_id)  # fmt: skip
+                return self.cache.serve(source, key, tenant, policy.name, norm, request_id, webhook_url,
+                                        regenerated_from, template_id)  # fmt: skip
             video = gateway_pb2.Video(
                 id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=norm, create_time=now_ts(),
                 update_time=now_ts(), regenerated_from=regenerated_from, model=f"{self.model.name}@{self.model.version}",
@@ -463,51 +418,6 @@ class VideoGateway:
         return self.store.snapshot(job.id)
 
     # --- cache, templates, feedback, usage, deletion --------------------------------------------------
-    def _cached_source(self, key: str) -> Job | None:
-        """The finished job whose file serves `key`, if it is still there."""
-        src_id = self.store.cache_get(key)
-        if src_id is None:
-            return None
-        src = self.store.load(src_id)
-        if src.video.status != common_pb2.SUCCEEDED or src.video.deleted:
-            self.store.cache_drop(src_id)
-            return None
-        return src
-
-    def _from_cache(self, src: Job, key: str, tenant: Tenant, spec, request_id, webhook_url, regenerated_from,
-                    template_id):  # fmt: skip
-        video = gateway_pb2.Video(
-            id=new_id(), status=common_pb2.QUEUED, stage=common_pb2.STAGE_QUEUED, spec=spec, create_time=now_ts(),
-            update_time=now_ts(), regenerated_from=regenerated_from, model=src.video.model, template_id=template_id,
-            watermark=src.video.watermark, cached=True,  # the bytes are the cached file's, so is the mark
-            warnings=src.video.warnings,
-        )  # fmt: skip
-        job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=self.policy(tenant.tier).name,
-                  webhook=webhook_url)  # fmt: skip
-        self.store.create(job)
-        self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=0)))
-        try:
-            stored = self.storage.copy(f"{src.tenant}/{src.id}.mp4", f"{tenant.name}/{job.id}.mp4")
-        except Exception as err:  # noqa: BLE001 - any failure of the copy fails this job, never leaves it QUEUED
-            log.warning("cached result %s could not be copied: %s", src.id, err)
-            self.store.cache_drop(src.id)
-            self._fail(job.id, Unavailable("the cached result could not be copied; submit again"))
-            return self.store.snapshot(job.id)
-
-        def done(v):
-            v.status = common_pb2.SUCCEEDED
-            v.stage = common_pb2.STAGE_DONE
-            v.progress = 100.0
-            v.result.CopyFrom(src.video.result)
-            v.result.uri, v.result.url = stored.uri, stored.url
-            v.quality.CopyFrom(src.video.quality)
-
-        final = self.store.finish(job.id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
-        self.store.cache_put(key, job.id)  # the newest copy serves the next hit
-        METRICS.jobs.labels(status="CACHE_HIT", tier=job.tier).inc()
-        self._terminal(job, final)
-        return final
-
     def create_from_template(self, tenant: Tenant, template_id: str, fields: dict, overrides: common_pb2.VideoSpec,
                              request_id: str = "") -> gateway_pb2.Video:  # fmt: skip
         t = self.templates.get(template_id)
@@ -574,7 +484,7 @@ class VideoGateway:
 
     def _delete_file(self, job: Job) -> gateway_pb2.Video:
         self.storage.delete(f"{job.tenant}/{job.id}.mp4")
-        self.store.cache_drop(job.id)
+        self.cache.forget(job.id)
 
         def mut(v):
             v.deleted = True
@@ -594,7 +504,7 @@ class VideoGateway:
     def get(self, tenant: str, video_id: str) -> gateway_pb2.Video:
         video = self.store.snapshot(self.store.get(tenant, video_id).id)
         if video.status == common_pb2.QUEUED:
-            video.queue_position = self.queue.positions().get(video_id, video.queue_position)
+            video.queue_position = self.queue.position(video_id) or video.queue_position
         if video.result.uri and not video.deleted:
             video.result.url = self.storage.url(
                 f"{tenant}/{video_id}.mp4"
@@ -633,11 +543,9 @@ class VideoGateway:
         """Durable at once: the job is CANCELLED in the store before its work is stopped, so neither
         a worker that is just starting it nor a restart after a crash can run it again."""
         self.queue.remove(video_id)
-        self._finish_cancelled(video_id, why)
-        with self._lock:
-            ctl = self._controls.get(video_id)
-        if ctl:
-            ctl.cancel(why)
+        self.runner.finish_cancelled(video_id, why)
+        # the attempt stops here if it runs on this replica; on another, its lease thread sees the status
+        self.runner.cancel_local(video_id, why)
 
     def cancel_quietly(self, video_id: str, reason: str) -> None:
         """Cancel from inside the server (a GenerateVideo stream that ended early)."""
@@ -682,7 +590,7 @@ class VideoGateway:
                                                         message=note or "rejected in review", reason="REJECTED_IN_REVIEW"))  # fmt: skip
 
         video = self.store.update(job.id, decide)
-        self._terminal(job, video)
+        self.runner.terminal(job, video)
         return video
 
     def events(self, tenant: str, video_id: str, after: int, is_active) -> Iterator[gateway_pb2.VideoEvent]:
@@ -695,7 +603,7 @@ class VideoGateway:
         after = max(0, after)
         idle = True  # look at the status first, and again whenever a wait brought nothing
         while is_active():
-            ended = idle and self.store.snapshot(video_id).status in (*TERMINAL, common_pb2.NEEDS_REVIEW)
+            ended = idle and self.store.snapshot(video_id).status in ENDED
             evs = self.store.wait_events(video_id, after, timeout=0 if ended else 0.5)
             if ended and not evs:
                 return
@@ -707,211 +615,6 @@ class VideoGateway:
                     return
 
     # --- execution --------------------------------------------------------------------------------
-    def _worker(self) -> None:
-        while not self._stopping.is_set():
-            entry = self.queue.pop(timeout=0.5)
-            if entry is None:
-                continue
-            METRICS.queue_depth.set(len(self.queue))
-            ctl = JobControl(
-                report=lambda stage, step, total, pct, _id=entry.job_id: self._progress(
-                    _id, stage, step, total, pct
-                ),
-                stage=lambda stage, _id=entry.job_id: self._stage(_id, stage),
-                warn=lambda reason, message, _id=entry.job_id: self._warn(_id, reason, message),
-                deadline=time.monotonic() + self.settings.job_timeout,
-            )
-            with self._lock:
-                self._controls[entry.job_id] = ctl
-            try:
-                self._execute(entry.job_id, ctl)
-            except Exception:  # noqa: BLE001 - a worker must never die
-                log.exception("job %s crashed the worker loop", entry.job_id)
-            finally:
-                with self._lock:
-                    self._controls.pop(entry.job_id, None)
-                self.queue.done(entry.tenant)
-
-    def _warn(self, job_id: str, reason: str, message: str) -> None:
-        """A Warning event and Video.warnings (once per reason)."""
-        added = []
-
-        def mut(v):
-            if message not in v.warnings:
-                v.warnings.append(message)
-                added.append(True)
-
-        self.store.update(job_id, mut)
-        if added:
-            self.store.append_event(
-                job_id, gateway_pb2.VideoEvent(warning=gateway_pb2.Warning(reason=reason, message=message))
-            )
-
-    def _stage(self, job_id: str, stage: int) -> None:
-        def mut(v):
-            v.stage = stage
-            v.progress = max(v.progress, PROGRESS.get(stage, (0.0, 0.0))[0])
-
-        self.store.update(job_id, mut)
-        self.store.append_event(
-            job_id, gateway_pb2.VideoEvent(stage_started=gateway_pb2.StageStarted(stage=stage))
-        )
-
-    def _progress(self, job_id: str, stage: int, step: int, total: int, pct: float) -> None:
-        self.store.update(job_id, lambda v: setattr(v, "progress", max(v.progress, pct)))
-        self.store.append_event(
-            job_id,
-            gateway_pb2.VideoEvent(
-                progress=gateway_pb2.Progress(stage=stage, step=step, total=total, percent=pct)
-            ),
-        )
-
-    def _execute(self, job_id: str, ctl: JobControl) -> None:
-        job = self.store.load(job_id)
-        if job.video.status != common_pb2.QUEUED:  # cancelled between pop and start
-            return
-        try:
-            video = self.store.update(job_id, _start)
-        except _NotCancellable:  # cancelled (or taken by another worker) between the check and the start
-            return
-        t0 = time.perf_counter()
-        try:
-            outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self._plan(job, video), ctl)
-            while (self.settings.qc_policy == "review" and not outcome.quality.passed
-                   and video.qc_regenerations < self.settings.qc_regenerations):  # fmt: skip
-                failed = ", ".join(c.name for c in outcome.quality.checks if not c.passed)
-                log.info("job %s failed QC (%s): regenerating with a new seed", job_id, failed)
-                video = self.store.update(job_id, _new_seed)
-                outcome = self.pipeline.run(job_id, f"{job.tenant}/{job_id}.mp4", self._plan(job, video), ctl)
-        except Cancelled:
-            if ctl.stopped_for_shutdown:
-                return  # stays RUNNING in the store: re-run after restart
-            if ctl.cancelled.is_set():
-                self._finish_cancelled(job_id, ctl.reason or "cancelled by request")
-            else:
-                self._fail(job_id, VideomeshError("cancelled by a downstream service"))
-            return
-        except VideomeshError as err:
-            if ctl.stopped_for_shutdown:
-                return
-            # a downstream still loading its model (a restart: minutes for Wan) is not the job's failure:
-            # wait for it without spending attempts, up to model_wait_timeout
-            free = False
-            if err.reason == "NOT_READY":
-                first = self._not_ready_since.setdefault(job_id, time.monotonic())
-                free = time.monotonic() - first < self.settings.model_wait_timeout
-            if err.code in RETRYABLE and (free or video.attempt < self.settings.max_attempts):
-                backoff = self.settings.retry_backoff * 2 ** (video.attempt - 1)
-                delay = max(err.retry_after or 0.0, 2.0 if free else backoff)
-                log.warning("job %s attempt %d: %s; retrying in %.1fs%s", job_id, video.attempt, err.message, delay,
-                            " (not counted: the service is still loading)" if free else "")  # fmt: skip
-                if not self._requeue(job_id, refund=free):  # cancelled meanwhile: it stays cancelled
-                    return
-                policy = self.policy(job.tier)
-                pos = self.queue.push(
-                    job_id, job.tenant, policy.priority, policy.max_running, delay=delay, force=True
-                )
-                self.store.append_event(
-                    job_id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=pos))
-                )
-                return
-            self._not_ready_since.pop(job_id, None)
-            self._fail(job_id, err)
-            return
-        except Exception as err:  # noqa: BLE001
-            log.exception("job %s failed", job_id)
-            self._fail(job_id, VideomeshError(f"internal error: {type(err).__name__}"))
-            return
-        for stage, secs in outcome.seconds.items():
-            METRICS.stage_seconds.labels(stage=stage).observe(secs)
-        review = self.settings.qc_policy == "review" and not outcome.quality.passed
-
-        def done(v):
-            v.status = common_pb2.NEEDS_REVIEW if review else common_pb2.SUCCEEDED
-            v.stage = common_pb2.STAGE_DONE
-            v.progress = 100.0
-            v.result.CopyFrom(outcome.result)
-            v.quality.CopyFrom(outcome.quality)
-            for stage, secs in outcome.seconds.items():
-                v.stage_seconds[stage] = v.stage_seconds.get(stage, 0.0) + secs
-
-        self._not_ready_since.pop(job_id, None)
-        final = self.store.finish(job_id, done, gateway_pb2.VideoEvent(completed=gateway_pb2.Completed()))
-        if final is not None:
-            if final.status == common_pb2.SUCCEEDED and self.settings.cache:
-                tenant = Tenant(job.tenant, job.tier)
-                self.store.cache_put(self.cache_key(final.spec, tenant, final.template_id), job_id)
-            self._terminal(job, final)
-            log.info("job %s %s in %.1fs %s", job_id, common_pb2.VideoStatus.Name(final.status), time.perf_counter() - t0,
-                     {k: round(v, 2) for k, v in outcome.seconds.items()})  # fmt: skip
-
-    def _requeue(self, job_id: str, refund: bool = False) -> bool:
-        """RUNNING -> QUEUED in one transaction; False (and nothing changed) if the job is no longer
-        running, e.g. cancelled while its attempt was failing. `refund`: the attempt does not count."""
-
-        def mut(v):
-            _requeued(v)
-            if refund:
-                v.attempt = max(0, v.attempt - 1)
-
-        try:
-            self.store.update(job_id, mut)
-        except _NotCancellable:
-            return False
-        return True
-
-    def _finish_cancelled(self, job_id: str, why: str) -> None:
-        def mut(v):
-            if v.status not in (common_pb2.QUEUED, common_pb2.RUNNING):  # e.g. NEEDS_REVIEW: not ours to end
-                raise _NotCancellable
-            v.status = common_pb2.CANCELLED
-            v.error.CopyFrom(
-                gateway_pb2.VideoError(
-                    code=grpc.StatusCode.CANCELLED.value[0], message=why, reason="CANCELLED"
-                )
-            )
-
-        try:
-            final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(cancelled=gateway_pb2.Cancelled()))
-        except _NotCancellable:
-            return
-        if final is not None:
-            self._terminal(self.store.load(job_id), final)
-
-    def _fail(self, job_id: str, err: VideomeshError) -> None:
-        code = err.code.value[0] if isinstance(err.code, grpc.StatusCode) else int(err.code)
-        reason = (
-            "DOWNSTREAM_UNAVAILABLE"
-            if err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UNAVAILABLE"
-            else err.reason
-        )
-        error = gateway_pb2.VideoError(code=code, message=err.message, reason=reason)
-
-        def mut(v):
-            v.status = common_pb2.FAILED
-            v.error.CopyFrom(error)
-
-        final = self.store.finish(job_id, mut, gateway_pb2.VideoEvent(failed=gateway_pb2.Failed(error=error)))
-        if final is not None:
-            self._terminal(self.store.load(job_id), final)
-
-    def _terminal(self, job: Job, video: gateway_pb2.Video) -> None:
-        """Metrics and the webhook, once per job (finish() guarantees the once)."""
-        METRICS.jobs.labels(status=common_pb2.VideoStatus.Name(video.status), tier=job.tier).inc()
-        url = job.webhook
-        secret = ""
-        if self.tenants is not None:
-            try:
-                t = self.tenants.get(job.tenant)
-                url = url or t.webhook_url
-                secret = t.webhook_secret
-            except VideomeshError:
-                pass
-        if url:
-            from google.protobuf import json_format
-
-            self.webhooks.send(url, secret, {"type": "video." + common_pb2.VideoStatus.Name(video.status).lower(),
-                                             "video": json_format.MessageToDict(video)})  # fmt: skip
 
 
 def _storage(s: GatewaySettings) -> Storage:
@@ -923,29 +626,10 @@ def _storage(s: GatewaySettings) -> Storage:
     return LocalStorage(Path(s.data_dir) / "videos")
 
 
-class _NotCancellable(Exception):
-    """Raised inside a store transaction (rolled back): the job is no longer queued or running."""
+def open_store(s: GatewaySettings) -> JobStore:
+    """The job store the settings name: PostgreSQL for a postgresql:// URL, else SQLite."""
+    if s.postgres:
+        from gateway.pg_store import PostgresJobStore
 
-
-def _new_seed(v: gateway_pb2.Video) -> None:
-    old = v.spec.seed
-    while v.spec.seed == old:
-        v.spec.seed = random.randrange(1, 2**31)
-    v.qc_regenerations += 1
-    v.progress = 0.0
-
-
-def _start(v: gateway_pb2.Video) -> None:
-    if v.status != common_pb2.QUEUED:
-        raise _NotCancellable  # only one worker moves a job QUEUED -> RUNNING
-    v.status = common_pb2.RUNNING
-    v.attempt += 1
-    v.queue_position = 0
-
-
-def _requeued(v: gateway_pb2.Video) -> None:
-    if v.status != common_pb2.RUNNING:
-        raise _NotCancellable  # rolls the transaction back: a cancelled job is not revived
-    v.status = common_pb2.QUEUED
-    v.stage = common_pb2.STAGE_QUEUED
-    v.progress = 0.0
+        return PostgresJobStore(s.database, pool_size=s.database_pool)
+    return SQLiteJobStore(Path(s.database) if s.database else Path(s.data_dir) / "jobs.sqlite3")

@@ -142,6 +142,8 @@ class JobControl:
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     stopped_for_shutdown: bool = False
+    lease_lost: bool = False  # another replica took the job over: this attempt writes nothing more
+    fence: object = None  # gateway.jobs.Fence carried by this attempt's writes (set by the runner)
     stalled: str = ""  # why the watchdog stopped the attempt; empty = it did not
     last_activity: float = field(default_factory=time.monotonic)
     _calls: list = field(default_factory=list)
@@ -161,6 +163,11 @@ class JobControl:
         """The gateway is stopping: abandon the attempt (the job re-runs after restart)."""
         self.stopped_for_shutdown = True
         self.cancel("gateway shutting down")
+
+    def lose_lease(self) -> None:
+        """The job's lease went to another replica: abandon the attempt without a word."""
+        self.lease_lost = True
+        self.cancel("lease lost")
 
     def cancel(self, reason: str = "") -> None:
         self.reason = self.reason or reason

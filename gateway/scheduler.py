@@ -3,6 +3,10 @@
 A job's score is its tier priority minus the time it has waited divided by `aging`, so a
 free job that has waited `aging * (free - pro)` seconds competes with a fresh pro job:
 paying tenants go first, free ones never starve. Bounded: `push` refuses beyond `capacity`.
+
+This is the queue of a single gateway (the SQLite store): it lives in the process and is rebuilt
+from the store after a restart. Several replicas on PostgreSQL share `gateway.pg_store.PgJobQueue`,
+which has the same interface plus leases (`leased = True`: renew, reap, release_all).
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ class Entry:
     enqueued: float
     seq: int
     not_before: float = 0.0
+    owner: str = ""  # the replica holding the job's lease (PgJobQueue); "" = no lease
 
 
 class JobQueue:
+    leased = False  # no leases: one gateway owns its jobs (see PgJobQueue)
+    owner = ""
+
     def __init__(self, capacity: int, aging: float = 30.0):
         self.capacity = capacity
         self.aging = aging
@@ -68,7 +76,8 @@ class JobQueue:
         with self._cv:
             return self._entries.pop(job_id, None) is not None
 
-    def done(self, tenant: str) -> None:
+    def done(self, job_id: str, tenant: str) -> None:
+        """The worker is through with a popped job: free its tenant's running slot."""
         with self._cv:
             self._running[tenant] -= 1
             self._cv.notify_all()
@@ -92,6 +101,10 @@ class JobQueue:
         now = time.monotonic()
         order = sorted(self._entries.values(), key=lambda e: self._score(e, now))
         return next(i for i, e in enumerate(order, 1) if e.job_id == job_id)
+
+    def position(self, job_id: str) -> int | None:
+        with self._cv:
+            return self._position(job_id) if job_id in self._entries else None
 
     def positions(self) -> dict[str, int]:
         with self._cv:

@@ -11,13 +11,17 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from gateway.jobs import TERMINAL, Job, JobStore, now_ts
+from gateway.jobs import ENDED, TERMINAL, Fence, Fenced, Job, JobStore, now_ts
 from videomesh.errors import NotFound
 from videomesh.v1 import common_pb2, gateway_pb2
 
-_SCHEMA = """
+# Versioned migrations (PRAGMA user_version): a file from before versioning has the first one's tables
+# already (it is written IF NOT EXISTS, so it applies to both); each later one runs once, in order.
+_MIGRATIONS: list[str] = []
+_MIGRATIONS.append("""
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
   tenant TEXT NOT NULL,
@@ -45,7 +49,11 @@ CREATE TABLE IF NOT EXISTS events (
   data BLOB NOT NULL,
   PRIMARY KEY (job_id, seq)
 );
-"""
+""")
+_MIGRATIONS.append("""
+CREATE TABLE rate_buckets (tenant TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL);
+""")
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SQLiteJobStore(JobStore):
@@ -56,8 +64,34 @@ class SQLiteJobStore(JobStore):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
         self._cond = threading.Condition()
+        self._tenant_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version} is newer than this gateway's "
+                               f"({SCHEMA_VERSION}); upgrade the gateway")  # fmt: skip
+        for n in range(version, SCHEMA_VERSION):
+            self._db.executescript(f"BEGIN; {_MIGRATIONS[n]}; PRAGMA user_version = {n + 1}; COMMIT;")
+
+    def tenant_lock(self, tenant: str):
+        return self._tenant_locks[tenant]  # one process owns the file: a lock per tenant is enough
+
+    def take_token(self, tenant: str, rate_per_second: float, burst: int, now: float) -> float:
+        with self._cond:
+            row = self._db.execute(
+                "SELECT tokens, stamp FROM rate_buckets WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            tokens, stamp = row if row else (float(burst), now)
+            tokens = min(float(burst), tokens + max(0.0, now - stamp) * rate_per_second)
+            taken = tokens >= 1.0
+            self._db.execute("INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?)",
+                             (tenant, tokens - 1.0 if taken else tokens, now))  # fmt: skip
+        if taken:
+            return 0.0
+        return (1.0 - tokens) / rate_per_second if rate_per_second > 0 else 60.0
 
     def close(self) -> None:
         with self._cond:
@@ -209,7 +243,7 @@ class SQLiteJobStore(JobStore):
             ).fetchone()
         return n, oldest
 
-    def update(self, job_id: str, mutate) -> gateway_pb2.Video:
+    def update(self, job_id: str, mutate, *, fence: Fence | None = None) -> gateway_pb2.Video:
         with self._cond:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -217,6 +251,8 @@ class SQLiteJobStore(JobStore):
                 if row is None:
                     raise NotFound(f"video {job_id!r} not found")
                 video = gateway_pb2.Video.FromString(row[0])
+                if fence is not None and not fence.holds(video):
+                    raise Fenced(f"attempt {fence.attempt} of {job_id} no longer holds the job")
                 mutate(video)
                 video.update_time.CopyFrom(now_ts())
                 self._db.execute(
@@ -229,14 +265,15 @@ class SQLiteJobStore(JobStore):
                 raise
             return video
 
-    def finish(self, job_id: str, mutate, event: gateway_pb2.VideoEvent) -> gateway_pb2.Video | None:
+    def finish(self, job_id: str, mutate, event: gateway_pb2.VideoEvent, *,
+               fence: Fence | None = None) -> gateway_pb2.Video | None:  # fmt: skip
         """Apply a terminal mutation and append its event in one transaction; None if already terminal."""
         with self._cond:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT video FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 video = gateway_pb2.Video.FromString(row[0])
-                if video.status in TERMINAL:
+                if video.status in TERMINAL or (fence is not None and not fence.holds(video)):
                     self._db.execute("ROLLBACK")
                     return None
                 mutate(video)
@@ -268,11 +305,18 @@ class SQLiteJobStore(JobStore):
         )
         return event
 
-    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent) -> gateway_pb2.VideoEvent:
+    def append_event(self, job_id: str, event: gateway_pb2.VideoEvent, *,
+                     fence: Fence | None = None) -> gateway_pb2.VideoEvent:  # fmt: skip
         with self._cond:
-            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None and (row[0] in TERMINAL or row[0] == common_pb2.NEEDS_REVIEW):
+            row = self._db.execute("SELECT status, video FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row[0] in ENDED:
                 return event  # the job's last event is written: a late progress report is dropped
+            if (
+                row is not None
+                and fence is not None
+                and not fence.holds(gateway_pb2.Video.FromString(row[1]))
+            ):
+                return event  # an attempt that lost the job reports nothing more
             self._append(job_id, event)
             self._cond.notify_all()
             return event

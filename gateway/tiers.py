@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -76,29 +75,16 @@ def tiers_from(table: dict | None) -> dict[str, TierPolicy]:
     return out
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
-
-
-@dataclass
 class RateLimiter:
-    """One token bucket per tenant. take() returns 0 when allowed, else seconds to wait."""
+    """The tier's token bucket per tenant, kept in the job store (JobStore.take_token), so every
+    gateway on one database draws from the same bucket: N replicas do not give a tenant N times its
+    rate. take() returns 0 when allowed, else seconds to wait. `clock` is wall time (buckets are
+    shared between processes, so time.monotonic() would not do)."""
 
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, store, clock=time.time):
+        self.store = store
+        self.clock = clock
 
     def take(self, tenant: str, policy: TierPolicy, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        rate = policy.rate_per_minute / 60.0
-        with self._lock:
-            b = self._buckets.get(tenant)
-            if b is None:
-                b = self._buckets[tenant] = _Bucket(tokens=float(policy.burst), stamp=now)
-            b.tokens = min(float(policy.burst), b.tokens + (now - b.stamp) * rate)
-            b.stamp = now
-            if b.tokens >= 1.0:
-                b.tokens -= 1.0
-                return 0.0
-            return (1.0 - b.tokens) / rate if rate > 0 else 60.0
+        return self.store.take_token(tenant, policy.rate_per_minute / 60.0, policy.burst,
+                                     self.clock() if now is None else now)  # fmt: skip

@@ -43,8 +43,9 @@ class InProcessMesh:
 
     def __init__(
         self, data_dir: Path, *, model: str = "tiny", gateway: dict | None = None, qc: dict | None = None,
-        denoiser: dict | None = None,
+        denoiser: dict | None = None, database: str = "",
     ):  # fmt: skip
+        """`database`: "" (SQLite) or a PostgreSQL URL (tests.pg), with the local storage marked shared."""
         self.servers: dict[str, Server] = {}
         self._stops = []
         for name, kw in (
@@ -66,6 +67,7 @@ class InProcessMesh:
             "default_size": "64x64",
             "fps_choices": (8.0, 12.0),
             "default_fps": 8.0,
+            **({"database": database, "shared_storage": True} if database else {}),
             **(gateway or {}),
         }
         self._gw_kw = gw_kw

@@ -39,8 +39,8 @@ def terminal_count(events):
     return sum(e.WhichOneof("event") in TERMINAL for e in events)
 
 
-def test_restart_with_queued_and_running_jobs_finishes_each_exactly_once(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"workers": 1})
+def test_restart_with_queued_and_running_jobs_finishes_each_exactly_once(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database, gateway={"workers": 1})
     try:
         key = mesh.tenants.add("acme", "pro")
         with VideoClient(mesh.address, key) as c:
@@ -67,8 +67,10 @@ def test_restart_with_queued_and_running_jobs_finishes_each_exactly_once(tmp_pat
         mesh.stop()
 
 
-def test_pro_job_starts_before_ten_queued_free_jobs(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"workers": 1, "tiers": {"free": {"max_running": 1}}})
+def test_pro_job_starts_before_ten_queued_free_jobs(tmp_path, database):
+    mesh = InProcessMesh(
+        tmp_path, database=database, gateway={"workers": 1, "tiers": {"free": {"max_running": 1}}}
+    )
     try:
         free_key, pro_key = mesh.tenants.add("freebie", "free"), mesh.tenants.add("payer", "pro")
         with VideoClient(mesh.address, free_key) as free, VideoClient(mesh.address, pro_key) as pro:
@@ -88,8 +90,8 @@ def test_pro_job_starts_before_ten_queued_free_jobs(tmp_path):
         mesh.stop()
 
 
-def test_burst_of_200_against_a_small_queue(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"workers": 1, "queue_size": 8})
+def test_burst_of_200_against_a_small_queue(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database, gateway={"workers": 1, "queue_size": 8})
     try:
         key = mesh.tenants.add("burst", "enterprise")
         accepted, rejected, bad = [], [], []
@@ -119,8 +121,8 @@ def test_burst_of_200_against_a_small_queue(tmp_path):
         mesh.stop()
 
 
-def test_downstream_outage_retries_then_completes_and_breaker_cycles(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"workers": 1, "retry_backoff": 0.5, "max_attempts": 3, "breaker_threshold": 1,
+def test_downstream_outage_retries_then_completes_and_breaker_cycles(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database, gateway={"workers": 1, "retry_backoff": 0.5, "max_attempts": 3, "breaker_threshold": 1,
                                             "breaker_cooldown": 30.0})  # fmt: skip
     try:
         key = mesh.tenants.add("ops", "pro")
@@ -145,9 +147,11 @@ def test_downstream_outage_retries_then_completes_and_breaker_cycles(tmp_path):
         mesh.stop()
 
 
-def test_downstream_outage_beyond_retry_budget_fails_unavailable(tmp_path):
+def test_downstream_outage_beyond_retry_budget_fails_unavailable(tmp_path, database):
     mesh = InProcessMesh(
-        tmp_path, gateway={"workers": 1, "retry_backoff": 0.2, "max_attempts": 2, "retries": 2}
+        tmp_path,
+        database=database,
+        gateway={"workers": 1, "retry_backoff": 0.2, "max_attempts": 2, "retries": 2},
     )
     try:
         key = mesh.tenants.add("ops", "pro")
@@ -163,8 +167,8 @@ def test_downstream_outage_beyond_retry_budget_fails_unavailable(tmp_path):
         mesh.stop()
 
 
-def test_rate_limit_quota_and_tier_sizes(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"tiers": {"free": {"rate_per_minute": 6, "burst": 2, "daily_quota": 3,
+def test_rate_limit_quota_and_tier_sizes(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database, gateway={"tiers": {"free": {"rate_per_minute": 6, "burst": 2, "daily_quota": 3,
                                                                "sizes": ["32x32"]}}})  # fmt: skip
     try:
         key = mesh.tenants.add("cheap", "free")
@@ -179,7 +183,7 @@ def test_rate_limit_quota_and_tier_sizes(tmp_path):
             info = details_of(e.value)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and info["reason"] == "RATE_LIMITED"
             assert 5 < info["retry_after"] <= 10
-            mesh.gateway.limiter._buckets.clear()  # let time "pass" for the bucket; the quota still counts
+            mesh.gateway.limiter.clock = lambda: time.time() + 3600  # an hour "passes" for the bucket only
             c.create(spec(width=32, height=32))
             with pytest.raises(grpc.RpcError) as e:
                 c.create(spec(width=32, height=32))
@@ -188,8 +192,8 @@ def test_rate_limit_quota_and_tier_sizes(tmp_path):
         mesh.stop()
 
 
-def test_revoked_key_is_unauthenticated(tmp_path):
-    mesh = InProcessMesh(tmp_path)
+def test_revoked_key_is_unauthenticated(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database)
     try:
         key = mesh.tenants.add("gone", "pro")
         with VideoClient(mesh.address, key) as c:
@@ -221,11 +225,13 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_webhook_signed_and_retried(tmp_path: Path):
+def test_webhook_signed_and_retried(tmp_path: Path, database):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     # the receiver is on loopback: allowed only because the operator says so (as `videomesh up` does)
-    mesh = InProcessMesh(tmp_path, gateway={"webhook_backoff": 0.2, "webhook_allow_private": True})
+    mesh = InProcessMesh(
+        tmp_path, database=database, gateway={"webhook_backoff": 0.2, "webhook_allow_private": True}
+    )
     try:
         key = mesh.tenants.add("hooked", "pro", webhook_url=f"http://127.0.0.1:{httpd.server_port}/hook")
         secret = mesh.tenants.get("hooked").webhook_secret

@@ -13,10 +13,13 @@ from videomesh.v1 import common_pb2
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def mesh2(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def mesh2(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("mesh2")
-    m = InProcessMesh(d, gateway={"sizes": ("256x256", "64x64"), "default_size": "256x256"})
+    database = "" if request.param == "sqlite" else request.getfixturevalue("pg").database()
+    m = InProcessMesh(
+        d, database=database, gateway={"sizes": ("256x256", "64x64"), "default_size": "256x256"}
+    )
     yield m, d, m.tenants.add("studio", "free"), m.tenants.add("rival", "pro")
     m.stop()
 
@@ -135,8 +138,8 @@ def test_templates_cache_usage_feedback_delete(mesh2):
         list(c.watch(fresh.id))
 
 
-def test_retention_deletes_old_files(tmp_path):
-    mesh = InProcessMesh(tmp_path, gateway={"retention_seconds": 1.0})
+def test_retention_deletes_old_files(tmp_path, database):
+    mesh = InProcessMesh(tmp_path, database=database, gateway={"retention_seconds": 1.0})
     try:
         key = mesh.tenants.add("short", "pro")
         with VideoClient(mesh.address, key) as c:
