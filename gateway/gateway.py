@@ -66,6 +66,7 @@ class GatewaySettings:
     database: str = ""
     lease_seconds: float = 30.0  # PostgreSQL: a replica that stops renewing for this long loses its jobs
     database_pool: int = 16  # PostgreSQL connections per replica
+    database_timeout: float = 5.0  # PostgreSQL: a call waits this long for a connection, then UNAVAILABLE
     # PostgreSQL with storage=local: every replica must see the same directory (one machine, or a shared
     # mount); say so here. S3 is the normal case for several machines.
     shared_storage: bool = False
@@ -156,8 +157,10 @@ class GatewaySettings:
                 "files. Use storage=s3, or set shared_storage=true (VIDEOMESH_GATEWAY_SHARED_STORAGE) if every "
                 "replica sees the same data_dir (one machine, or a shared mount)"
             )
-        if not self.lease_seconds >= 0.5 or self.database_pool < 2:
-            raise ValueError("lease_seconds must be at least 0.5 and database_pool at least 2")
+        if not self.lease_seconds >= 0.5 or self.database_pool < 2 or not self.database_timeout > 0:
+            raise ValueError(
+                "lease_seconds must be at least 0.5, database_pool at least 2, database_timeout > 0"
+            )
         if self.storage not in ("local", "s3"):
             raise ValueError(f"storage must be local or s3; got {self.storage!r}")
         if self.storage == "s3" and not self.s3_endpoint:
@@ -631,5 +634,5 @@ def open_store(s: GatewaySettings) -> JobStore:
     if s.postgres:
         from gateway.pg_store import PostgresJobStore
 
-        return PostgresJobStore(s.database, pool_size=s.database_pool)
+        return PostgresJobStore(s.database, pool_size=s.database_pool, timeout=s.database_timeout)
     return SQLiteJobStore(Path(s.database) if s.database else Path(s.data_dir) / "jobs.sqlite3")

@@ -266,6 +266,8 @@ class JobRunner:
         ):  # cancelled, or taken by another worker, between the check and the start
             return
         ctl.fence = Fence(ctl.fence.owner, video.attempt)
+        log.info("job %s attempt %d started%s", job_id, video.attempt,
+                 f" on replica {ctl.fence.owner}" if ctl.fence.owner else "")  # fmt: skip
         pipeline = self.gw.pipeline
         key = f"{job.tenant}/{job_id}.mp4"
         t0 = time.perf_counter()
@@ -329,7 +331,7 @@ class JobRunner:
         job_id = job.id
         # a downstream still loading its model (a restart: minutes for Wan) is not the job's failure:
         # wait for it without spending attempts, up to model_wait_timeout
-        free = False
+        free = err.reason == "DATABASE_UNAVAILABLE"  # our own store's outage is not the job's attempt either
         if err.reason == "NOT_READY":
             first = self._not_ready_since.setdefault(job_id, time.monotonic())
             free = time.monotonic() - first < self.settings.model_wait_timeout
