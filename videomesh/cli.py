@@ -477,8 +477,15 @@ def cmd_up(args) -> int:
     from videomesh.mesh import LocalMesh
 
     extra = model_args(args.model, args.model_dir)
+    database = args.database or os.environ.get("VIDEOMESH_GATEWAY_DATABASE", "")
+    if args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
+    if args.replicas > 1 and not database.startswith(("postgresql://", "postgres://")):
+        raise UsageError("--replicas N (N > 1) needs --database postgresql://…: the replicas share their jobs, queue "
+                         "and limits there (SQLite belongs to one process)")  # fmt: skip
     mesh = LocalMesh(Path(args.data_dir), port=args.port or 0, max_restarts=args.max_restarts,
-                     restart_window=args.restart_window, extra_args=extra)  # fmt: skip
+                     restart_window=args.restart_window, extra_args=extra, replicas=args.replicas,
+                     database=database)  # fmt: skip
     stop = threading.Event()
 
     def on_signal(*_):
@@ -500,9 +507,15 @@ def cmd_up(args) -> int:
         saved = mesh.publish_address()
         print(f"gateway listening on {address}", flush=True)
         for n, a in mesh.addresses.items():
-            if n != "gateway":
+            if not n.startswith("gateway"):
                 print(f"  {n:<9} {a} (pid {mesh.procs[n].pid})", flush=True)
-        print(f"  gateway   {address} (pid {mesh.procs['gateway'].pid})", flush=True)
+        for g in mesh.gateways:
+            print(f"  {g:<9} {mesh.addresses[g]} (pid {mesh.procs[g].pid})", flush=True)
+        if len(mesh.gateways) > 1:
+            print(f"{len(mesh.gateways)} gateway replicas share the database; `generate`/`watch` work against any "
+                  f"(--gateway ADDRESS); clients spread over them with gRPC round_robin: "
+                  f"ipv4:{','.join(mesh.addresses[g] for g in mesh.gateways)}",
+                  flush=True)  # fmt: skip
         print(
             f"address saved in {saved[0]} and {saved[1]}: other commands find it without --gateway",
             flush=True,
@@ -798,7 +811,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--data-dir", default=DEFAULT_DATA_DIR, help=f"jobs, keys, videos, logs (default {DEFAULT_DATA_DIR})"
     )
-    up.add_argument("--port", type=int, default=0, help="gateway port (default: a free port)")
+    up.add_argument("--port", type=int, default=0,
+                    help="gateway port; with --replicas N the gateways take P … P+N-1 (default: free ports)")  # fmt: skip
+    up.add_argument("--database", default=None,
+                    help="the gateways' job store: postgresql://user:pass@host/db (shared; needed for --replicas) "
+                         "or a SQLite file (default: DATA_DIR/jobs.sqlite3; env VIDEOMESH_GATEWAY_DATABASE)")  # fmt: skip
+    up.add_argument("--replicas", type=int, default=1,
+                    help="gateway processes sharing --database and the data dir's storage (default 1)")  # fmt: skip
     up.add_argument("--max-restarts", type=int, default=5,
                     help="give up (stop everything, exit 1) when one service needs more restarts than this "
                          "within --restart-window (default 5)")  # fmt: skip

@@ -163,10 +163,14 @@ def retry_service_config(
     initial: float = 0.2,
     maximum: float = 2.0,
 ) -> str:
-    """gRPC's own retry policy (UNAVAILABLE, exponential backoff) for whole services or single methods."""
+    """gRPC's own retry policy (UNAVAILABLE, exponential backoff) for whole services or single methods,
+    and round_robin over every address the target resolves to (`ipv4:h1:p1,h2:p2`, or a DNS name with
+    several records, e.g. a headless Kubernetes Service): calls spread over gateway replicas instead of
+    pinning one HTTP/2 connection to the first."""
     names = [{"service": s} for s in services or ()] + [{"service": s, "method": m} for s, m in methods or ()]
     return json.dumps(
         {
+            "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": names,
@@ -178,7 +182,7 @@ def retry_service_config(
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 

@@ -3,6 +3,10 @@
 Used by `videomesh up` and `videomesh demo` (and the end-to-end tests). Each service is a
 real `python -m videomesh.launch NAME` process; the gateway learns the others' addresses.
 
+With `replicas=N` and a PostgreSQL `database`, N gateway processes (gateway, gateway-2, …) share the
+database and the data dir's storage (one machine: shared by construction) in front of one set of
+downstream services; any of them serves any job.
+
 `supervise()` (what `videomesh up` runs) restarts a service that exits, on the same
 address so the gateway's channels (and clients) reconnect, with an exponential back-off;
 it gives up, and says so, when one service needs more than `max_restarts` restarts within
@@ -82,7 +86,8 @@ def describe_exit(returncode: int) -> str:
 class LocalMesh:
     def __init__(self, data_dir: Path, *, port: int = 0, env: dict | None = None, log_dir: Path | None = None,
                  extra_args: dict[str, list[str]] | None = None, max_restarts: int = 5,
-                 restart_window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0):  # fmt: skip
+                 restart_window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
+                 replicas: int = 1, database: str = ""):  # fmt: skip
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -99,16 +104,32 @@ class LocalMesh:
         self._args: dict[str, list[str]] = {}
         self._run_dir: Path | None = None
         self._published: list[Path] = []
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if replicas > 1 and not database.startswith(("postgresql://", "postgres://")):
+            raise ValueError("several gateway replicas need a shared PostgreSQL database (postgresql://…)")
+        self.replicas = replicas
+        self.database = database
+        # the gateways' names: gateway, gateway-2, gateway-3, …
+        self.gateways = ["gateway"] + [f"gateway-{i}" for i in range(2, replicas + 1)]
 
     def _spawn(self, name: str, args: list[str], tmp: Path) -> Path:
+        service = "gateway" if name.startswith("gateway") else name
         port_file = tmp / f"{name}.port"
         port_file.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = self.env
+        if (
+            service == "gateway" and self.database
+        ):  # in the environment, not argv: the URL may hold a password
+            env = {**env, "VIDEOMESH_GATEWAY_DATABASE": self.database}
+            if self.database.startswith(("postgresql://", "postgres://")):
+                env.setdefault("VIDEOMESH_GATEWAY_SHARED_STORAGE", "true")  # every replica reads data_dir
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            cmd = [sys.executable, "-m", "videomesh.launch", name, "--port-file", str(port_file), *args,
-                   *self.extra_args.get(name, [])]  # fmt: skip
+            cmd = [sys.executable, "-m", "videomesh.launch", service, "--port-file", str(port_file), *args,
+                   *self.extra_args.get(service, [])]  # fmt: skip
             self.procs[name] = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         return port_file
 
@@ -157,15 +178,16 @@ class LocalMesh:
             gw_args = ["--data-dir", str(self.data_dir)]
             for n in DOWNSTREAMS:
                 gw_args += [f"--{n}", self.addresses[n]]
-            self._args["gateway"] = gw_args
-            self.addresses["gateway"] = self._port(
-                "gateway", self._spawn("gateway", [*gw_args, "--port", str(self.port)], tmp), timeout
-            )
-            # ready = the gateway SERVING and its mirror of every downstream SERVING too
-            for n in (*DOWNSTREAMS, "gateway"):
-                wait_serving(
-                    self.addresses["gateway"], SERVICE_NAMES[n], timeout, self.procs["gateway"], self.stopping
-                )
+            files = {}
+            for i, g in enumerate(self.gateways):  # ports P … P+N-1 (free ports when P is 0)
+                self._args[g] = gw_args
+                files[g] = self._spawn(g, [*gw_args, "--port", str(self.port + i if self.port else 0)], tmp)
+            for g in self.gateways:
+                self.addresses[g] = self._port(g, files[g], timeout)
+            # ready = each gateway SERVING and its mirror of every downstream SERVING too
+            for g in self.gateways:
+                for n in (*DOWNSTREAMS, "gateway"):
+                    wait_serving(self.addresses[g], SERVICE_NAMES[n], timeout, self.procs[g], self.stopping)
         except BaseException:
             self.stop()
             raise
@@ -197,10 +219,11 @@ class LocalMesh:
         return self.procs[name]
 
     def _serving(self, name: str) -> bool:
+        service = "gateway" if name.startswith("gateway") else name
         try:
             with grpc.insecure_channel(self.addresses[name]) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=0.5
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=0.5
                 )
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
@@ -250,7 +273,7 @@ class LocalMesh:
         """SIGTERM everything (each drains), then SIGKILL what is left after `grace`."""
         self.stopping.set()
         self._unpublish()
-        order = ["gateway", *DOWNSTREAMS]
+        order = [*self.gateways, *DOWNSTREAMS]
         for n in order:
             p = self.procs.get(n)
             if p and p.poll() is None:

@@ -99,3 +99,51 @@ def test_up_health_generate_watch_and_clean_stop(tmp_path):
     assert ps.stdout.strip() == "", ps.stdout
     gone = subprocess.run(_cli("health"), env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert gone.returncode == 2 and "videomesh up" in gone.stderr
+
+
+def test_up_with_replicas_on_postgres_serves_any_job_from_any_gateway(tmp_path, pg):
+    """`videomesh up --database URL --replicas 2 --port P`: gateways on P and P+1 over one database and
+    the data dir's storage; `generate` through one, `watch` through the other (issue #21)."""
+    import socket
+
+    env = _env(tmp_path)
+    for _ in range(50):  # P and P+1 free
+        with socket.socket() as s1, socket.socket() as s2:
+            s1.bind(("127.0.0.1", 0))
+            port = s1.getsockname()[1]
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+                break
+            except OSError:
+                continue
+    up, address, lines = _start_up(tmp_path, "--database", pg.database(), "--replicas", "2", "--port", str(port),
+                                   env=env)  # fmt: skip
+    try:
+        text = "".join(lines)
+        assert address == f"127.0.0.1:{port}"
+        assert f"gateway-2 127.0.0.1:{port + 1}" in text and "2 gateway replicas share the database" in text
+        assert f"ipv4:127.0.0.1:{port},127.0.0.1:{port + 1}" in text
+        out = tmp_path / "g.mp4"
+        g = subprocess.run(_cli("generate", "a green ball moves left", "--out", str(out), "--steps", "2", "--size",
+                                "128x128", "--fps", "8", "-q", "--gateway", f"127.0.0.1:{port}"), env=env,
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert g.returncode == 0, g.stderr
+        vid = g.stdout.splitlines()[0].split()[1]
+        again = tmp_path / "again.mp4"
+        w = subprocess.run(_cli("watch", vid, "--out", str(again), "-q", "--gateway", f"127.0.0.1:{port + 1}"),
+                           env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert w.returncode == 0, w.stderr
+        assert again.read_bytes() == out.read_bytes()
+        # one round_robin client over both replicas: every call lands, whichever gateway takes it
+        from videomesh.client import VideoClient
+
+        key = (tmp_path / "data" / "dev-api-key").read_text().strip()
+        with VideoClient(f"ipv4:127.0.0.1:{port},127.0.0.1:{port + 1}", key) as c:
+            assert all(c.get(vid).id == vid for _ in range(6))
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rc = up.wait(timeout=30)
+    assert rc == 0
+    bad = subprocess.run(_cli("up", "--replicas", "2", "--data-dir", str(tmp_path / "x")), env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "--database postgresql://" in bad.stderr
