@@ -5,7 +5,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PROMPT ?= a purple triangle moving up on a white background
 
-.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench bench-ray
+.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench bench-ray bench-replicas
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 # The denoiser's Ray throughput figures: batching/pipelining vs one at a time; bf16 vs fp32.
 bench-ray: install
 	$(BIN)/python -m services.denoiser.bench
+
+# Gateway replicas on one PostgreSQL: CreateVideo p50/p99 and jobs/s with 1, 2, 3 replicas; lease takeover.
+bench-replicas: install
+	$(BIN)/python scripts/bench_replicas.py
 
 # The shipped brand style adapter (LoRA) on the frozen default model, then its evaluation.
 train-adapter: install

@@ -188,17 +188,20 @@ class PostgresJobStore(JobStore):
                         for n in conn.notifies(timeout=0.5):
                             if n.channel == EVENTS_CHANNEL:
                                 self._wake(self._events)
-                            else:
-                                self._wake(self._queue)
+                            else:  # one idle worker tries a claim (it wakes the next if it got one)
+                                self._wake(self._queue, everyone=False)
             except psycopg.Error:
                 if self._closed.wait(0.5):
                     return
 
-    def _wake(self, cond: threading.Condition) -> None:
+    def _wake(self, cond: threading.Condition, everyone: bool = True) -> None:
         with cond:
             if cond is self._events:
                 self._event_gen += 1
-            cond.notify_all()
+            if everyone:
+                cond.notify_all()
+            else:
+                cond.notify()
 
     def _wake_all(self) -> None:
         self._wake(self._events)
@@ -574,8 +577,9 @@ class PgJobQueue:
 
     def pop(self, timeout: float | None = None) -> Entry | None:
         """Claim the best job that may run now, waiting up to `timeout`; None when closed or timed out.
-        Woken by NOTIFY (a push, a finished job freeing a tenant's slot); polls every 0.5 s besides, for
-        delayed retries coming due."""
+        A NOTIFY (a push, a finished job freeing a tenant's slot) wakes one idle worker of each replica,
+        and a worker that claimed wakes the next, so a burst drains without every worker of every
+        replica racing for each job; idle workers poll every second besides (delayed retries)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed.is_set():
             try:
@@ -587,12 +591,13 @@ class PgJobQueue:
                 )
                 e = None
             if e is not None:
+                self.store._wake(self.store._queue, everyone=False)  # there may be more: the next worker looks
                 return e
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
             with self.store._queue:
-                self.store._queue.wait(0.5 if left is None else min(left, 0.5))
+                self.store._queue.wait(1.0 if left is None else min(left, 1.0))
         return None
 
     @_unavailable

@@ -35,6 +35,11 @@ CHANNEL_OPTIONS = [
 def _abort(context: grpc.ServicerContext, err: BaseException, method: str):
     if isinstance(err, VideomeshError):
         context.abort_with_status(to_status(err))
+    if isinstance(err, grpc.RpcError) and not context.is_active():
+        # the client went away (cancelled, deadline, its process died) while we read its stream: the
+        # call is over and nobody is there to answer; not a server error
+        log.info("%s: the client ended the call", method)
+        return
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error in %s (ref %s)", method, ref)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); see the server log")
@@ -108,6 +113,7 @@ def _wrap_unary(fn: Callable, method: str, streaming: bool = False, gate: Callab
             if _is_abort(err):
                 raise
             _abort(context, requests.bad if requests is not None and requests.bad else err, method)
+            return None  # the client had gone (see _abort): nothing to answer
         if requests is not None and requests.bad is not None:
             _abort(context, requests.bad, method)
         return reply
