@@ -591,7 +591,9 @@ class PgJobQueue:
                 )
                 e = None
             if e is not None:
-                self.store._wake(self.store._queue, everyone=False)  # there may be more: the next worker looks
+                self.store._wake(
+                    self.store._queue, everyone=False
+                )  # there may be more: the next worker looks
                 return e
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:

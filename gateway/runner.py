@@ -127,6 +127,7 @@ class JobRunner:
                         )
                         ctl.lose_lease()
                     elif statuses.get(job_id) == common_pb2.CANCELLED and not ctl.cancelled.is_set():
+                        log.info("job %s was cancelled on another replica: stopping its attempt", job_id)
                         ctl.cancel("cancelled by request")
                 if time.monotonic() - last_reap >= min(1.0, self.queue.lease / 2):
                     last_reap = time.monotonic()
@@ -279,10 +280,18 @@ class JobRunner:
                 log.info("job %s failed QC (%s): regenerating with a new seed", job_id, failed)
                 video = self.store.update(job_id, _new_seed, fence=ctl.fence)
                 outcome = pipeline.run(job_id, key, self.gw.spec.plan_for(job, video), ctl)
-        except Fenced:
-            log.warning(
-                "job %s: attempt %d no longer holds the job; its result is dropped", job_id, video.attempt
-            )
+        except Fenced:  # its write was refused: cancelled, or taken over, elsewhere (the stop is at once)
+            try:
+                status = self.store.snapshot(job_id).status
+            except VideomeshError:
+                status = 0
+            if status == common_pb2.CANCELLED:
+                log.info(
+                    "job %s was cancelled on another replica: its attempt %d stopped", job_id, video.attempt
+                )
+            else:
+                log.warning("job %s: attempt %d no longer holds the job (now %s); its result is dropped", job_id,
+                            video.attempt, common_pb2.VideoStatus.Name(status) if status else "unknown")  # fmt: skip
             return
         except Cancelled:
             if ctl.stopped_for_shutdown or ctl.lease_lost:

@@ -303,3 +303,36 @@ def test_postgres_restarted_under_load_loses_nothing(cluster, s3, tmp_path):
               f"finished={len(events)} lost=0 duplicated=0")  # fmt: skip
     finally:
         own.close()
+
+
+def test_cancel_on_one_replica_stops_the_job_running_on_another(cluster):
+    r = cluster()
+    a, b = r.start(2)
+    key = r.tenants.add("canceller", "pro")
+    denoiser = r.servers["denoiser"].servicer
+    with VideoClient(a, key) as ca, VideoClient(b, key) as cb:
+        ids = [ca.create(spec(steps=100, seed=i + 1)).id for i in range(2)]
+        vid = _started_on(r, 0, ids)[0]  # this one runs on replica 0 (A)
+        for ev in cb.watch(vid, timeout=60):  # until it is denoising
+            if ev.WhichOneof("event") == "progress":
+                break
+        t0 = time.monotonic()
+        for i in ids:  # every job, through B
+            assert cb.cancel(i).status == common_pb2.CANCELLED
+        deadline = time.monotonic() + 10
+        while denoiser.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopped = time.monotonic() - t0
+        events = list(cb.watch(vid, timeout=30))
+        final = ca.get(vid)
+    assert denoiser.active == 0, "the denoiser still runs a cancelled job"
+    assert stopped < 3.0  # A's lease thread looks every 0.5 s; the denoiser stops at its next step
+    assert "was cancelled on another replica" in r.log(0)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "cancelled" and kinds.count("cancelled") == 1 and "completed" not in kinds
+    assert final.status == common_pb2.CANCELLED and not final.result.uri
+    steps = [e.progress.step for e in events if e.WhichOneof("event") == "progress"]
+    print(
+        f"\ncancelled through B: the denoiser was idle {stopped:.2f} s later; the job on A stopped at step "
+        f"{max(steps)} of 100"
+    )

@@ -115,3 +115,16 @@ def test_the_job_store_interface_declares_everything_the_gateway_calls():
     called = {m for f in users for m in re.findall(r"\bstore\.([a-z_]+)\(", f.read_text())}
     declared = JobStore.__abstractmethods__ | {"queue"}  # queue(): the in-process JobQueue unless overridden
     assert called and called <= declared, called - declared
+
+
+def test_postgres_with_local_storage_needs_it_declared_shared():
+    from gateway.gateway import GatewaySettings
+
+    url = "postgresql://u@db/videomesh"
+    with pytest.raises(ValueError, match="storage is local"):
+        GatewaySettings(database=url).validate()
+    GatewaySettings(database=url, shared_storage=True).validate()
+    GatewaySettings(database=url, storage="s3", s3_endpoint="s3:9000").validate()
+    GatewaySettings().validate()  # SQLite: local storage is the default
+    with pytest.raises(ValueError, match="lease_seconds"):
+        GatewaySettings(database=url, shared_storage=True, lease_seconds=0.1).validate()
