@@ -226,6 +226,7 @@ class _Hook(http.server.BaseHTTPRequestHandler):
 
 
 def test_webhook_signed_and_retried(tmp_path: Path, database):
+    _Hook.received, _Hook.fail_first = [], True  # a fresh receiver for each store's run
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     # the receiver is on loopback: allowed only because the operator says so (as `videomesh up` does)
