@@ -33,7 +33,7 @@ class Admission:
         self.store = store
         self.queue = queue
         self.safety = safety
-        self.limiter = limiter or RateLimiter()
+        self.limiter = limiter or RateLimiter(store)  # the bucket lives in the store, shared by replicas
         self._audit_lock = threading.Lock()
 
     def screen(self, tenant: Tenant, spec: common_pb2.VideoSpec) -> None:

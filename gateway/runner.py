@@ -376,7 +376,10 @@ class JobRunner:
 
         try:
             self.store.update(job_id, mut, fence=fence)
-        except (NotCancellable, Fenced):
+        except NotCancellable:
+            return False
+        except Fenced:
+            log.warning("job %s: this attempt no longer holds the job; it is not re-queued by it", job_id)
             return False
         return True
 
@@ -415,6 +418,9 @@ class JobRunner:
                                   fence=fence)  # fmt: skip
         if final is not None:
             self.terminal(self.store.load(job_id), final)
+        elif fence is not None and fence.attempt:
+            log.warning("job %s: attempt %d no longer holds the job; its failure (%s) is not recorded", job_id,
+                        fence.attempt, err.message)  # fmt: skip
 
     def terminal(self, job: Job, video: gateway_pb2.Video) -> None:
         """Metrics and the webhook, once per job (finish() guarantees the once)."""

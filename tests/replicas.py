@@ -53,7 +53,7 @@ class Replicas:
             "VIDEOMESH_GATEWAY_DEFAULT_SIZE": "64x64",
             "VIDEOMESH_GATEWAY_FPS_CHOICES": "8,12",
             "VIDEOMESH_GATEWAY_DEFAULT_FPS": "8",
-            "VIDEOMESH_GATEWAY_LEASE_SECONDS": "3",
+            "VIDEOMESH_GATEWAY_LEASE_SECONDS": "5",  # short, but safe from a loaded machine's scheduling
             "VIDEOMESH_GATEWAY_DATABASE_POOL": "8",
             **(gateway_env or {}),
         }

@@ -166,10 +166,9 @@ def test_a_killed_replicas_jobs_rerun_on_another_after_the_lease(cluster, s3):
         assert f"job {vid} attempt 2 started" in r.log(1)
         requeue = next(e for e in events[vid] if e.WhichOneof("event") == "queued" and e.sequence > 1)
         resumed = requeue.time.ToNanoseconds() / 1e9 - t_kill
-        print(f"\njob {vid}: lease 3 s; re-queued {resumed:.2f} s after the SIGKILL")
-        assert (
-            resumed >= 2.0
-        )  # not before the lease ran out (3 s after the last renewal, at most 0.75 s before)
+        print(f"\njob {vid}: lease 5 s; re-queued {resumed:.2f} s after the SIGKILL")
+        # not before the lease ran out: 5 s after the last renewal, which was at most 0.5 s before the kill
+        assert resumed >= 4.0
     assert objects(s3, "killed") == sorted(f"killed/{i}.mp4" for i in ids)
 
 
