@@ -408,17 +408,22 @@ class VideoGateway:
             job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
                       webhook=webhook_url)  # fmt: skip
             video.queue_position = len(self.queue) + 1
-            stored = self.store.create(job)
+            # the job, its queued event (always event 1) and, where the store keeps the queue, its queue entry
+            # are one transaction: a database that fails half-way leaves no job that a client was refused
+            first = gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=video.queue_position))
+            stored = self.store.create(job, first, enqueue=(policy.priority, policy.max_running))
             if stored.id != job.id:
                 return self.store.snapshot(stored.id)
-            # the queued event goes in before a worker can see the job, so it is always event 1
-            self.store.append_event(
-                job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=video.queue_position))
-            )
-            self.queue.push(job.id, tenant.name, policy.priority, policy.max_running, force=True)
+            if not self.queue.leased:  # one gateway's queue is in this process
+                self.queue.push(job.id, tenant.name, policy.priority, policy.max_running, force=True)
         METRICS.jobs.labels(status="QUEUED", tier=policy.name).inc()
-        METRICS.queue_depth.set(len(self.queue))
-        return self.store.snapshot(job.id)
+        # the job is in: from here a database hiccup must not turn its acceptance into an error
+        try:
+            METRICS.queue_depth.set(len(self.queue))
+            return self.store.snapshot(job.id)
+        except VideomeshError as err:
+            log.warning("job %s accepted; answering from memory: %s", job.id, err.message)
+            return video
 
     # --- cache, templates, feedback, usage, deletion --------------------------------------------------
     def create_from_template(self, tenant: Tenant, template_id: str, fields: dict, overrides: common_pb2.VideoSpec,

@@ -79,8 +79,11 @@ class JobStore(ABC):
     """Where jobs and their events live. Implementations must be thread-safe."""
 
     @abstractmethod
-    def create(self, job: Job) -> Job:
-        """Insert; if (tenant, request_id) exists already, return the existing job instead."""
+    def create(self, job: Job, first_event: gateway_pb2.VideoEvent | None = None,
+               enqueue: tuple[int, int] | None = None) -> Job:  # fmt: skip
+        """Insert; if (tenant, request_id) exists already, return the existing job instead. The job, its
+        `first_event` (sequence 1) and, for a store that keeps the queue (`enqueue` = (priority,
+        max_running)), its queue entry are one transaction: a failure leaves no half-made job."""
 
     @abstractmethod
     def get(self, tenant: str, job_id: str) -> Job:

@@ -105,6 +105,8 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+IDLE_IN_TRANSACTION = 5.0  # s: a session idle inside a transaction this long is ended by the server
+ADMISSION_HOLD = 15.0  # s: the same for an admission lock's transaction
 
 
 def _unavailable(fn):
@@ -150,13 +152,24 @@ class PostgresJobStore(JobStore):
         self.timeout = timeout
         with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
             self.schema_version = migrate(conn)
+        # A replica that freezes (a long pause, a partition with its TCP connections still open) in the middle
+        # of a transaction would keep its row and advisory locks, and every other replica would wait on them:
+        # the server ends a session idle inside a transaction (ours last milliseconds), and no statement
+        # waits on a lock for more than 10 s (it fails UNAVAILABLE instead).
+        opts = (
+            f"-c lock_timeout=10000 -c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION * 1000)}"
+        )
         self.pool = ConnectionPool(url, min_size=2, max_size=pool_size, timeout=timeout, open=True,
-                                   kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
+                                   kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), "options": opts},
                                    check=ConnectionPool.check_connection, name="videomesh-gateway")  # fmt: skip
-        # admission locks (tenant_lock): a pool of their own, each session waiting at most 10 s for a lock
+        # admission locks (tenant_lock): a pool of their own; a lock's transaction stays open while the
+        # admission runs on the main pool, so its idle limit is longer
+        lock_opts = (
+            f"-c lock_timeout=10000 -c idle_in_transaction_session_timeout={int(ADMISSION_HOLD * 1000)}"
+        )
         self.lock_pool = ConnectionPool(url, min_size=0, max_size=pool_size, timeout=timeout, open=True,
                                         kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)),
-                                                "options": "-c lock_timeout=10000"},
+                                                "options": lock_opts},
                                         check=ConnectionPool.check_connection, name="videomesh-admission")  # fmt: skip
         self._local_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
             threading.Lock
@@ -232,13 +245,25 @@ class PostgresJobStore(JobStore):
 
     # --- jobs ---------------------------------------------------------------------------------------
     @_unavailable
-    def create(self, job: Job) -> Job:
-        row = self._one(
-            "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
-            (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.watermark, job.video.status,
-             time.time(), job.video.SerializeToString()),
-        )  # fmt: skip
+    def create(self, job: Job, first_event: gateway_pb2.VideoEvent | None = None,
+               enqueue: tuple[int, int] | None = None) -> Job:  # fmt: skip
+        """The job, its first event and its queue entry in one transaction."""
+        with self.pool.connection() as conn, conn.transaction():
+            priority, max_running = enqueue or (0, 1)
+            row = conn.execute(
+                "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video, q_state,"
+                " q_priority, q_max_running, q_enqueued, q_not_before, q_seq)"
+                f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {_NOW}, {_NOW},"
+                " CASE WHEN %s THEN nextval('queue_seq') ELSE 0 END) ON CONFLICT DO NOTHING RETURNING id",
+                (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.watermark, job.video.status,
+                 time.time(), job.video.SerializeToString(), "waiting" if enqueue else None, priority, max_running,
+                 enqueue is not None),
+            ).fetchone()  # fmt: skip
+            if row is not None:
+                if first_event is not None:
+                    self._append(conn, job.id, first_event)
+                if enqueue is not None:
+                    conn.execute("SELECT pg_notify(%s, '')", (QUEUE_CHANNEL,))
         if row is None and job.request_id:  # the same idempotency key won a race: that job is the answer
             found = self.by_request(job.tenant, job.request_id)
             if found is not None:
@@ -454,32 +479,30 @@ class PostgresJobStore(JobStore):
 
     @contextlib.contextmanager
     def tenant_lock(self, tenant: str):
-        """A session advisory lock, held while the admission checks and the insert run (on the main pool's
-        connections, each committed before the lock is let go). Threads of this process queue on a local
-        lock first, and lock connections come from a pool of their own: a waiter never holds a connection
-        the lock holder needs."""
+        """A transaction-level advisory lock on a connection of its own, held while the admission checks and
+        the insert run (on the main pool's connections, each committed before the lock is let go). Threads of
+        this process queue on a local lock first, and lock connections come from a pool of their own: a waiter
+        never holds a connection the lock holder needs. A holder that freezes loses the lock after
+        ADMISSION_HOLD s (the server ends its idle transaction)."""
         with self._local_locks[tenant]:
             try:
                 conn = self.lock_pool.getconn()
             except _DB_ERRORS:
                 raise Unavailable("the job database is unavailable; retry shortly", retry_after=2.0,
                                   reason="DATABASE_UNAVAILABLE") from None  # fmt: skip
-            ok = False
             try:
                 try:
-                    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", ("admit:" + tenant,))
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("admit:" + tenant,))
                 except (*_DB_ERRORS, psycopg.errors.LockNotAvailable):
                     raise Unavailable("the job database is unavailable or busy; retry shortly", retry_after=2.0,
                                       reason="DATABASE_UNAVAILABLE") from None  # fmt: skip
                 yield
-                ok = True
             finally:
-                try:
-                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", ("admit:" + tenant,))
-                except _DB_ERRORS:
-                    ok = False  # the session is gone, and its lock with it
-                if not ok:
-                    conn.close()  # never hand back a connection that may still hold the lock
+                try:  # nothing was written on it: ending the transaction frees the lock
+                    conn.execute("ROLLBACK")
+                except psycopg.Error:
+                    conn.close()  # the session is gone (and its lock with it): the pool replaces it
                 self.lock_pool.putconn(conn)
 
     def queue(self, capacity: int, aging: float, lease_seconds: float, owner: str = "") -> PgJobQueue:  # noqa: D102

@@ -72,8 +72,7 @@ class ResultCache:
             tier=tier,
             webhook=webhook_url,
         )
-        self.store.create(job)
-        self.store.append_event(job.id, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=0)))
+        self.store.create(job, gateway_pb2.VideoEvent(queued=gateway_pb2.Queued(position=0)))
         try:
             stored = self.storage.copy(f"{src.tenant}/{src.id}.mp4", f"{tenant.name}/{job.id}.mp4")
         except Exception as err:  # noqa: BLE001 - any failure of the copy fails this job, never leaves it QUEUED

@@ -110,27 +110,29 @@ class SQLiteJobStore(JobStore):
         return [self._row_to_job(r) for r in rows]
 
     # --- JobStore -------------------------------------------------------------------------------
-    def create(self, job: Job) -> Job:
+    def create(self, job: Job, first_event: gateway_pb2.VideoEvent | None = None,
+               enqueue: tuple[int, int] | None = None) -> Job:  # fmt: skip
+        """`enqueue` is ignored: one gateway's queue is in its process (the gateway pushes after this)."""
         with self._cond:
             if job.request_id:
                 found = self._select("tenant = ? AND request_id = ?", (job.tenant, job.request_id))
                 if found:
                     return found[0]
-            self._db.execute(
-                "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id,
-                    job.tenant,
-                    job.request_id,
-                    job.tier,
-                    job.webhook,
-                    job.video.watermark,
-                    job.video.status,
-                    time.time(),
-                    job.video.SerializeToString(),
-                ),  # fmt: skip
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (id, tenant, request_id, tier, webhook, watermark, status, created, video)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, job.tenant, job.request_id, job.tier, job.webhook, job.video.watermark, job.video.status,
+                     time.time(), job.video.SerializeToString()),
+                )  # fmt: skip
+                if first_event is not None:
+                    self._append(job.id, first_event)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._cond.notify_all()
             return job
 
     def get(self, tenant: str, job_id: str) -> Job:

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +268,10 @@ class VideoClient:
     def create(
         self, spec: common_pb2.VideoSpec, request_id: str = "", timeout: float | None = 30
     ) -> gateway_pb2.Video:
+        """Without a `request_id` the SDK makes one for this call, so the channel's transparent retry of
+        an UNAVAILABLE answer (a reply lost after the job was stored) returns the same job, not a second."""
         return self.stub.CreateVideo(
-            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id),
+            gateway_pb2.CreateVideoRequest(spec=spec, request_id=request_id or "sdk-" + uuid.uuid4().hex),
             metadata=self._metadata,
             timeout=timeout,
         )
