@@ -6,6 +6,7 @@ import queue
 import time
 
 from tests.helpers import start_service
+from videomesh import serving
 from videomesh.client import channel
 from videomesh.v1 import qc_pb2, qc_pb2_grpc
 
@@ -39,21 +40,28 @@ def test_a_client_cancelling_mid_stream_is_not_an_internal_error():
                 yield item
 
         caplog = _Lines()
-        logger = logging.getLogger("videomesh.serving")
-        old_level = logger.level
+        logger = (
+            serving.log
+        )  # the module's own logger (after Ray's logging set-up, getLogger may hand out another)
+        old_level, old_disabled = logger.level, logger.disabled
         logger.addHandler(caplog)
         logger.setLevel(logging.INFO)
+        logger.disabled = False  # another test's logging.config (Ray's) may have disabled existing loggers
+        old_disable = logging.root.manager.disable
+        logging.disable(logging.NOTSET)
         try:
             call = stub.Inspect.future(stream())
-            time.sleep(0.5)  # the server is reading the request stream
+            time.sleep(2.0)  # the server is reading the request stream (a busy machine may take a while)
             call.cancel()
             requests.put(None)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 15
             while "the client ended the call" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             logger.removeHandler(caplog)
             logger.setLevel(old_level)
+            logger.disabled = old_disabled
+            logging.disable(old_disable)
         assert "the client ended the call" in caplog.text
         assert "unhandled error" not in caplog.text
         ch.close()
