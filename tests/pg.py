@@ -57,7 +57,12 @@ class PgServer:
         self.start_server()
 
     def close(self) -> None:
+        import atexit
+
         try:
             self.server.cleanup()
         finally:
+            # pgserver also registered its cleanup to run at exit, when pytest has closed the streams its
+            # logger writes to ("Logging error" noise): it is done already
+            atexit.unregister(self.server._cleanup)
             shutil.rmtree(self.root, ignore_errors=True)
