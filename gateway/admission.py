@@ -46,8 +46,10 @@ class Admission:
         import hashlib
         import json
 
+        # the category, the matched list entry and a hash of the prompt: enough to review the policy and to
+        # match a complaint about a given prompt, without keeping the user's text
         record = {"time": time.time(), "tenant": tenant.name, "category": verdict.category, "term": verdict.term,
-                  "prompt_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(), "prompt": spec.prompt[:500]}  # fmt: skip
+                  "prompt_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(), "prompt_chars": len(spec.prompt)}  # fmt: skip
         with self._audit_lock, open(Path(self.settings.data_dir) / "audit.log", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         raise InvalidArgument(

@@ -233,7 +233,10 @@ class DownstreamMonitor:
                 raise
 
 
-def serve(name: str, settings, *, port_file: str | None = None, grace: float = 10.0) -> None:
+def start(name: str, settings, *, port_file: str | None = None, before_load: Callable | None = None):
+    """Build, listen (health NOT_SERVING), write the port file, load the model, then SERVING: what every
+    service process does before it waits. `before_load(server, close)` runs while the service is listening
+    but not loaded (serve() installs its signal handlers there). Returns (server, close)."""
     server, load, close = build(name, settings)
     server.start()
     if port_file:
@@ -241,10 +244,17 @@ def serve(name: str, settings, *, port_file: str | None = None, grace: float = 1
         Path(tmp).write_text(str(server.port))
         os.replace(tmp, port_file)
     log.info("%s listening on %s (NOT_SERVING until loaded)", name, server.address)
-    server.stop_on_signals(grace, on_stop=close)
+    if before_load is not None:
+        before_load(server, close)
     load()
     server.set_serving(True)
     log.info("%s SERVING on %s", name, server.address)
+    return server, close
+
+
+def serve(name: str, settings, *, port_file: str | None = None, grace: float = 10.0) -> None:
+    server, _ = start(name, settings, port_file=port_file,
+                      before_load=lambda srv, close: srv.stop_on_signals(grace, on_stop=close))  # fmt: skip
     server.wait()
 
 

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: real processes, one per service."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def test_demo_writes_playable_mp4(tmp_path):
     assert probe(out) == {"frames": 96, "fps": 24.0, "width": 256, "height": 256}
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def _start_up(tmp_path, *extra, env=None, timeout=240):
     """`videomesh up` as a user runs it; -> (process, gateway address, its output lines so far).
     The process is terminated when no gateway address appears."""
@@ -56,14 +65,17 @@ def _start_up(tmp_path, *extra, env=None, timeout=240):
 
 def test_up_health_generate_watch_and_clean_stop(tmp_path):
     env = _env(tmp_path)
-    up, address, _ = _start_up(tmp_path, env=env)
+    up, address, lines = _start_up(tmp_path, env=env)
+    pids = [int(m) for m in re.findall(r"\(pid (\d+)\)", "".join(lines))]
+    assert len(pids) == 5, lines  # every service's process, as `up` printed them
     saved = [tmp_path / "home" / "gateway", tmp_path / "data" / "gateway-address"]
     try:
         # the address is saved where every command finds it: no --gateway from here on
         assert [f.read_text().split()[0] for f in saved] == [address, address]
         h = subprocess.run(_cli("health"), env=env, capture_output=True, text=True, timeout=60)
         assert h.returncode == 0, h.stdout + h.stderr
-        assert h.stdout.count("SERVING") == 5
+        states = [line.split()[-1] for line in h.stdout.splitlines() if line.strip()]
+        assert states.count("SERVING") == 5 and "NOT_SERVING" not in h.stdout, h.stdout
         out = tmp_path / "g.mp4"
         g = subprocess.run(_cli("generate", "a green ball moves left", "--out", str(out), "--steps", "3",
                                 "--size", "128x128", "--fps", "8", "-q"), env=env, capture_output=True, text=True,
@@ -93,10 +105,13 @@ def test_up_health_generate_watch_and_clean_stop(tmp_path):
         rc = up.wait(timeout=30)
     assert rc == 0
     assert not any(f.exists() for f in saved)  # a stopped mesh leaves no address behind
-    # every service process is gone
-    time.sleep(0.5)
-    ps = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True)
-    assert ps.stdout.strip() == "", ps.stdout
+    # every service process is gone (each pid `up` printed: no process, or only its exit status left)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _running(p)]
+        time.sleep(0.1)
+    assert not alive, alive
     gone = subprocess.run(_cli("health"), env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert gone.returncode == 2 and "videomesh up" in gone.stderr
 

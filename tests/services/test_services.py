@@ -1,5 +1,7 @@
 """Each service over a real channel on 127.0.0.1: health, reflection, validation errors."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from tests.helpers import _settings, health_status, start_service
 from videomesh import codec
 from videomesh.client import channel
 from videomesh.errors import details_of
-from videomesh.launch import build
+from videomesh.launch import start
 from videomesh.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -34,15 +36,20 @@ NAMES = {
 
 @pytest.mark.parametrize("name", list(NAMES))
 def test_health_goes_serving_after_load_and_reflection_lists_service(name):
-    service, kw = NAMES[name]
-    server, load, close = build(name, _settings(name, **kw))
-    server.start()
+    """The start-up every service process runs (launch.start): NOT_SERVING while it listens and loads,
+    SERVING once loaded, set by the launcher, not by the test."""
+    service, _ = NAMES[name]
+    seen = {}
+
+    def before_load(server, _close):
+        seen["service"] = health_status(server.address, service)
+        seen["overall"] = health_status(server.address, "")
+
+    server, close = start(name, _settings(name, **NAMES[name][1]), before_load=before_load)
     try:
-        assert health_status(server.address, service) == NOT_SERVING
-        assert health_status(server.address, "") == NOT_SERVING
-        load()
-        server.set_serving(True)
+        assert seen == {"service": NOT_SERVING, "overall": NOT_SERVING}
         assert health_status(server.address, service) == SERVING
+        assert health_status(server.address, "") == SERVING
         with grpc.insecure_channel(server.address) as ch:
             stub = reflection_pb2_grpc.ServerReflectionStub(ch)
             resp = next(
@@ -51,17 +58,50 @@ def test_health_goes_serving_after_load_and_reflection_lists_service(name):
             listed = {s.name for s in resp.list_services_response.service}
         assert service in listed and "grpc.health.v1.Health" in listed
     finally:
-        close()
         server.stop(0)
+        close()
 
 
-def test_graceful_stop_sets_not_serving_before_draining():
-    server, stop = start_service("qc")
+def test_graceful_stop_says_not_serving_then_lets_calls_in_flight_finish():
+    """Server.stop (what SIGTERM runs): a health watcher hears NOT_SERVING, and a call already in flight
+    still completes within the grace period."""
+    import threading
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    server, close = start("qc", _settings("qc"))
     service = NAMES["qc"][0]
-    assert health_status(server.address, service) == SERVING
-    server.set_serving(False)  # what stop() does first
-    assert health_status(server.address, service) == NOT_SERVING
-    stop()
+    ch = channel(server.address)
+    try:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=20
+        )
+        assert next(watch).status == SERVING
+        frames = np.random.default_rng(0).integers(60, 200, (8, 32, 32, 3), dtype=np.uint8)
+        chunks = list(codec.frame_chunks(frames))
+        release = threading.Event()
+
+        def requests():
+            yield qc_pb2.InspectRequest(settings=qc_pb2.InspectSettings(fps=8, total_frames=8))
+            yield qc_pb2.InspectRequest(frames=chunks[0])
+            release.wait(10)  # the rest only once the stop has begun
+            for c in chunks[1:]:
+                yield qc_pb2.InspectRequest(frames=c)
+
+        in_flight = qc_pb2_grpc.QualityCheckStub(ch).Inspect.future(requests(), timeout=20)
+        time.sleep(0.5)
+        stopper = threading.Thread(target=server.stop, args=(5.0,))
+        stopper.start()
+        assert next(watch).status == NOT_SERVING  # told before the server goes away
+        release.set()
+        report = in_flight.result(timeout=10)  # drained, not cut off
+        assert report.frames_inspected == 8
+        stopper.join(10)
+        assert not stopper.is_alive()
+    finally:
+        ch.close()
+        server.stop(0)
+        close()
 
 
 @pytest.fixture(scope="module")
