@@ -33,7 +33,7 @@ from gateway.pipeline import Downstreams, Pipeline, Plan
 from gateway.policy import MOTION_WORDS, STILL_WORDS, ModelRules, SpecPolicy, _size, expects_motion  # noqa: F401
 from gateway.result_cache import ResultCache
 from gateway.rules import rule_driven
-from gateway.runner import RETRYABLE, JobRunner  # noqa: F401
+from gateway.runner import JobRunner
 from gateway.safety import SafetyFilter
 from gateway.sqlite_store import SQLiteJobStore
 from gateway.storage import LocalStorage, Storage
@@ -223,9 +223,6 @@ class VideoGateway:
         self.admission = Admission(settings, self.store, self.queue, self.safety, self.limiter)
         self.runner = JobRunner(self)
         self.cache = ResultCache(settings.cache, self.store, self.storage, self.spec, self.runner)
-        # the runner's state, under the names the gateway's own tests and the health monitor use
-        self._controls = self.runner.controls
-        self._lock = self.runner.lock
 
     @property
     def model(self) -> denoiser_pb2.ModelInfo | None:
@@ -289,16 +286,6 @@ class VideoGateway:
         self.runner.close()
         self.webhooks.close()
         self.downstreams.close()
-
-    # the runner's transitions, as the gateway's own tests call them
-    def _requeue(self, job_id: str, refund: bool = False) -> bool:
-        return self.runner.requeue(job_id, refund)
-
-    def _finish_cancelled(self, job_id: str, why: str) -> None:
-        self.runner.finish_cancelled(job_id, why)
-
-    def _fail(self, job_id: str, err: VideomeshError) -> None:
-        self.runner.fail(job_id, err)
 
     # --- spec ---------------------------------------------------------------------------------
     def verify_watermark(self, tenant: Tenant, chunks) -> gateway_pb2.VerifyWatermarkResponse:
@@ -417,13 +404,10 @@ class VideoGateway:
             if not self.queue.leased:  # one gateway's queue is in this process
                 self.queue.push(job.id, tenant.name, policy.priority, policy.max_running, force=True)
         METRICS.jobs.labels(status="QUEUED", tier=policy.name).inc()
-        # the job is in: from here a database hiccup must not turn its acceptance into an error
-        try:
-            METRICS.queue_depth.set(len(self.queue))
-            return self.store.snapshot(job.id)
-        except VideomeshError as err:
-            log.warning("job %s accepted; answering from memory: %s", job.id, err.message)
-            return video
+        # the job is in, and `video` is what was stored: no second read (nor a database hiccup after the
+        # commit) stands between the client and its acceptance; the depth was counted under the lock
+        METRICS.queue_depth.set(video.queue_position)
+        return video
 
     # --- cache, templates, feedback, usage, deletion --------------------------------------------------
     def create_from_template(self, tenant: Tenant, template_id: str, fields: dict, overrides: common_pb2.VideoSpec,

@@ -109,6 +109,18 @@ IDLE_IN_TRANSACTION = 5.0  # s: a session idle inside a transaction this long is
 ADMISSION_HOLD = 15.0  # s: the same for an admission lock's transaction
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _db_unavailable(what: str = "unavailable") -> Unavailable:
+    """What a call gets when the database cannot serve it: UNAVAILABLE with a retry delay (never INTERNAL)."""
+    return Unavailable(
+        f"the job database is {what}; retry shortly", retry_after=2.0, reason="DATABASE_UNAVAILABLE"
+    )
+
+
 def _unavailable(fn):
     """The database is down or unreachable: UNAVAILABLE with a retry delay (never INTERNAL)."""
 
@@ -117,13 +129,8 @@ def _unavailable(fn):
         try:
             return fn(*args, **kwargs)
         except _DB_ERRORS as err:
-            log.warning(
-                "database unavailable in %s: %s",
-                fn.__name__,
-                str(err).strip().splitlines()[0] if str(err) else err,
-            )
-            raise Unavailable("the job database is unavailable; retry shortly", retry_after=2.0,
-                              reason="DATABASE_UNAVAILABLE") from None  # fmt: skip
+            log.warning("database unavailable in %s: %s", fn.__name__, _first_line(err))
+            raise _db_unavailable() from None
 
     return wrapper
 
@@ -488,15 +495,13 @@ class PostgresJobStore(JobStore):
             try:
                 conn = self.lock_pool.getconn()
             except _DB_ERRORS:
-                raise Unavailable("the job database is unavailable; retry shortly", retry_after=2.0,
-                                  reason="DATABASE_UNAVAILABLE") from None  # fmt: skip
+                raise _db_unavailable() from None
             try:
                 try:
                     conn.execute("BEGIN")
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("admit:" + tenant,))
                 except (*_DB_ERRORS, psycopg.errors.LockNotAvailable):
-                    raise Unavailable("the job database is unavailable or busy; retry shortly", retry_after=2.0,
-                                      reason="DATABASE_UNAVAILABLE") from None  # fmt: skip
+                    raise _db_unavailable("unavailable or busy") from None
                 yield
             finally:
                 try:  # nothing was written on it: ending the transaction frees the lock
@@ -505,7 +510,7 @@ class PostgresJobStore(JobStore):
                     conn.close()  # the session is gone (and its lock with it): the pool replaces it
                 self.lock_pool.putconn(conn)
 
-    def queue(self, capacity: int, aging: float, lease_seconds: float, owner: str = "") -> PgJobQueue:  # noqa: D102
+    def queue(self, capacity: int, aging: float, lease_seconds: float, owner: str = "") -> PgJobQueue:
         return PgJobQueue(self, capacity, aging, lease_seconds, owner)
 
 
@@ -572,13 +577,6 @@ class PgJobQueue:
         )  # fmt: skip
         return row[0] if row else None
 
-    def positions(self) -> dict[str, int]:
-        rows = self.store._rows(
-            f"SELECT id FROM jobs WHERE q_state = 'waiting' ORDER BY q_priority - ({_NOW} - q_enqueued) / %s, q_seq",
-            (self.aging,),
-        )  # fmt: skip
-        return {r[0]: i for i, r in enumerate(rows, 1)}
-
     def _claim(self) -> Entry | None:
         with self.store.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CLAIM_LOCK,))
@@ -608,10 +606,7 @@ class PgJobQueue:
             try:
                 e = self._claim()
             except _DB_ERRORS as err:
-                log.warning(
-                    "queue: database unavailable (%s); retrying",
-                    str(err).strip().splitlines()[0] if str(err) else err,
-                )
+                log.warning("queue: database unavailable (%s); retrying", _first_line(err))
                 e = None
             if e is not None:
                 self.store._wake(

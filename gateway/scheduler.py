@@ -106,14 +106,6 @@ class JobQueue:
         with self._cv:
             return self._position(job_id) if job_id in self._entries else None
 
-    def positions(self) -> dict[str, int]:
-        with self._cv:
-            now = time.monotonic()
-            return {
-                e.job_id: i
-                for i, e in enumerate(sorted(self._entries.values(), key=lambda e: self._score(e, now)), 1)
-            }
-
     def pop(self, timeout: float | None = None) -> Entry | None:
         """Block until a job may run; mark its tenant as running one more. None when closed/timed out."""
         deadline = None if timeout is None else time.monotonic() + timeout

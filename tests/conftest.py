@@ -18,3 +18,14 @@ def database(request):
     if request.param == "sqlite":
         return ""
     return request.getfixturevalue("pg").database()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS, tests.s3server) for a test module."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("weed"))
+    server.start()
+    yield server
+    server.stop()

@@ -7,16 +7,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from videomesh.launch import build, load_settings
+from videomesh.launch import load_settings, start
 from videomesh.serving import Server
 
 
 def start_service(name: str, **overrides) -> tuple[Server, callable]:
-    settings = _settings(name, **overrides)
-    server, load, close = build(name, settings)
-    server.start()
-    load()
-    server.set_serving(True)
+    """The service as its process starts it (launch.start), in this process on a free port."""
+    server, close = start(name, _settings(name, **overrides))
 
     def stop():
         close()

@@ -83,6 +83,11 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+def _service(name: str) -> str:
+    """The service a process of the mesh runs: gateway-2, gateway-3, … are gateways too."""
+    return "gateway" if name.startswith("gateway") else name
+
+
 class LocalMesh:
     def __init__(self, data_dir: Path, *, port: int = 0, env: dict | None = None, log_dir: Path | None = None,
                  extra_args: dict[str, list[str]] | None = None, max_restarts: int = 5,
@@ -114,7 +119,7 @@ class LocalMesh:
         self.gateways = ["gateway"] + [f"gateway-{i}" for i in range(2, replicas + 1)]
 
     def _spawn(self, name: str, args: list[str], tmp: Path) -> Path:
-        service = "gateway" if name.startswith("gateway") else name
+        service = _service(name)
         port_file = tmp / f"{name}.port"
         port_file.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +224,7 @@ class LocalMesh:
         return self.procs[name]
 
     def _serving(self, name: str) -> bool:
-        service = "gateway" if name.startswith("gateway") else name
+        service = _service(name)
         try:
             with grpc.insecure_channel(self.addresses[name]) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(

@@ -15,7 +15,7 @@ import pytest
 from minio import Minio
 
 from tests.replicas import Replicas
-from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+from tests.s3server import ACCESS_KEY, SECRET_KEY, weed_binary
 from videomesh.client import VideoClient
 from videomesh.errors import details_of
 from videomesh.v1 import common_pb2
@@ -28,14 +28,6 @@ TERMINAL = ("completed", "failed", "cancelled")
 BUCKET = (
     "replicas"  # one for the module (SeaweedFS gives each bucket volumes of its own); tenants differ per test
 )
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedS3(tmp_path_factory.mktemp("weed"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -150,13 +142,20 @@ def _started_somewhere(r: Replicas, ids, timeout=60) -> tuple[int, list[str]]:
     raise AssertionError(f"no replica started any of {ids}")
 
 
-def test_a_killed_replicas_jobs_rerun_on_another_after_the_lease(cluster, s3):
+def _long_jobs_on_two_replicas(cluster, tenant: str, n: int):
+    """Two replicas, n long jobs of `tenant` submitted through the first; -> (replicas, addresses, key,
+    job ids, the replica that started one first, the jobs it started)."""
     r = cluster()
     addresses = r.start(2)
-    key = r.tenants.add("killed", "pro")
+    key = r.tenants.add(tenant, "pro")
     with VideoClient(addresses[0], key) as c:
-        ids = [c.create(spec(steps=100, seed=i + 1)).id for i in range(4)]
-    dead, victims = _started_somewhere(r, ids)
+        ids = [c.create(spec(steps=100, seed=i + 1)).id for i in range(n)]
+    where, started = _started_somewhere(r, ids)
+    return r, addresses, key, ids, where, started
+
+
+def test_a_killed_replicas_jobs_rerun_on_another_after_the_lease(cluster, s3):
+    r, addresses, key, ids, dead, victims = _long_jobs_on_two_replicas(cluster, "killed", 4)
     alive = 1 - dead
     t_kill = time.time()
     r.kill(dead)  # SIGKILL mid-job: no hand-back, no last word
@@ -177,12 +176,7 @@ def test_a_killed_replicas_jobs_rerun_on_another_after_the_lease(cluster, s3):
 
 
 def test_a_frozen_replica_that_wakes_after_losing_its_lease_writes_nothing(cluster, s3):
-    r = cluster()
-    addresses = r.start(2)
-    key = r.tenants.add("frozen", "pro")
-    with VideoClient(addresses[0], key) as c:
-        ids = [c.create(spec(steps=100, seed=i + 1)).id for i in range(2)]
-    frozen, (vid, *_) = _started_somewhere(r, ids)
+    r, addresses, key, ids, frozen, (vid, *_) = _long_jobs_on_two_replicas(cluster, "frozen", 2)
     awake = 1 - frozen
     r.kill(frozen, signal.SIGSTOP)  # it freezes mid-job holding the lease (a GC pause, a partition)
     try:
@@ -321,13 +315,8 @@ def test_postgres_restarted_under_load_loses_nothing(cluster, s3, tmp_path):
 
 
 def test_cancel_on_one_replica_stops_the_job_running_on_another(cluster):
-    r = cluster()
-    addresses = r.start(2)
-    key = r.tenants.add("canceller", "pro")
+    r, addresses, key, ids, runner, (vid, *_) = _long_jobs_on_two_replicas(cluster, "canceller", 2)
     denoiser = r.servers["denoiser"].servicer
-    with VideoClient(addresses[0], key) as c:
-        ids = [c.create(spec(steps=100, seed=i + 1)).id for i in range(2)]
-    runner, (vid, *_) = _started_somewhere(r, ids)
     other = 1 - runner
     with VideoClient(addresses[other], key) as cb, VideoClient(addresses[runner], key) as ca:
         for ev in cb.watch(vid, timeout=60):  # until it is denoising

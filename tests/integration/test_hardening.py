@@ -175,8 +175,8 @@ def test_cancel_is_durable_at_once_and_survives_a_crash(tmp_path):
             queued = c.create(spec(steps=40, seed=2))
             wait_status(c, running.id, (common_pb2.RUNNING,))
             # a worker that cannot react before the crash: its cancel does nothing
-            with mesh.gateway._lock:
-                ctl = mesh.gateway._controls[running.id]
+            with mesh.gateway.runner.lock:
+                ctl = mesh.gateway.runner.controls[running.id]
             ctl.cancel = lambda *a, **k: None
             # the queued one first: once the running one is cancelled its attempt stops at its next
             # write (refused: the job is no longer RUNNING) and the worker would take the queued one
@@ -279,9 +279,9 @@ def test_gateway_health_turns_not_serving_when_every_worker_is_wedged(mesh):
     for c in stuck:
         c.last_activity -= 3 * gw.settings.stall_timeout
     assert not gw.wedged()
-    with gw._lock:
+    with gw.runner.lock:
         for i, c in enumerate(stuck):
-            gw._controls[f"vid_stuck{i}"] = c
+            gw.runner.controls[f"vid_stuck{i}"] = c
     try:
         assert gw.wedged()
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -294,9 +294,9 @@ def test_gateway_health_turns_not_serving_when_every_worker_is_wedged(mesh):
                 assert time.monotonic() < deadline, "health stayed SERVING"
                 time.sleep(0.2)
     finally:
-        with gw._lock:
+        with gw.runner.lock:
             for i in range(len(stuck)):
-                gw._controls.pop(f"vid_stuck{i}", None)
+                gw.runner.controls.pop(f"vid_stuck{i}", None)
 
 
 # --- 3. restarts: not-ready services answer UNAVAILABLE; recovery waits for SERVING -------------------
@@ -402,8 +402,8 @@ def test_a_failing_attempt_does_not_revive_a_cancelled_job(mesh, keys):
         v = wait_status(c, c.create(spec(seed=51)).id, DONE)
     gw = mesh.gateway
     gw.store.update(v.id, lambda x: setattr(x, "status", common_pb2.RUNNING))  # an attempt in flight
-    gw._finish_cancelled(v.id, "cancelled by request")  # the user cancels while it fails
-    assert gw._requeue(v.id) is False  # the failing attempt tries to queue it again
+    gw.runner.finish_cancelled(v.id, "cancelled by request")  # the user cancels while it fails
+    assert gw.runner.requeue(v.id) is False  # the failing attempt tries to queue it again
     assert gw.store.load(v.id).video.status == common_pb2.CANCELLED
     events = gw.store.wait_events(v.id, 0, timeout=0.1)
     assert events[-1].WhichOneof("event") == "cancelled"

