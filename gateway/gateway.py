@@ -45,6 +45,7 @@ from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
 from gateway.webhooks import check_allow_entries as check_webhook_allow
 from videomesh.codec import TEXT_MESSAGE_BYTES
 from videomesh.errors import FailedPrecondition, InvalidArgument, VideomeshError
+from videomesh.meshauth import MeshSecrets
 from videomesh.v1 import common_pb2, denoiser_pb2, gateway_pb2
 
 log = logging.getLogger("videomesh.gateway")
@@ -129,6 +130,10 @@ class GatewaySettings:
     webhook_attempts: int = 5
     webhook_backoff: float = 0.5
     metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
+    # TLS on the public port: PEM files of the certificate chain and its private key (both or neither);
+    # `videomesh up --tls-self-signed` makes a pair for a local trial
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     # Webhook URLs a request may name besides its tenant's registered one: URL prefixes
     # (https://hooks.example.com/videomesh) or host patterns (hooks.example.com, *.example.com, *).
     webhook_allow: tuple[str, ...] = ()
@@ -143,6 +148,11 @@ class GatewaySettings:
         return self.database.startswith(("postgresql://", "postgres://"))
 
     def validate(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: set both (TLS on the public port) or neither")
+        for what, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{what}: {path} is not a readable file")
         for s in self.sizes:
             w, _, h = s.partition("x")
             if not (w.isdigit() and h.isdigit()) or int(w) % 2 or int(h) % 2:
@@ -202,7 +212,8 @@ class VideoGateway:
         self.downstreams = Downstreams(settings.encoder, settings.denoiser, settings.upscaler, settings.qc, settings.retries,
                                        breaker_threshold=settings.breaker_threshold,
                                        breaker_cooldown=settings.breaker_cooldown,
-                                       text_message_bytes=settings.text_message_bytes)  # fmt: skip
+                                       text_message_bytes=settings.text_message_bytes,
+                                       mesh=MeshSecrets.from_env())  # fmt: skip
         self.pipeline: Pipeline | None = None
         # the denoiser's published rules and the spec policy built on them (gateway/policy.py)
         self.rules = ModelRules(
@@ -248,6 +259,13 @@ class VideoGateway:
         return self.spec.cache_key(spec, tenant, template_id)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    def _review_backlog(self) -> float:
+        """NEEDS_REVIEW jobs of every tenant, read at each scrape (NaN while the store is unreachable)."""
+        try:
+            return float(self.store.count_status(common_pb2.NEEDS_REVIEW))
+        except Exception:  # noqa: BLE001 - the store down or closed: a scrape must still answer
+            return float("nan")
+
     def load(self, timeout: float | None = None) -> None:
         """Wait for the denoiser, learn what it supports, recover jobs, start the workers."""
         deadline = time.monotonic() + (self.settings.model_wait_timeout if timeout is None else timeout)
@@ -269,6 +287,7 @@ class VideoGateway:
                                  invisible=InvisibleWatermark(s.watermark_key),
                                  visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity),
                                  encode_timeout=s.encode_timeout)  # fmt: skip
+        METRICS.review_backlog.set_function(self._review_backlog)
         if self.settings.retention_seconds > 0:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:

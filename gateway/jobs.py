@@ -170,6 +170,10 @@ class JobStore(ABC):
     def count_blocked(self, tenant: str, since: float = 0.0) -> int: ...
 
     @abstractmethod
+    def count_status(self, status: int) -> int:
+        """How many jobs of every tenant have this status now (the review-backlog gauge)."""
+
+    @abstractmethod
     def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
         """The tenant's jobs created since `since`, oldest first (metering)."""
 

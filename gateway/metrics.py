@@ -1,10 +1,13 @@
-"""Prometheus metrics of the gateway (served on --metrics-port when set)."""
+"""Prometheus metrics of the gateway, in the process's registry (videomesh.metrics: served on the
+gateway's metrics_port beside every server's RPC metrics)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from videomesh.metrics import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -15,10 +18,13 @@ class _Metrics:
     queue_depth: Gauge
     stage_seconds: Histogram
     breaker_open: Gauge
+    queue_wait: Histogram
+    cache_lookups: Counter
+    review_backlog: Gauge
 
 
 def _build() -> _Metrics:
-    r = CollectorRegistry()
+    r = REGISTRY
     return _Metrics(
         registry=r,
         jobs=Counter("videomesh_jobs", "Jobs by status reached", ["status", "tier"], registry=r),
@@ -39,15 +45,19 @@ def _build() -> _Metrics:
             ["service"],
             registry=r,
         ),
+        queue_wait=Histogram(
+            "videomesh_queue_wait_seconds",
+            "Time a job waited in the queue before an attempt started",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800),
+        ),
+        cache_lookups=Counter(
+            "videomesh_cache_lookups", "Result-cache lookups of new jobs", ["result"], registry=r
+        ),
+        review_backlog=Gauge(
+            "videomesh_review_backlog", "Videos waiting for a human's QC review (NEEDS_REVIEW)", registry=r
+        ),
     )
 
 
 METRICS = _build()
-
-
-def serve_metrics(host: str, port: int) -> int:
-    """Start the /metrics HTTP endpoint; returns the bound port."""
-    from prometheus_client import start_http_server
-
-    server, _ = start_http_server(port, addr=host, registry=METRICS.registry)
-    return server.server_port

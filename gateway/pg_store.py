@@ -458,6 +458,10 @@ class PostgresJobStore(JobStore):
         ]
 
     @_unavailable
+    def count_status(self, status: int) -> int:
+        return self._one("SELECT count(*) FROM jobs WHERE status = %s", (status,))[0]
+
+    @_unavailable
     def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
         return self._select("tenant = %s AND created >= %s ORDER BY created", (tenant, since))
 
@@ -582,7 +586,8 @@ class PgJobQueue:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CLAIM_LOCK,))
             row = conn.execute(
                 f"""WITH running AS (SELECT tenant, count(*) AS n FROM jobs WHERE q_state = 'claimed' GROUP BY tenant)
-                SELECT j.id, j.tenant, j.q_priority, j.q_max_running, j.q_enqueued, j.q_seq FROM jobs j
+                SELECT j.id, j.tenant, j.q_priority, j.q_max_running, j.q_enqueued, j.q_seq,
+                       {_NOW} - j.q_enqueued FROM jobs j
                 LEFT JOIN running r ON r.tenant = j.tenant
                 WHERE j.q_state = 'waiting' AND j.q_not_before <= {_NOW} AND COALESCE(r.n, 0) < j.q_max_running
                 ORDER BY j.q_priority - ({_NOW} - j.q_enqueued) / %s, j.q_seq
@@ -593,8 +598,10 @@ class PgJobQueue:
                 return None
             conn.execute(f"UPDATE jobs SET q_state = 'claimed', lease_owner = %s, lease_until = {_NOW} + %s"
                          " WHERE id = %s", (self.owner, self.lease, row[0]))  # fmt: skip
-        jid, tenant, prio, max_running, enq, seq = row
-        return Entry(jid, tenant, prio, max_running, enq, seq, owner=self.owner)
+        jid, tenant, prio, max_running, enq, seq, waited = row
+        return Entry(
+            jid, tenant, prio, max_running, enq, seq, owner=self.owner, waited=max(0.0, float(waited))
+        )
 
     def pop(self, timeout: float | None = None) -> Entry | None:
         """Claim the best job that may run now, waiting up to `timeout`; None when closed or timed out.

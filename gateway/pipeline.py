@@ -28,6 +28,7 @@ from gateway.watermark import InvisibleWatermark, VisibleMark
 from videomesh import codec
 from videomesh.client import channel, unary_methods
 from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, VideomeshError, from_rpc_error
+from videomesh.meshauth import MeshSecrets
 from videomesh.v1 import (
     common_pb2,
     denoiser_pb2,
@@ -65,19 +66,24 @@ class Downstreams:
 
     def __init__(self, encoder: str, denoiser: str, upscaler: str, qc: str, retries: int = 4, *,
                  breaker_threshold: int = 3, breaker_cooldown: float = 10.0,
-                 text_message_bytes: int = codec.TEXT_MESSAGE_BYTES):  # fmt: skip
+                 text_message_bytes: int = codec.TEXT_MESSAGE_BYTES, mesh: MeshSecrets | None = None):  # fmt: skip
         self.addresses = {"encoder": encoder, "denoiser": denoiser, "upscaler": upscaler, "qc": qc}
         self.breakers = {n: CircuitBreaker(n, breaker_threshold, breaker_cooldown) for n in self.addresses}
         # The encoder's reply and the DenoiseRequest carry two text states (Wan: 2 x 4 MiB in bf16), so
         # those two channels take `text_message_bytes`; the frame hops stay at 4 MiB (frames travel in
         # chunks). The encoder and denoiser servers bound what they send and accept themselves.
         limits = {"encoder": text_message_bytes, "denoiser": text_message_bytes}
+        # Every call carries the mesh credential (videomesh.meshauth) where the mesh has one. An address
+        # that resolves to several replicas (`ipv4:h:p1,h:p2`, a headless Service's DNS name) is balanced
+        # round_robin, and a replica whose health is not SERVING gets no calls (the channel's health checks).
         self.channels = {
             name: channel(
                 address,
                 methods=unary_methods(SERVICE_NAMES[name]),  # Encode, GetModelInfo
                 retries=retries,
                 max_message_bytes=limits.get(name, codec.MAX_MESSAGE_BYTES),
+                mesh=mesh,
+                health_service=SERVICE_NAMES[name],
             )
             for name, address in self.addresses.items()
         }

@@ -32,9 +32,14 @@ class ResultCache:
         return self.spec.cache_key(spec, tenant, template_id) if self.enabled else ""
 
     def source(self, key: str) -> Job | None:
-        """The finished job whose file serves `key`, if it is still there."""
+        """The finished job whose file serves `key`, if it is still there (counted: hit or miss)."""
         if not key:
             return None
+        src = self._source(key)
+        METRICS.cache_lookups.labels("hit" if src is not None else "miss").inc()
+        return src
+
+    def _source(self, key: str) -> Job | None:
         src_id = self.store.cache_get(key)
         if src_id is None:
             return None

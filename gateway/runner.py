@@ -180,6 +180,7 @@ class JobRunner:
                 continue
             if entry is None:
                 continue
+            METRICS.queue_wait.observe(entry.waited)
             try:
                 METRICS.queue_depth.set(len(self.queue))
             except VideomeshError:

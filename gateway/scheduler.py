@@ -28,6 +28,7 @@ class Entry:
     seq: int
     not_before: float = 0.0
     owner: str = ""  # the replica holding the job's lease (PgJobQueue); "" = no lease
+    waited: float = 0.0  # seconds from enqueue to this claim (the queue-wait metric)
 
 
 class JobQueue:
@@ -117,6 +118,7 @@ class JobQueue:
                     e = min(ready, key=lambda x: self._score(x, now))
                     del self._entries[e.job_id]
                     self._running[e.tenant] += 1
+                    e.waited = max(0.0, now - e.enqueued)
                     return e
                 waits = [e.not_before - now for e in self._entries.values() if e.not_before > now]
                 wait = min(waits) if waits else None

@@ -207,6 +207,10 @@ class SQLiteJobStore(JobStore):
                 "SELECT COUNT(*) FROM blocked WHERE tenant = ? AND created >= ?", (tenant, since)
             ).fetchone()[0]
 
+    def count_status(self, status: int) -> int:
+        with self._cond:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
     def tenant_jobs(self, tenant: str, since: float = 0.0) -> list[Job]:
         with self._cond:
             return self._select("tenant = ? AND created >= ? ORDER BY created", (tenant, since))

@@ -180,7 +180,11 @@ def _client(args):
     """A VideoClient for --gateway / $VIDEOMESH_GATEWAY / the address `up` saved, checked to answer."""
     from videomesh.client import VideoClient
 
-    client = VideoClient(getattr(args, "gateway", None), api_key=getattr(args, "api_key", None))
+    try:
+        client = VideoClient(getattr(args, "gateway", None), api_key=getattr(args, "api_key", None),
+                             ca=getattr(args, "ca", None), tls=getattr(args, "tls", False))  # fmt: skip
+    except ValueError as e:  # an unreadable --ca
+        raise UsageError(str(e)) from None
     try:
         client.wait_ready(CONNECT_TIMEOUT)
     except BaseException:
@@ -485,7 +489,7 @@ def cmd_up(args) -> int:
                          "and limits there (SQLite belongs to one process)")  # fmt: skip
     mesh = LocalMesh(Path(args.data_dir), port=args.port or 0, max_restarts=args.max_restarts,
                      restart_window=args.restart_window, extra_args=extra, replicas=args.replicas,
-                     database=database)  # fmt: skip
+                     database=database, tls_self_signed=args.tls_self_signed)  # fmt: skip
     stop = threading.Event()
 
     def on_signal(*_):
@@ -520,6 +524,9 @@ def cmd_up(args) -> int:
             f"address saved in {saved[0]} and {saved[1]}: other commands find it without --gateway",
             flush=True,
         )
+        if mesh.tls_cert is not None:
+            print(f"TLS on the gateway port, self-signed: certificate {mesh.tls_cert} (other commands on this "
+                  f"machine use it; elsewhere pass --ca {mesh.tls_cert})", flush=True)  # fmt: skip
         print(
             f"dev tenant key in {Path(args.data_dir).resolve() / 'dev-api-key'}; a service that exits is restarted; "
             "Ctrl-C stops everything",
@@ -557,12 +564,17 @@ def cmd_demo(args) -> int:
 def cmd_health(args) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from videomesh.client import find_gateway, wait_ready
+    from videomesh.client import channel, find_gateway, gateway_file, wait_ready
     from videomesh.mesh import SERVICE_NAMES
+    from videomesh.tls import find_root_certificates
 
     address, source = find_gateway(args.gateway)
+    try:
+        roots = find_root_certificates(args.ca, args.tls, saved=source.startswith(str(gateway_file())))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     bad = 0
-    with grpc.insecure_channel(address) as ch:
+    with channel(address, root_certificates=roots) as ch:
         wait_ready(ch, address, source, min(CONNECT_TIMEOUT, args.timeout))
         stub = health_pb2_grpc.HealthStub(ch)
         for name in ("gateway", "encoder", "denoiser", "upscaler", "qc"):
@@ -797,6 +809,14 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", help=GATEWAY_HELP)
+    p.add_argument("--ca", help="TLS: verify the gateway against this CA (PEM file; env VIDEOMESH_CA); the "
+                                "address `up --tls-self-signed` saved comes with its own")  # fmt: skip
+    p.add_argument("--tls", action="store_true",
+                   help="TLS, verifying the gateway against the system's roots (env VIDEOMESH_TLS=1)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="videomesh", description="Text-to-video through a mesh of gRPC services.",
@@ -822,19 +842,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up (stop everything, exit 1) when one service needs more restarts than this "
                          "within --restart-window (default 5)")  # fmt: skip
     up.add_argument("--restart-window", type=float, default=300.0, help="seconds (default 300)")
+    up.add_argument("--tls-self-signed", action="store_true",
+                    help="TLS on the gateway port with a certificate made for localhost (a local trial; "
+                         "production: VIDEOMESH_GATEWAY_TLS_CERT and _TLS_KEY)")  # fmt: skip
     up.add_argument("--model", default="default", choices=["default", "wan2.2"],
                     help="the model the encoder and denoiser serve (default: the embedded model)")  # fmt: skip
     up.add_argument("--model-dir", help="wan2.2: the downloaded diffusers-layout directory, e.g. of "
                                         "Wan-AI/Wan2.2-T2V-A14B-Diffusers")  # fmt: skip
 
     g = sub.add_parser("generate", help="generate a video through a running gateway", epilog=EXIT_CODES_HELP)
-    g.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(g)
     _gen_args(g)
 
     w = sub.add_parser("watch", help="follow a job's events (again) until it ends; --out downloads the video",
                        epilog=EXIT_CODES_HELP + " (Ctrl-C detaches; the job goes on)")  # fmt: skip
     w.add_argument("id", help="the video id `generate` printed (vid_…)")
-    w.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(w)
     w.add_argument("--out", "-o", help="write the finished video here")
     w.add_argument("--api-key", help=API_KEY_HELP)
     w.add_argument(
@@ -854,7 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser(
         "health", help="health of the gateway and every service behind it; non-zero if any is not SERVING"
     )
-    h.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(h)
     h.add_argument("--timeout", type=float, default=3.0, help="seconds per check (default 3)")
 
     s = sub.add_parser("serve", help="run one service (encoder, denoiser, upscaler, qc, gateway)")
@@ -862,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("review", help="show a video's quality report, or approve/reject one held for review")
     r.add_argument("id")
-    r.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(r)
     r.add_argument("--api-key", help=API_KEY_HELP)
     g2 = r.add_mutually_exclusive_group()
     g2.add_argument("--approve", dest="decision", action="store_const", const="approve")
@@ -873,11 +896,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="exit codes: 0 a watermark found; 1 a call failed; 2 the file cannot be read; "
                               f"{EXIT_NO_WATERMARK} no watermark")  # fmt: skip
     v.add_argument("file")
-    v.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(v)
     v.add_argument("--api-key", help=API_KEY_HELP)
 
     us = sub.add_parser("usage", help="your metering: jobs, output seconds, compute seconds, cache hits")
-    us.add_argument("--gateway", help=GATEWAY_HELP)
+    _gateway_args(us)
     us.add_argument("--api-key", help=API_KEY_HELP)
     us.add_argument("--templates", action="store_true", help="also list the template library")
     us.add_argument("--adapters", action="store_true", help="also list the brand style adapters you may use")

@@ -163,15 +163,20 @@ def retry_service_config(
     attempts: int = 4,
     initial: float = 0.2,
     maximum: float = 2.0,
+    health_service: str = "",
 ) -> str:
     """gRPC's own retry policy (UNAVAILABLE, exponential backoff) for whole services or single methods,
     and round_robin over every address the target resolves to (`ipv4:h1:p1,h2:p2`, or a DNS name with
     several records, e.g. a headless Kubernetes Service): calls spread over gateway replicas instead of
     pinning one HTTP/2 connection to the first."""
     names = [{"service": s} for s in services or ()] + [{"service": s, "method": m} for s, m in methods or ()]
+    # with `health_service`, each address is watched over grpc.health.v1 and one that is not SERVING gets
+    # no calls (a replica loading its model or draining), while the others keep serving
+    health = {"healthCheckConfig": {"serviceName": health_service}} if health_service else {}
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
+            **health,
             "methodConfig": [
                 {
                     "name": names,
@@ -209,8 +214,14 @@ def channel(
     methods: list[tuple[str, str]] | None = None,
     retries: int = 4,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    mesh=None,
+    health_service: str = "",
+    root_certificates: bytes | None = None,
 ) -> grpc.Channel:
-    """An insecure channel with explicit size limits and (for `services` / `methods`) the retry policy."""
+    """A channel with explicit size limits, round_robin over the target's addresses and (for `services` /
+    `methods`) the retry policy. `mesh` (videomesh.meshauth.MeshSecrets): every call carries the mesh
+    credential. `health_service`: addresses whose health for it is not SERVING get no calls.
+    `root_certificates` (PEM): TLS, verifying the server against them (b"" = the system's roots)."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -220,10 +231,24 @@ def channel(
     ]
     if (services or methods) and retries >= 2:  # gRPC refuses a policy of fewer than 2 attempts (and the
         # channel then fails every call): retries < 2 means no transparent retry at all
-        options.append(
-            ("grpc.service_config", retry_service_config(services, methods=methods, attempts=retries))
+        config = retry_service_config(
+            services, methods=methods, attempts=retries, health_service=health_service
         )
-    return grpc.insecure_channel(address, options=options)
+        options.append(("grpc.service_config", config))
+    elif health_service:
+        config = {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": health_service},
+        }
+        options.append(("grpc.service_config", json.dumps(config)))
+    if root_certificates is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates or None)
+        ch = grpc.secure_channel(address, creds, options=options)
+    else:
+        ch = grpc.insecure_channel(address, options=options)
+    from videomesh.meshauth import with_credential
+
+    return with_credential(ch, mesh)
 
 
 def find_api_key(explicit: str | None = None) -> str | None:
@@ -240,10 +265,19 @@ def find_api_key(explicit: str | None = None) -> str | None:
 class VideoClient:
     """The public API in a few typed calls."""
 
-    def __init__(self, address: str | None = None, api_key: str | None = None):
-        """`address` defaults to $VIDEOMESH_GATEWAY, then the address `videomesh up` saved."""
+    def __init__(self, address: str | None = None, api_key: str | None = None, *, ca: str | None = None,
+                 tls: bool = False):  # fmt: skip
+        """`address` defaults to $VIDEOMESH_GATEWAY, then the address `videomesh up` saved. TLS: `ca`
+        (a PEM file, or $VIDEOMESH_CA) verifies the gateway against that CA, `tls` (or $VIDEOMESH_TLS=1)
+        against the system's roots; the address `videomesh up --tls-self-signed` saved comes with its CA."""
+        from videomesh.tls import find_root_certificates
+
         self.address, self.address_source = find_gateway(address)
-        self._channel = channel(self.address, methods=VIDEO_SERVICE_UNARY)
+        saved = self.address_source.startswith(str(gateway_file()))
+        self.root_certificates = find_root_certificates(ca, tls, saved=saved)
+        self._channel = channel(
+            self.address, methods=VIDEO_SERVICE_UNARY, root_certificates=self.root_certificates
+        )
         self.stub = gateway_pb2_grpc.VideoServiceStub(self._channel)
         key = find_api_key(api_key)
         self._metadata = [("authorization", f"Bearer {key}")] if key else []

@@ -1,7 +1,8 @@
 """Typed settings: dataclass defaults, overridden by a TOML file, overridden by env vars.
 
 Each service declares a frozen dataclass; `load(Settings, prefix="VIDEOMESH_DENOISER_")`
-reads `VIDEOMESH_DENOISER_<FIELD>` variables and an optional TOML file (`VIDEOMESH_CONFIG`,
+reads `VIDEOMESH_DENOISER_<FIELD>` variables (or `<FIELD>_FILE`: the value is that file's content, for
+secrets mounted as files, so they stay out of argv, the environment and logs) and an optional TOML file (`VIDEOMESH_CONFIG`,
 table named after the prefix), converts them to the declared types and fails at start-up
 with a message naming the variable, instead of at the first request.
 """
@@ -56,6 +57,14 @@ def _convert(raw: Any, typ: Any, where: str) -> Any:
         raise ConfigError(f"{where}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from err
 
 
+def _read_secret(path: str, var: str) -> str:
+    """The value a `<VAR>_FILE` variable points at, without its trailing newline; never logged."""
+    try:
+        return Path(os.path.expanduser(path)).read_text().rstrip("\r\n")
+    except OSError as err:
+        raise ConfigError(f"{var}: cannot read {path!r} ({err.strerror or err})") from err
+
+
 def load(
     cls: type[T], prefix: str, *, file: str | Path | None = None, env: dict | None = None, **overrides
 ) -> T:
@@ -75,6 +84,8 @@ def load(
         var = prefix + f.name.upper()
         if var in env:
             values[f.name] = _convert(env[var], hints[f.name], var)
+        elif env.get(var + "_FILE"):  # a secret mounted as a file (Docker/Kubernetes secrets): its content
+            values[f.name] = _convert(_read_secret(env[var + "_FILE"], var + "_FILE"), hints[f.name], var)
     for k, v in overrides.items():
         if v is not None:
             values[k] = v

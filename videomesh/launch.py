@@ -8,9 +8,9 @@ on port 0.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,10 +23,8 @@ from pathlib import Path
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from grpc_health.v1 import health_pb2  # noqa: E402
-
 from videomesh import config  # noqa: E402
-from videomesh.serving import Server, create_server  # noqa: E402
+from videomesh.serving import Server  # noqa: E402
 
 log = logging.getLogger("videomesh.launch")
 NAMES = ("encoder", "denoiser", "upscaler", "qc", "gateway")
@@ -67,170 +65,46 @@ def _threads(n: int) -> None:
     set_torch_threads(n)
 
 
-def _text_message_limit(settings) -> int:
-    """The denoiser's message limit: its own setting where it has one, else raised for wan2.2 (a
-    DenoiseRequest carries two 512 x 4096 bf16 text states, 8 MiB; see codec.TEXT_MESSAGE_BYTES)."""
-    from videomesh.codec import MAX_MESSAGE_BYTES, TEXT_MESSAGE_BYTES
+SERVER_MODULES = {
+    "encoder": "services.encoder.server",
+    "denoiser": "services.denoiser.server",
+    "upscaler": "services.upscaler.server",
+    "qc": "services.qc.server",
+    "gateway": "gateway.server",
+}
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
-    own = getattr(settings, "max_message_bytes", 0)
-    return own or (TEXT_MESSAGE_BYTES if getattr(settings, "model", "") == "wan2.2" else MAX_MESSAGE_BYTES)
+
+def server_options(name: str, settings, env: dict | None = None) -> dict:
+    """What every server gets beside its own wiring: its metrics label, the mesh credential the internal
+    services require (videomesh.meshauth), the gateway's TLS. An internal service that listens beyond
+    this machine without a mesh secret does not start: it would be an open back door past the gateway."""
+    from videomesh.meshauth import FILE_ENV, MeshSecrets
+
+    options: dict = {"service": name}
+    if name == "gateway":
+        if settings.tls_cert is not None:
+            options["tls"] = (Path(settings.tls_cert).read_bytes(), Path(settings.tls_key).read_bytes())
+        return options
+    mesh = MeshSecrets.from_env(env)
+    if mesh is None:
+        if not str(settings.host).startswith(LOOPBACK):
+            raise config.ConfigError(
+                f"{name} would listen on {settings.host} without a mesh secret: set {FILE_ENV} (a file of the "
+                f"secret every internal call must carry; deploy/README.md) or bind 127.0.0.1"
+            )
+        log.warning("%s: no mesh secret (%s): calls from this machine are not authenticated", name, FILE_ENV)
+    options["mesh"] = mesh
+    return options
 
 
 def build(name: str, settings) -> tuple[Server, Callable[[], None], Callable[[], None]]:
-    """-> (server, load, close). The server is not started; load() brings it to SERVING."""
-    if name == "encoder":
-        from services.encoder.encoder import TextEncoding
-        from services.encoder.servicer import TextEncoderServicer, registration
-
-        domain = TextEncoding(settings)
-        servicer = TextEncoderServicer(domain)
-        server = create_server([registration(servicer)], host=settings.host, port=settings.port,
-                               max_message_bytes=settings.message_limit)  # fmt: skip
-        server.servicer = servicer
-
-        def load():
-            _threads(settings.threads)
-            domain.load()
-
-        return server, load, domain.close
-    if name == "denoiser":
-        from services.denoiser.engine import WAN, load_backend
-        from services.denoiser.executors import make_executor
-        from services.denoiser.servicer import DenoiserServicer, registration
-        from videomesh.inference import InferenceThread
-
-        servicer = DenoiserServicer()  # the backend and executor are attached once loaded
-        server = create_server([registration(servicer)], host=settings.host, port=settings.port,
-                               max_message_bytes=_text_message_limit(settings))  # fmt: skip
-        server.servicer = servicer  # tests read servicer.active
-
-        # the model loads on the thread that will run it (the executor's scheduler): one torch thread pool
-        worker = InferenceThread("denoiser", settings.threads)
-
-        def load():
-            _threads(settings.threads)
-            # a Ray driver of Wan loads no expert (the shards do): it starts, steps and decodes requests
-            ray_driver = settings.executor == "ray" and settings.model == WAN
-            backend = worker.call(load_backend, settings, experts=() if ray_driver else None)
-            executor = make_executor(backend, settings, worker)
-            executor.start()
-            servicer.attach(backend, executor)
-
-        def close():
-            servicer.close()
-            worker.close()
-
-        return server, load, close
-    if name == "upscaler":
-        from services.upscaler.servicer import UpscalerServicer, registration
-        from services.upscaler.upscaler import SpatialUpscaler
-        from videomesh.inference import InferenceThread
-
-        spatial = SpatialUpscaler(settings)
-        worker = InferenceThread("upscaler", settings.threads)  # the SR net loads and runs on it
-        server = create_server(
-            [registration(UpscalerServicer(spatial, worker))], host=settings.host, port=settings.port
-        )
-
-        def load():
-            _threads(settings.threads)
-            worker.call(spatial.load)
-
-        return server, load, worker.close
-    if name == "qc":
-        from services.qc.servicer import QualityCheckServicer, registration
-
-        settings.apply_threads()  # OpenCV's threads: every usable core unless the settings say
-        servicer = QualityCheckServicer(settings.thresholds(), faces=settings.faces)
-        server = create_server([registration(servicer)], host=settings.host, port=settings.port)
-        return server, lambda: None, lambda: None
-    if name == "gateway":
-        from gateway.gateway import VideoGateway
-        from gateway.servicer import VideoServiceServicer, registration
-        from gateway.tenants import TenantDirectory
-
-        tenants = TenantDirectory(Path(settings.data_dir) / "tenants.json")
-        gw = VideoGateway(settings, tenants=tenants)
-        server = create_server(
-            [registration(VideoServiceServicer(gw, tenants))], host=settings.host, port=settings.port
-        )
-        server.gateway = gw
-        server.tenants = tenants
-        monitor = DownstreamMonitor(server, gw.downstreams, wedged=gw.wedged)
-
-        def load():
-            gw.load()
-            monitor.start()
-            if settings.metrics_port >= 0:
-                from gateway.metrics import serve_metrics
-
-                server.metrics_port = serve_metrics(settings.host, settings.metrics_port)
-                log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
-
-        def close():
-            monitor.stop()
-            gw.close()
-
-        return server, load, close
-    raise ValueError(f"unknown service {name!r}")
-
-
-class DownstreamMonitor:
-    """Mirrors each downstream's health into the gateway's own health service, so one
-    probe of the gateway (`videomesh health`) shows the whole mesh. It reads health through
-    the gateway's Downstreams, so each poll is also the fresh reading the recovery gate uses
-    (one Check per downstream per interval, not two)."""
-
-    def __init__(
-        self,
-        server: Server,
-        downstreams,  # gateway.pipeline.Downstreams
-        interval: float = 1.0,
-        wedged: Callable[[], bool] | None = None,
-    ):
-        self.server = server
-        self.downstreams = downstreams
-        self.breakers = downstreams.breakers
-        self.interval = interval
-        self.wedged = wedged  # the gateway's own liveness: every worker stuck -> NOT_SERVING
-        self._was_wedged = False
-        self._stop = threading.Event()
-        self.status: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, name="downstream-health", daemon=True)
-
-    def start(self) -> None:
-        self.poll()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def poll(self) -> None:
-        from gateway.pipeline import SERVICE_NAMES
-
-        for key, svc in SERVICE_NAMES.items():
-            status = self.downstreams.status(key, max_age=0)
-            self.status[key] = status
-            self.server.health.set(svc, status)
-            if status == health_pb2.HealthCheckResponse.SERVING and key in self.breakers:
-                self.breakers[key].healthy()  # an open circuit may probe the service again
-        if self.wedged is not None:
-            wedged = self.wedged()
-            if wedged != self._was_wedged:
-                log.error("the gateway's workers are all stuck: health NOT_SERVING") if wedged else log.info(
-                    "the gateway's workers are free again: health SERVING"
-                )
-                self.server.set_serving(not wedged)
-                self._was_wedged = wedged
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.poll()
-            except ValueError:  # the gateway closed its channels while stopping: nothing left to mirror
-                if self._stop.is_set() or getattr(self.downstreams, "closed", False):
-                    return
-                raise
+    """-> (server, load, close), from the service's own module (services/<name>/server.py,
+    gateway/server.py). The server is not started; load() brings it to SERVING."""
+    if name not in SERVER_MODULES:
+        raise ValueError(f"unknown service {name!r}; one of {', '.join(NAMES)}")
+    module = importlib.import_module(SERVER_MODULES[name])
+    return module.build(settings, **server_options(name, settings))
 
 
 def start(name: str, settings, *, port_file: str | None = None, before_load: Callable | None = None):
@@ -244,6 +118,11 @@ def start(name: str, settings, *, port_file: str | None = None, before_load: Cal
         Path(tmp).write_text(str(server.port))
         os.replace(tmp, port_file)
     log.info("%s listening on %s (NOT_SERVING until loaded)", name, server.address)
+    if getattr(settings, "metrics_port", -1) >= 0:
+        from videomesh.metrics import serve_metrics
+
+        server.metrics_port = serve_metrics(settings.host, settings.metrics_port)
+        log.info("%s metrics on http://%s:%d/metrics", name, settings.host, server.metrics_port)
     if before_load is not None:
         before_load(server, close)
     load()
@@ -252,7 +131,11 @@ def start(name: str, settings, *, port_file: str | None = None, before_load: Cal
     return server, close
 
 
-def serve(name: str, settings, *, port_file: str | None = None, grace: float = 10.0) -> None:
+GRACE_ENV = "VIDEOMESH_GRACE_SECONDS"  # SIGTERM -> NOT_SERVING, then this long for work in flight
+
+
+def serve(name: str, settings, *, port_file: str | None = None, grace: float | None = None) -> None:
+    grace = float(os.environ.get(GRACE_ENV, "10")) if grace is None else grace
     server, _ = start(name, settings, port_file=port_file,
                       before_load=lambda srv, close: srv.stop_on_signals(grace, on_stop=close))  # fmt: skip
     server.wait()

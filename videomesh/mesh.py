@@ -16,6 +16,7 @@ it gives up, and says so, when one service needs more than `max_restarts` restar
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,8 @@ from videomesh.client import (
     write_address_file,
 )
 from videomesh.errors import Unauthenticated
+from videomesh.meshauth import ENV as SECRET_ENV
+from videomesh.meshauth import FILE_ENV, MeshSecrets
 
 DOWNSTREAMS = ("encoder", "denoiser", "upscaler", "qc")
 SERVICE_NAMES = {
@@ -54,10 +57,17 @@ class Interrupted(RuntimeError):
     """start() was asked to stop (the user's signal) before the mesh was up."""
 
 
+def _probe_channel(address: str, root_certificates: bytes | None = None) -> grpc.Channel:
+    """A channel for health probes only (health needs no credential; TLS where the port speaks it)."""
+    if root_certificates is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates))
+
+
 def wait_serving(address: str, service: str, timeout: float, proc: subprocess.Popen | None = None,
-                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+                 cancel: threading.Event | None = None, root_certificates: bytes | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with _probe_channel(address, root_certificates) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -92,7 +102,7 @@ class LocalMesh:
     def __init__(self, data_dir: Path, *, port: int = 0, env: dict | None = None, log_dir: Path | None = None,
                  extra_args: dict[str, list[str]] | None = None, max_restarts: int = 5,
                  restart_window: float = 300.0, backoff: float = 1.0, max_backoff: float = 30.0,
-                 replicas: int = 1, database: str = ""):  # fmt: skip
+                 replicas: int = 1, database: str = "", tls_self_signed: bool = False):  # fmt: skip
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -115,6 +125,22 @@ class LocalMesh:
             raise ValueError("several gateway replicas need a shared PostgreSQL database (postgresql://…)")
         self.replicas = replicas
         self.database = database
+        self.tls_self_signed = tls_self_signed
+        self.tls_cert: Path | None = (
+            None  # the gateways' certificate (--tls-self-signed): also the clients' CA
+        )
+        self.root_certificates: bytes | None = None
+        # The mesh credential every internal call carries (videomesh.meshauth): the operator's, or one made
+        # for this data dir (kept there, 0600, so a restarted service and its gateway still agree)
+        if not (self.env.get(FILE_ENV) or self.env.get(SECRET_ENV)):
+            secret_file = self.data_dir / "mesh-secret"
+            if not secret_file.exists():
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32) + "\n")
+            self.env[FILE_ENV] = str(secret_file)
+        self.mesh_secrets = MeshSecrets.from_env(self.env)
         # the gateways' names: gateway, gateway-2, gateway-3, …
         self.gateways = ["gateway"] + [f"gateway-{i}" for i in range(2, replicas + 1)]
 
@@ -130,6 +156,9 @@ class LocalMesh:
             env = {**env, "VIDEOMESH_GATEWAY_DATABASE": self.database}
             if self.database.startswith(("postgresql://", "postgres://")):
                 env.setdefault("VIDEOMESH_GATEWAY_SHARED_STORAGE", "true")  # every replica reads data_dir
+        if service == "gateway" and self.tls_cert is not None:
+            env = {**env, "VIDEOMESH_GATEWAY_TLS_CERT": str(self.tls_cert),
+                   "VIDEOMESH_GATEWAY_TLS_KEY": str(self.tls_cert.with_name("key.pem"))}  # fmt: skip
         with open(self.log_dir / f"{name}.log", "ab") as log:
             cmd = [sys.executable, "-m", "videomesh.launch", service, "--port-file", str(port_file), *args,
                    *self.extra_args.get(service, [])]  # fmt: skip
@@ -172,6 +201,11 @@ class LocalMesh:
         home_key.parent.mkdir(parents=True, exist_ok=True)
         home_key.write_text(self.api_key)
         home_key.chmod(0o600)
+        if self.tls_self_signed and self.tls_cert is None:
+            from videomesh.tls import self_signed
+
+            self.tls_cert, _ = self_signed(self.data_dir / "tls")
+            self.root_certificates = self.tls_cert.read_bytes()
         self._run_dir = Path(tempfile.mkdtemp(prefix="videomesh-ports-"))
         tmp = self._run_dir
         try:
@@ -192,7 +226,8 @@ class LocalMesh:
             # ready = each gateway SERVING and its mirror of every downstream SERVING too
             for g in self.gateways:
                 for n in (*DOWNSTREAMS, "gateway"):
-                    wait_serving(self.addresses[g], SERVICE_NAMES[n], timeout, self.procs[g], self.stopping)
+                    wait_serving(self.addresses[g], SERVICE_NAMES[n], timeout, self.procs[g], self.stopping,
+                                 root_certificates=self.root_certificates)  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -205,12 +240,24 @@ class LocalMesh:
         self._published = [gateway_file(), self.data_dir / GATEWAY_ADDRESS_FILE]
         for f in self._published:
             write_address_file(f, self.addresses["gateway"])
+        if self.tls_cert is not None:  # the saved address comes with the CA to verify it against
+            from videomesh.tls import ca_file
+
+            ca_file().write_bytes(self.root_certificates)
+            self._published.append(ca_file())
+        else:
+            from videomesh.tls import ca_file
+
+            ca_file().unlink(missing_ok=True)  # a CA left by an earlier TLS mesh must not apply to this one
         return list(self._published)
 
     def _unpublish(self) -> None:
         for f in self._published:
             try:
-                remove_address_file(f, self.addresses.get("gateway", ""))
+                if f.suffix == ".pem":
+                    f.unlink(missing_ok=True)
+                else:
+                    remove_address_file(f, self.addresses.get("gateway", ""))
             except OSError:
                 pass
         self._published = []
@@ -226,7 +273,8 @@ class LocalMesh:
     def _serving(self, name: str) -> bool:
         service = _service(name)
         try:
-            with grpc.insecure_channel(self.addresses[name]) as ch:
+            roots = self.root_certificates if service == "gateway" else None
+            with _probe_channel(self.addresses[name], roots) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=0.5
                 )

@@ -194,6 +194,7 @@ class Server:
     service_names: list[str]
     host: str = "127.0.0.1"
     loaded: threading.Event = field(default_factory=threading.Event)  # set by the first set_serving(True)
+    mesh_auth: object | None = None  # the MeshAuthInterceptor where the server requires the mesh credential
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -253,18 +254,32 @@ def create_server(
     max_workers: int = 32,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    service: str = "",
+    mesh=None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> Server:
     """Build a server (not started) for the given (add_XServicer_to_server, servicer, full_name) triples.
 
     Binds host:port (port 0 = a free port). Health starts NOT_SERVING for every service;
     call `server.set_serving()` once models are loaded. `max_message_bytes` bounds what it sends
     and accepts per message (raised only where a model's text states need it: codec.TEXT_MESSAGE_BYTES).
+    `service` labels its RPC metrics (videomesh.metrics; outermost, so every refusal counts too).
+    `mesh` (videomesh.meshauth.MeshSecrets): every call but health and reflection must carry the mesh
+    credential. `tls` (certificate chain PEM, private key PEM): the port speaks TLS only.
     """
+    from videomesh.meshauth import MeshAuthInterceptor
+    from videomesh.metrics import MetricsInterceptor
+
     registrations = list(registrations)
     loaded = threading.Event()
+    names = [name for _, _, name in registrations]
+    outer: list[grpc.ServerInterceptor] = [MetricsInterceptor(service or (names[0] if names else "server"))]
+    mesh_auth = MeshAuthInterceptor(mesh, service) if mesh is not None else None
+    if mesh_auth is not None:
+        outer.append(mesh_auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*interceptors, ErrorInterceptor(loaded, [name for _, _, name in registrations])],
+        interceptors=[*outer, *interceptors, ErrorInterceptor(loaded, names)],
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -272,18 +287,21 @@ def create_server(
         ],
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    names = []
-    for add, servicer, name in registrations:
+    for add, servicer, _name in registrations:
         add(servicer, server)
-        names.append(name)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        cert, key = tls
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     return Server(
-        grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host, loaded=loaded
-    )
+        grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host, loaded=loaded,
+        mesh_auth=mesh_auth,
+    )  # fmt: skip

@@ -80,6 +80,7 @@ class DenoiserSettings:
     accel_cache: Path | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
     threads: int = 0
     executor: str = "local"  # local (in-process) | ray (expert shards as placed Ray actors)
     ray_address: str = ""  # join this cluster ("" = $RAY_ADDRESS or a local Ray instance)

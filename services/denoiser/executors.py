@@ -51,6 +51,7 @@ from services.denoiser.model import MoEDenoiser
 from services.denoiser.sampling import SamplingCancelled
 from videomesh.errors import Unavailable
 from videomesh.inference import InferenceThread
+from videomesh.metrics import DENOISER_STEP
 
 log = logging.getLogger("videomesh.executors")
 
@@ -327,8 +328,10 @@ class SteppedExecutor:
 
     def _tick(self) -> None:
         self.ticks += 1
+        t0 = time.perf_counter()
         advance(self.backend, [r.state for r in self._active], self._report, submit=self._submit,
                 place=self._place, max_batch=self.max_batch)  # fmt: skip
+        DENOISER_STEP.observe(time.perf_counter() - t0)
         finished: dict = defaultdict(list)  # decode key -> requests that finished sampling together
         for r in self._active:
             if r.error is None and r.state.done:

@@ -37,6 +37,7 @@ class EncoderSettings:
     weights: Path | None = None  # default: services/encoder/weights/<model>.safetensors
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
     threads: int = 0  # torch intra-op threads; 0 = the cores this process may use
     model_dir: Path | None = None  # model wan2.2: the Wan directory (tokenizer/, text_encoder/)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda: where UMT5 runs (the default model: CPU)

@@ -32,6 +32,7 @@ def set_opencv_threads(threads: int = 0) -> int:
 class QCSettings:
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
     thresholds_file: Path = THRESHOLDS_FILE
     faces: bool = True
     threads: int = 0  # OpenCV threads; 0 = every core this process may use (affinity, cgroup quota)

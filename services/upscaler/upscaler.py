@@ -31,6 +31,7 @@ class UpscalerSettings:
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = -1  # Prometheus /metrics on host:port; -1 = off, 0 = a free port
     threads: int = 0
     # the SR net's runtime: torch | onnx (onnxruntime, CPU) | tensorrt (CUDA) | compile (torch.compile);
     # onnx/tensorrt export it once to accel_cache (default ~/.cache/videomesh/accel, videomesh/accel.py)

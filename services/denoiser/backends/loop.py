@@ -19,6 +19,7 @@ import torch
 
 from services.denoiser.backends.base import DenoiseJob, ModelBackend, SamplerState, StepCache
 from services.denoiser.sampling import SamplingCancelled
+from videomesh.metrics import DENOISER_BATCH
 
 # on_step(state, expert, t): after each step; t in [0, 1] is where the step started
 StepCallback = Callable[[SamplerState, str, float], None]
@@ -59,6 +60,7 @@ def advance(
         size = max_batch or len(group)
         for k in range(0, len(group), size):
             part = group[k : k + size]
+            DENOISER_BATCH.observe(len(part))
             if submit is None:  # in process, one forward after the other
                 calls.append((expert, part, lambda e=expert, p=part: backend.forward(e, p)))
             else:
