@@ -8,6 +8,7 @@ the denoiser's step time and batch sizes, and GPU memory wherever CUDA is presen
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -69,9 +70,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, service: str):
         self.service = service
+        # this server's RPCs by method (the registry's counters are per process, labelled by service only)
+        self.calls: collections.Counter[str] = collections.Counter()
 
     def _unary(self, fn, method):
         def handler(request, context):
+            self.calls[method] += 1
             obs = _Observed(self.service, method)
             failed = True
             try:
@@ -85,6 +89,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, fn, method):
         def handler(request, context):
+            self.calls[method] += 1
             obs = _Observed(self.service, method)
             failed = None  # None: the client may have gone away before the end
             try:

@@ -195,6 +195,7 @@ class Server:
     host: str = "127.0.0.1"
     loaded: threading.Event = field(default_factory=threading.Event)  # set by the first set_serving(True)
     mesh_auth: object | None = None  # the MeshAuthInterceptor where the server requires the mesh credential
+    rpc_metrics: object | None = None  # its MetricsInterceptor (`.calls`: this server's RPCs by method)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -273,7 +274,8 @@ def create_server(
     registrations = list(registrations)
     loaded = threading.Event()
     names = [name for _, _, name in registrations]
-    outer: list[grpc.ServerInterceptor] = [MetricsInterceptor(service or (names[0] if names else "server"))]
+    rpc_metrics = MetricsInterceptor(service or (names[0] if names else "server"))
+    outer: list[grpc.ServerInterceptor] = [rpc_metrics]
     mesh_auth = MeshAuthInterceptor(mesh, service) if mesh is not None else None
     if mesh_auth is not None:
         outer.append(mesh_auth)
@@ -303,5 +305,5 @@ def create_server(
         raise RuntimeError(f"could not bind {host}:{port}")
     return Server(
         grpc_server=server, port=bound, health=health_servicer, service_names=names, host=host, loaded=loaded,
-        mesh_auth=mesh_auth,
+        mesh_auth=mesh_auth, rpc_metrics=rpc_metrics,
     )  # fmt: skip

@@ -1,0 +1,98 @@
+"""Internal services scale by replicas (issue #22): the gateway's channel to a service balances its calls
+round_robin over every address the target names (`ipv4:127.0.0.1:P1,127.0.0.1:P2`, as a headless
+Service's DNS name resolves), sends none to a replica whose health is not SERVING, and a replica that
+dies fails no job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import start_service
+from videomesh.client import VideoClient
+from videomesh.v1 import common_pb2
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_of_each(tmp_path: Path):
+    servers, stops = {}, []
+
+    def up(key, name, **kw):
+        srv, stop = start_service(name, **kw)
+        servers[key] = srv
+        stops.append(stop)
+
+    up("encoder", "encoder", model="tiny")
+    up("denoiser", "denoiser", model="tiny")
+    for key in ("up1", "up2"):
+        up(key, "upscaler")
+    for key in ("qc1", "qc2"):
+        up(key, "qc")
+
+    def target(*keys):
+        return "ipv4:" + ",".join(servers[k].address for k in keys)
+
+    gw, gw_stop = start_service("gateway", data_dir=tmp_path, encoder=servers["encoder"].address,
+                                denoiser=servers["denoiser"].address, upscaler=target("up1", "up2"),
+                                qc=target("qc1", "qc2"), sizes=("64x64",), default_size="64x64",
+                                fps_choices=(8.0,), default_fps=8.0, max_attempts=3,
+                                retry_backoff=0.2)  # fmt: skip
+    stops.insert(0, gw_stop)
+    try:
+        yield servers, gw
+    finally:
+        for stop in stops:
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - a replica the test stopped already
+                pass
+
+
+def _run(client, n, seed0):
+    ids = [
+        client.create(common_pb2.VideoSpec(prompt="a red ball moves right", seed=seed0 + i)).id
+        for i in range(n)
+    ]
+    out = []
+    for vid in ids:
+        events = list(client.watch(vid, timeout=180))
+        out.append(events[-1].WhichOneof("event"))
+    return out
+
+
+def test_two_upscalers_and_two_qcs_share_the_work_and_one_can_go(two_of_each):
+    servers, gw = two_of_each
+    key = gw.tenants.add("acme", "pro")
+
+    def calls(k, method):
+        return servers[k].rpc_metrics.calls[method]
+
+    with VideoClient(gw.address, api_key=key) as c:
+        # 1. both replicas of each get work
+        assert _run(c, 6, 100) == ["completed"] * 6
+        assert calls("up1", "Upscale") > 0 and calls("up2", "Upscale") > 0, servers
+        assert calls("qc1", "Inspect") > 0 and calls("qc2", "Inspect") > 0
+
+        # 2. a replica that says NOT_SERVING (loading, draining) gets no new calls; the other takes them all
+        servers["up1"].set_serving(False)
+        time.sleep(1.0)  # the channel's health watch hears it
+        before = calls("up1", "Upscale"), calls("up2", "Upscale")
+        assert _run(c, 3, 200) == ["completed"] * 3
+        assert calls("up1", "Upscale") == before[0]
+        assert calls("up2", "Upscale") >= before[1] + 3
+        servers["up1"].set_serving(True)
+
+        # 3. a QC replica dies (stopped without a drain) while jobs run: every job still completes
+        ids = [
+            c.create(common_pb2.VideoSpec(prompt="a blue square moves up", seed=300 + i)).id for i in range(4)
+        ]
+        time.sleep(0.3)
+        servers["qc1"].grpc_server.stop(0)
+        ends = [list(c.watch(v, timeout=180))[-1].WhichOneof("event") for v in ids]
+        assert ends == ["completed"] * 4
+        got = [c.get(v) for v in ids]
+        assert all(v.status == common_pb2.SUCCEEDED for v in got)
