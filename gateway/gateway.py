@@ -300,6 +300,17 @@ class VideoGateway:
     def wedged(self) -> bool:
         return self.runner.wedged()
 
+    def drain(self, grace: float) -> None:
+        """SIGTERM: claim no more jobs; those running get `grace` seconds to finish before close() stops
+        them (a replica on PostgreSQL hands them back at once; SQLite re-runs them at the next start)."""
+        t0 = time.monotonic()
+        left = self.runner.drain(grace)
+        if left:
+            log.warning("drain: %d job(s) still running after %.0f s, handed back: %s", len(left), grace,
+                        ", ".join(left))  # fmt: skip
+        else:
+            log.info("drain: no job in flight (%.1f s)", time.monotonic() - t0)
+
     def close(self) -> None:
         self._stopping.set()
         self.runner.close()

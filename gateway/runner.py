@@ -44,6 +44,7 @@ class JobRunner:
         self.controls: dict[str, JobControl] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.draining = threading.Event()  # SIGTERM: claim nothing more; jobs in flight may finish
         self.threads: list[threading.Thread] = []
         self.workers = 0
         self._not_ready_since: dict[str, float] = {}  # job -> when a downstream first answered NOT_READY
@@ -65,7 +66,21 @@ class JobRunner:
             t.start()
             self.threads.append(t)
 
+    def drain(self, grace: float) -> list[str]:
+        """Stop claiming jobs and give those in flight up to `grace` seconds to finish; -> the ids still
+        running then (close() stops them: handed back to the other replicas, or re-run after a restart)."""
+        self.draining.set()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.controls:
+                    return []
+            time.sleep(0.1)
+        with self.lock:
+            return sorted(self.controls)
+
     def close(self) -> None:
+        self.draining.set()
         self.stopping.set()
         self.queue.close()
         with self.lock:
@@ -172,6 +187,9 @@ class JobRunner:
     # --- the worker loop ----------------------------------------------------------------------------------
     def _worker(self) -> None:
         while not self.stopping.is_set():
+            if self.draining.is_set():
+                self.stopping.wait(0.2)
+                continue
             try:
                 entry = self.queue.pop(timeout=0.5)
             except VideomeshError as err:
@@ -179,6 +197,12 @@ class JobRunner:
                 self.stopping.wait(1.0)
                 continue
             if entry is None:
+                continue
+            if self.draining.is_set():  # claimed as the drain began: not started, so handed straight back
+                try:
+                    self.queue.done(entry.job_id, entry.tenant)
+                except VideomeshError as err:
+                    log.warning("job %s: could not hand back its claim: %s", entry.job_id, err.message)
                 continue
             METRICS.queue_wait.observe(entry.waited)
             try:

@@ -29,6 +29,7 @@ def build(settings: GatewaySettings, **options):
                            port=settings.port, **options)  # fmt: skip
     server.gateway = gw
     server.tenants = tenants
+    server.drain = gw.drain  # SIGTERM: no new claims; jobs in flight finish within the grace
     monitor = DownstreamMonitor(server, gw.downstreams, wedged=gw.wedged)
 
     def load():

@@ -196,6 +196,9 @@ class Server:
     loaded: threading.Event = field(default_factory=threading.Event)  # set by the first set_serving(True)
     mesh_auth: object | None = None  # the MeshAuthInterceptor where the server requires the mesh credential
     rpc_metrics: object | None = None  # its MetricsInterceptor (`.calls`: this server's RPCs by method)
+    # stop(grace) runs it beside gRPC's own drain of the calls in flight: what the service must wind down
+    # that is not an RPC (the gateway's jobs), within the same grace
+    drain: Callable[[float], None] | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -222,7 +225,13 @@ class Server:
             return
         self._stopped.set()
         self.set_serving(False)
-        self.grpc_server.stop(grace).wait()
+        stopped = self.grpc_server.stop(grace)  # new calls refused now; those in flight get `grace`
+        if self.drain is not None:
+            try:
+                self.drain(grace)
+            except Exception:  # noqa: BLE001 - the stop goes on: close() still winds everything down
+                log.exception("drain failed")
+        stopped.wait()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
