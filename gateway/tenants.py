@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,11 +109,22 @@ class TenantDirectory:
             self._save()
             return n
 
-    def rotate(self, name: str) -> str:
-        """Revoke the tenant's keys and issue a fresh one."""
+    def rotate(self, name: str, grace: float = 0.0) -> str:
+        """Issue a fresh key; the tenant's other keys stop working after `grace` seconds (0: now), so
+        its services can move to the new key without an outage."""
         if name not in self._tenants:
             raise NotFound(f"tenant {name!r} not found")
-        self.revoke(name)
+        if grace < 0 or grace != grace:
+            raise InvalidArgument(f"grace must be 0 or more seconds; got {grace}", field="grace")
+        if grace == 0:
+            self.revoke(name)
+            return self.add(name, self._tenants[name].tier)
+        until = time.time() + grace
+        with self._lock:
+            for k in self._keys.values():
+                if k["tenant"] == name and not k["revoked"]:
+                    k["expires"] = min(k.get("expires") or until, until)
+            self._save()
         return self.add(name, self._tenants[name].tier)
 
     def find(self, name: str) -> Tenant | None:
@@ -122,7 +134,7 @@ class TenantDirectory:
 
     def active_keys(self, name: str) -> int:
         with self._lock:
-            return sum(k["tenant"] == name and not k["revoked"] for k in self._keys.values())
+            return sum(k["tenant"] == name and key_active(k) for k in self._keys.values())
 
     def get(self, name: str) -> Tenant:
         with self._lock:
@@ -136,9 +148,14 @@ class TenantDirectory:
         self.reload()
         with self._lock:
             rec = self._keys.get(_hash(key))
-            if rec is None or rec["revoked"]:
+            if rec is None or rec["revoked"] or (rec.get("expires") and rec["expires"] <= time.time()):
                 raise Unauthenticated("invalid or revoked API key")
             return self._tenants[rec["tenant"]]
+
+
+def key_active(k: dict) -> bool:
+    """Neither revoked nor past the end of its rotation grace."""
+    return not k["revoked"] and not (k.get("expires") and k["expires"] <= time.time())
 
 
 def key_from_metadata(metadata) -> str | None:

@@ -695,7 +695,7 @@ def tier_names() -> list[str]:
 
 
 def cmd_tenants(args) -> int:
-    from gateway.tenants import TenantDirectory
+    from gateway.tenants import TenantDirectory, key_active
     from videomesh.errors import VideomeshError
 
     path = Path(args.data_dir) / "tenants.json"
@@ -738,12 +738,14 @@ def cmd_tenants(args) -> int:
                 print(f"webhook secret: {d.get(args.name).webhook_secret}", file=sys.stderr)
         elif args.action == "list":
             for t, keys in d.list():
-                active = sum(not k["revoked"] for k in keys)
+                active = sum(key_active(k) for k in keys)
                 print(f"{t.name:<20} {t.tier:<10} keys: {active} active, {len(keys) - active} revoked")
         elif args.action == "revoke":
             print(f"revoked {d.revoke(args.name)} key(s)")
         elif args.action == "rotate":
-            print(d.rotate(args.name))
+            print(d.rotate(args.name, grace=args.grace))
+            if args.grace:
+                print(f"the tenant's earlier keys keep working for {args.grace:g} s more", file=sys.stderr)
     except VideomeshError as e:
         _err(e.message)
         return EXIT_FAILED
@@ -922,6 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tier", default=None, help="free, pro or enterprise (add; default free, or unchanged with --force)"
     )
     t.add_argument("--webhook", help="URL that receives signed job-finished callbacks")
+    t.add_argument("--grace", type=float, default=0.0,
+                   help="rotate: the earlier keys keep working this many seconds (default 0: revoked now)")  # fmt: skip
     t.add_argument(
         "--force", action="store_true", help="add: update an existing tenant and give it another key"
     )
