@@ -43,6 +43,7 @@ from gateway.tiers import RateLimiter, TierPolicy, tiers_from
 from gateway.watermark import InvisibleWatermark, VisibleMark, payload_for
 from gateway.webhooks import WebhookRefused, WebhookSender, check_request_url
 from gateway.webhooks import check_allow_entries as check_webhook_allow
+from videomesh import tracing
 from videomesh.codec import TEXT_MESSAGE_BYTES
 from videomesh.errors import FailedPrecondition, InvalidArgument, VideomeshError
 from videomesh.meshauth import MeshSecrets
@@ -134,6 +135,9 @@ class GatewaySettings:
     # `videomesh up --tls-self-signed` makes a pair for a local trial
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # grpc.health.v1 alone, in plaintext, on host:health_port (-1 = off): for probes that cannot speak the
+    # public port's TLS (the kubelet's native gRPC probe); it tells a status and nothing else
+    health_port: int = -1
     # Webhook URLs a request may name besides its tenant's registered one: URL prefixes
     # (https://hooks.example.com/videomesh) or host patterns (hooks.example.com, *.example.com, *).
     webhook_allow: tuple[str, ...] = ()
@@ -422,6 +426,9 @@ class VideoGateway:
             )  # fmt: skip
             video.watermark = payload_for(video.id)
             video.template_id = template_id
+            video.trace_id, video.trace_parent = (
+                tracing.current_ids()
+            )  # the request's trace (CreateVideo's span)
             job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
                       webhook=webhook_url)  # fmt: skip
             video.queue_position = len(self.queue) + 1

@@ -77,7 +77,7 @@ class Downstreams:
         # that resolves to several replicas (`ipv4:h:p1,h:p2`, a headless Service's DNS name) is balanced
         # round_robin, and a replica whose health is not SERVING gets no calls (the channel's health checks).
         self.channels = {
-            name: channel(
+            name: traced_channel(
                 address,
                 methods=unary_methods(SERVICE_NAMES[name]),  # Encode, GetModelInfo
                 retries=retries,
@@ -125,6 +125,13 @@ class Downstreams:
         self.closed = True  # readers (the health mirror) stop instead of calling on closed channels
         for ch in self.channels.values():
             ch.close()
+
+
+def traced_channel(address: str, **kw) -> grpc.Channel:
+    """client.channel, with OpenTelemetry's client interceptor: each call is a span of the job's trace."""
+    from videomesh import tracing
+
+    return tracing.traced(channel(address, **kw))
 
 
 # the downstreams' full service names, from the generated descriptors (as each servicer's SERVICE_NAME)

@@ -14,6 +14,7 @@ from gateway.jobs import Job, JobStore, new_id, now_ts
 from gateway.metrics import METRICS
 from gateway.storage import Storage
 from gateway.tenants import Tenant
+from videomesh import tracing
 from videomesh.errors import Unavailable
 from videomesh.v1 import common_pb2, gateway_pb2
 
@@ -69,6 +70,7 @@ class ResultCache:
             watermark=src.video.watermark, cached=True,  # the bytes are the cached file's, so is the mark
             warnings=src.video.warnings,
         )  # fmt: skip
+        video.trace_id, video.trace_parent = tracing.current_ids()
         job = Job(
             id=video.id,
             tenant=tenant.name,

@@ -23,7 +23,9 @@ import grpc
 from gateway.jobs import Fence, Fenced, Job, JobStore, requeued
 from gateway.metrics import METRICS
 from gateway.pipeline import PROGRESS, JobControl
+from videomesh import tracing
 from videomesh.errors import Cancelled, VideomeshError
+from videomesh.logs import job_context
 from videomesh.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger("videomesh.gateway")
@@ -292,8 +294,17 @@ class JobRunner:
         ):  # cancelled, or taken by another worker, between the check and the start
             return
         ctl.fence = Fence(ctl.fence.owner, video.attempt)
-        log.info("job %s attempt %d started%s", job_id, video.attempt,
-                 f" on replica {ctl.fence.owner}" if ctl.fence.owner else "")  # fmt: skip
+        # the attempt is a span of the creating request's trace: its calls through the mesh carry it
+        with tracing.job_span("job.attempt", video.trace_parent, **{"videomesh.job": job_id,
+                              "videomesh.attempt": video.attempt, "videomesh.tenant": job.tenant}), \
+                job_context(job_id, job.tenant):  # fmt: skip
+            log.info("job %s attempt %d started%s%s", job_id, video.attempt,
+                     f" on replica {ctl.fence.owner}" if ctl.fence.owner else "",
+                     f" (trace {video.trace_id})" if video.trace_id else "")  # fmt: skip
+            self._attempt(job, video, ctl)
+
+    def _attempt(self, job: Job, video: gateway_pb2.Video, ctl: JobControl) -> None:
+        job_id = job.id
         pipeline = self.gw.pipeline
         key = f"{job.tenant}/{job_id}.mp4"
         t0 = time.perf_counter()

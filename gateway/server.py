@@ -76,6 +76,9 @@ class DownstreamMonitor:
     def poll(self) -> None:
         from gateway.pipeline import SERVICE_NAMES
 
+        if self.server.stopping:  # draining: NOT_SERVING stays, whatever the downstreams say
+            return
+
         for key, svc in SERVICE_NAMES.items():
             status = self.downstreams.status(key, max_age=0)
             self.status[key] = status

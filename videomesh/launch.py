@@ -111,6 +111,9 @@ def start(name: str, settings, *, port_file: str | None = None, before_load: Cal
     """Build, listen (health NOT_SERVING), write the port file, load the model, then SERVING: what every
     service process does before it waits. `before_load(server, close)` runs while the service is listening
     but not loaded (serve() installs its signal handlers there). Returns (server, close)."""
+    from videomesh import tracing
+
+    tracing.setup(name)
     server, load, close = build(name, settings)
     server.start()
     if port_file:
@@ -118,6 +121,9 @@ def start(name: str, settings, *, port_file: str | None = None, before_load: Cal
         Path(tmp).write_text(str(server.port))
         os.replace(tmp, port_file)
     log.info("%s listening on %s (NOT_SERVING until loaded)", name, server.address)
+    if getattr(settings, "health_port", -1) >= 0:
+        server.serve_health(settings.host, settings.health_port)
+        log.info("%s health (plaintext, for probes) on %s:%d", name, settings.host, server.health_port)
     if getattr(settings, "metrics_port", -1) >= 0:
         from videomesh.metrics import serve_metrics
 
@@ -153,6 +159,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     for d in ("encoder", "denoiser", "upscaler", "qc"):
         p.add_argument(f"--{d}", default=None, help=f"gateway: address of the {d} service")
     p.add_argument("--log-level", default=os.environ.get("VIDEOMESH_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", default=None, choices=["text", "json"],
+                   help="text lines, or one JSON object per line with job, tenant and trace ids "
+                        "(default: $VIDEOMESH_LOG_FORMAT, else text)")  # fmt: skip
 
 
 def overrides_from(name: str, args: argparse.Namespace) -> dict:
@@ -174,7 +183,12 @@ def main(name: str, argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog=f"videomesh serve {name}")
     add_common_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    from videomesh.logs import configure
+
+    try:
+        configure(name, args.log_level, args.log_format)
+    except ValueError as err:
+        p.error(str(err))
     settings = load_settings(name, **overrides_from(name, args))
     serve(name, settings, port_file=args.port_file)
 

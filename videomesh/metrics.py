@@ -1,7 +1,8 @@
 """Prometheus metrics of every service: one registry per process, served on the service's metrics_port.
 
 Every server counts its RPCs by method and status code, times them, and gauges the calls in flight
-(`MetricsInterceptor`, outermost on every server, so refusals and malformed requests count too).
+(`MetricsInterceptor`, outermost on every server, so refusals and malformed requests count too; health
+checks are left out).
 Services add their own: the gateway's jobs, queue, stages, breakers and cache (gateway/metrics.py),
 the denoiser's step time and batch sizes, and GPU memory wherever CUDA is present.
 """
@@ -110,6 +111,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            # probes and the channels' health watches (one open Watch per client channel and replica) would
+            # drown the RPC rates and keep the in-flight gauge up for good: not counted
+            return handler
         method = handler_call_details.method.rpartition("/")[2]
         if handler.unary_unary:
             return handler._replace(unary_unary=self._unary(handler.unary_unary, method))

@@ -26,6 +26,8 @@ from videomesh.errors import InvalidArgument, Unavailable, VideomeshError, to_st
 
 log = logging.getLogger("videomesh.serving")
 
+MAX_CONNECTION_AGE_MS = 300_000
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -199,11 +201,18 @@ class Server:
     # stop(grace) runs it beside gRPC's own drain of the calls in flight: what the service must wind down
     # that is not an RPC (the gateway's jobs), within the same grace
     drain: Callable[[float], None] | None = None
+    health_server: grpc.Server | None = None  # serve_health(): the health service alone, in plaintext
+    health_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def stopping(self) -> bool:
+        """stop() has begun (health NOT_SERVING for good)."""
+        return self._stopped.is_set()
 
     def start(self) -> Server:
         self.grpc_server.start()
@@ -232,6 +241,21 @@ class Server:
             except Exception:  # noqa: BLE001 - the stop goes on: close() still winds everything down
                 log.exception("drain failed")
         stopped.wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
+
+    def serve_health(self, host: str, port: int) -> int:
+        """Also answer grpc.health.v1 (the same statuses) in plaintext on host:port: for probes that cannot
+        speak this server's TLS. Returns the bound port; stop() stops it with the server."""
+        hs = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"),
+                         options=[("grpc.so_reuseport", 0)])  # fmt: skip
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
+        bound = hs.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise RuntimeError(f"could not bind the health port {host}:{port}")
+        hs.start()
+        self.health_server, self.health_port = hs, bound
+        return bound
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
@@ -277,6 +301,7 @@ def create_server(
     `mesh` (videomesh.meshauth.MeshSecrets): every call but health and reflection must carry the mesh
     credential. `tls` (certificate chain PEM, private key PEM): the port speaks TLS only.
     """
+    from videomesh import tracing
     from videomesh.meshauth import MeshAuthInterceptor
     from videomesh.metrics import MetricsInterceptor
 
@@ -285,6 +310,7 @@ def create_server(
     names = [name for _, _, name in registrations]
     rpc_metrics = MetricsInterceptor(service or (names[0] if names else "server"))
     outer: list[grpc.ServerInterceptor] = [rpc_metrics]
+    outer.append(tracing.server_interceptor())  # a span per RPC, child of the caller's (traceparent metadata)
     mesh_auth = MeshAuthInterceptor(mesh, service) if mesh is not None else None
     if mesh_auth is not None:
         outer.append(mesh_auth)
@@ -295,6 +321,10 @@ def create_server(
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # a client's connection is asked to move on (GOAWAY) after 5 minutes, so it resolves the
+            # service's name again and spreads over replicas added since (an HPA's new pods); no grace
+            # limit is set, so a call in flight on the old connection (a long Denoise) still finishes
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
         ],
         maximum_concurrent_rpcs=max_workers * 4,
     )

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def tls_mesh(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     cert, key = self_signed(d / "tls")
-    m = InProcessMesh(d / "data", gateway={"tls_cert": cert, "tls_key": key, "metrics_port": 0})
+    m = InProcessMesh(
+        d / "data", gateway={"tls_cert": cert, "tls_key": key, "metrics_port": 0, "health_port": 0}
+    )
     yield m, cert
     m.stop()
 
@@ -114,3 +116,28 @@ def test_an_internal_service_serves_metrics_on_its_own_port():
         assert "videomesh_rpc_requests_total" in text or "videomesh_rpc_requests" in text
     finally:
         stop()
+
+
+def test_probes_get_health_in_plaintext_on_the_health_port_and_only_health(tls_mesh, capsys):
+    from grpc_health.v1 import health_pb2
+
+    from videomesh import probe
+
+    mesh, cert = tls_mesh
+    gw = mesh.servers["gateway"]
+    health = f"127.0.0.1:{gw.health_port}"
+    assert probe.main([health]) == 0
+    assert probe.main([health, "--service", "videomesh.v1.Upscaler"]) == 0  # the mirrored downstreams too
+    assert probe.main([gw.address, "--ca", str(cert)]) == 0  # or over TLS on the public port
+    assert probe.main([gw.address, "--timeout", "1"]) == 1  # plaintext to the TLS port: no answer
+    # the health port serves nothing else
+    key = mesh.tenants.add("probe-tenant", "pro")
+    with VideoClient(health, api_key=key) as c, pytest.raises(grpc.RpcError) as err:
+        c.get("anything")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    gw.set_serving(False)  # draining or loading: the probe says so
+    try:
+        assert probe.check(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert probe.main([health]) == 1
+    finally:
+        gw.set_serving(True)

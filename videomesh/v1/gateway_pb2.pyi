@@ -58,7 +58,7 @@ class VideoError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark", "stage_seconds", "cached", "deleted", "template_id", "warnings")
+    __slots__ = ("id", "status", "stage", "progress", "spec", "create_time", "update_time", "result", "error", "attempt", "queue_position", "quality", "regenerated_from", "model", "qc_regenerations", "review_note", "watermark", "stage_seconds", "cached", "deleted", "template_id", "warnings", "trace_id", "trace_parent")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class Video(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.VideoStatus
     stage: _common_pb2.Stage
@@ -110,7 +112,9 @@ class Video(_message.Message):
     deleted: bool
     template_id: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., cached: _Optional[bool] = ..., deleted: _Optional[bool] = ..., template_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    trace_id: str
+    trace_parent: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.VideoStatus, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., progress: _Optional[float] = ..., spec: _Optional[_Union[_common_pb2.VideoSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., error: _Optional[_Union[VideoError, _Mapping]] = ..., attempt: _Optional[int] = ..., queue_position: _Optional[int] = ..., quality: _Optional[_Union[_common_pb2.QualityReport, _Mapping]] = ..., regenerated_from: _Optional[str] = ..., model: _Optional[str] = ..., qc_regenerations: _Optional[int] = ..., review_note: _Optional[str] = ..., watermark: _Optional[str] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., cached: _Optional[bool] = ..., deleted: _Optional[bool] = ..., template_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., trace_id: _Optional[str] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class DeleteVideoRequest(_message.Message):
     __slots__ = ("id",)

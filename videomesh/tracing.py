@@ -1,0 +1,120 @@
+"""OpenTelemetry traces across every hop (opentelemetry-sdk + opentelemetry-instrumentation-grpc).
+
+Every server gets the instrumentation's server interceptor (a span per RPC, its parent taken from the
+caller's `traceparent` metadata); the gateway's channels to the internal services get its client
+interceptor, so a job's Encode, Denoise, Upscale and Inspect calls are spans of one trace. A job runs
+later than the request that created it, on a worker (maybe of another replica): the request's trace id
+and traceparent are kept in the job's Video (`trace_id`, `trace_parent`), and each attempt is a span
+`job.attempt` whose parent is that request's span.
+
+Exporting is off by default: spans are made (so ids exist and travel) and dropped. The standard variables
+turn it on: `OTEL_TRACES_EXPORTER=otlp` (or `console`), `OTEL_EXPORTER_OTLP_ENDPOINT`,
+`OTEL_SERVICE_NAME` (default `videomesh-<service>`), `OTEL_TRACES_SAMPLER` / `_ARG` (read by the SDK).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("videomesh.tracing")
+
+_lock = threading.Lock()
+_provider = None
+_PROPAGATOR = TraceContextTextMapPropagator()
+HEALTH = "grpc.health.v1.Health"
+
+
+def provider():
+    """This process's SDK TracerProvider (made and installed once; exporters per the OTEL_* variables)."""
+    global _provider
+    with _lock:
+        if _provider is not None:
+            return _provider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+        name = os.environ.get("OTEL_SERVICE_NAME") or f"videomesh-{_service or 'process'}"
+        p = TracerProvider(resource=Resource.create({"service.name": name}))
+        exporters = [
+            e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if e.strip()
+        ]
+        for e in exporters:
+            if e == "otlp":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+                p.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            elif e == "console":
+                p.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            elif e != "none":
+                log.warning(
+                    "OTEL_TRACES_EXPORTER=%s: not one of otlp, console, none; spans are not exported", e
+                )
+        if exporters and exporters != ["none"]:
+            log.info("traces exported by %s as %s", ",".join(exporters), name)
+        trace.set_tracer_provider(p)
+        _provider = p
+        return p
+
+
+_service = ""
+
+
+def setup(service: str) -> None:
+    """Name this process's traces after its service (the first call wins) and install the provider."""
+    global _service
+    if not _service:
+        _service = service
+    provider()
+
+
+def server_interceptor():
+    """The instrumentation's server interceptor (health probes are not traced: one span per probe is noise)."""
+    from opentelemetry.instrumentation.grpc import filters
+    from opentelemetry.instrumentation.grpc import server_interceptor as make
+
+    return make(tracer_provider=provider(), filter_=filters.negate(filters.service_name(HEALTH)))
+
+
+def traced(channel):
+    """`channel` with the instrumentation's client interceptor (its own channel-interceptor protocol, so
+    its intercept_channel): each call is a span, and the callee gets `traceparent` metadata."""
+    from opentelemetry.instrumentation.grpc import client_interceptor, filters
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+    interceptor = client_interceptor(
+        tracer_provider=provider(), filter_=filters.negate(filters.service_name(HEALTH))
+    )
+    return intercept_channel(channel, interceptor)
+
+
+def current_ids() -> tuple[str, str]:
+    """(trace id, W3C traceparent) of the span running now, or ("", "") outside a traced call."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return "", ""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return trace.format_trace_id(ctx.trace_id), carrier.get("traceparent", "")
+
+
+@contextmanager
+def job_span(name: str, trace_parent: str, **attributes):
+    """A span for work done for a job outside the request that created it (an attempt on a worker), a child
+    of that request's span; current while the block runs, so the calls it makes carry it."""
+    parent = _PROPAGATOR.extract({"traceparent": trace_parent}) if trace_parent else otel_context.Context()
+    tracer = provider().get_tracer("videomesh.gateway")
+    with tracer.start_as_current_span(name, context=parent, attributes=attributes) as span:
+        yield span
+
+
+def trace_id_now() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else ""
