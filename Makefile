@@ -5,7 +5,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PROMPT ?= a purple triangle moving up on a white background
 
-.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench bench-ray bench-replicas
+.PHONY: install demo test test-fast protos lint train train-adapter eval eval-qc bench bench-ray bench-replicas reliability
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -65,3 +65,10 @@ eval-qc: install
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The reliability suite (issue #22): load, faults (SIGKILL each service, S3 down, gateway restart, a replica
+# killed), fuzz (1,000 examples per RPC and kind) and security against a real supervised mesh with two
+# replicas; prints the tables, writes reliability.json, exits 1 if anything was lost, duplicated, INTERNAL
+# or let through. `python scripts/reliability.py --quick` for the short run CI makes.
+reliability: install
+	$(BIN)/python scripts/reliability.py --json reliability.json

@@ -68,9 +68,18 @@ class SeaweedS3:
         ports = dict(zip(("master", "volume", "filer"), picked, strict=True))
         cmd = [exe, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root}", "-s3", f"-s3.port={self.port}",
                f"-s3.config={cfg}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-               f"-filer.port={ports['filer']}", "-volume.max=8", "-master.volumeSizeLimitMB=64"]  # fmt: skip
-        log = open(self.root / "weed.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+               f"-filer.port={ports['filer']}", "-volume.max=8", "-master.volumeSizeLimitMB=64",
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+        self._cmd = cmd
+        return self._launch(timeout)
+
+    def start_again(self, timeout: float = 60.0) -> str:
+        """After stop(): the same server on the same ports and data (an outage that ends)."""
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> str:
+        log = open(self.root / "weed.log", "ab")
+        self.proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

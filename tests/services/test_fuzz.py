@@ -46,6 +46,9 @@ MAX_EXAMPLES = int(os.environ.get("VIDEOMESH_FUZZ_EXAMPLES", "40"))  # more for 
 CALL_TIMEOUT = 5.0
 MAX_REPLIES = 2000  # a server stream is read to its end, but not forever
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# VIDEOMESH_FUZZ_REPORT=FILE: every status seen, per RPC and kind of input, written there as JSON at the end
+# (the reliability suite's fuzz table: scripts/reliability.py)
+REPORT: dict[str, dict[str, dict[str, int]]] = {}
 FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,  # each call has its own CALL_TIMEOUT
@@ -292,6 +295,16 @@ def fuzz_mesh(tmp_path_factory):
             ch.close()
     finally:
         mesh.stop()
+        if os.environ.get("VIDEOMESH_FUZZ_REPORT"):
+            import json
+
+            Path(os.environ["VIDEOMESH_FUZZ_REPORT"]).write_text(json.dumps(REPORT, indent=1, sort_keys=True))
+
+
+def _report(path: str, kind: str, seen: dict) -> None:
+    into = REPORT.setdefault(path, {}).setdefault(kind, {})
+    for code, n in seen.items():
+        into[code] = into.get(code, 0) + n
 
 
 def _call(
@@ -371,6 +384,7 @@ def test_generated_requests_never_internal(fuzz_mesh, path):
 
     run()
     print(path, seen)
+    _report(path, "generated", seen)
     _all_serving(fuzz_mesh)
 
 
@@ -387,6 +401,37 @@ def test_raw_bytes_never_internal(fuzz_mesh, path):
 
     run()
     print(path, seen)
+    _report(path, "raw bytes", seen)
+    _all_serving(fuzz_mesh)
+
+
+@pytest.mark.parametrize("path", list(_params()))
+def test_oversize_and_early_ending_requests_get_documented_codes(fuzz_mesh, path):
+    """A message one byte over the server's limit is RESOURCE_EXHAUSTED before anything parses it; a
+    client stream that ends with no message at all, or a call the client cancels at once, leaves the
+    server SERVING (the client sees its own CANCELLED, never INTERNAL)."""
+    method = METHODS[path]
+    channel = fuzz_mesh["channels"][fuzz_mesh["servers"][method.containing_service.full_name]]
+    seen: dict[str, int] = {}
+    code, details = _call(
+        channel, path, method, [b"\x0a" * (codec.MAX_MESSAGE_BYTES + 1)], _metadata(fuzz_mesh, 0)
+    )
+    _tally(seen, path, code, details)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    if method.client_streaming:  # a stream that ends before its first message
+        _tally(seen, path, *_call(channel, path, method, [], _metadata(fuzz_mesh, 0)))
+    kind = (
+        ("stream" if method.client_streaming else "unary")
+        + "_"
+        + ("stream" if method.server_streaming else "unary")
+    )
+    rpc = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
+    request = iter([b""]) if method.client_streaming else b""
+    future = rpc(request, timeout=CALL_TIMEOUT, metadata=_metadata(fuzz_mesh, 0)) if method.server_streaming else \
+        rpc.future(request, timeout=CALL_TIMEOUT, metadata=_metadata(fuzz_mesh, 0))  # fmt: skip
+    future.cancel()  # the client goes away at once
+    seen["CANCELLED (by the client)"] = 1
+    _report(path, "oversize, empty, cancelled", seen)
     _all_serving(fuzz_mesh)
 
 
@@ -405,6 +450,7 @@ def _fuzz_one(fm, path: str, strategy: st.SearchStrategy) -> dict:
 
     run()
     print(path, seen)
+    _report(path, "near-valid", seen)
     _all_serving(fm)
     return seen
 
@@ -542,3 +588,17 @@ def test_upscale_near_valid_streams_never_internal(fuzz_mesh):
 
     seen = _fuzz_one(fuzz_mesh, "/videomesh.v1.Upscaler/Upscale", stream())
     assert seen.get("OK") and len(seen) > 1, f"the streams did not reach both outcomes: {seen}"
+
+
+def test_zz_a_normal_generation_still_works_after_the_fuzzing(fuzz_mesh):
+    """Last in the module (pytest runs a module's tests in order): after every fuzzed RPC, the mesh still
+    makes a video end to end."""
+    from videomesh.client import VideoClient
+
+    mesh = fuzz_mesh["mesh"]
+    key = mesh.tenants.add("after-fuzz", "pro")
+    with VideoClient(mesh.address, api_key=key) as c:
+        events = list(c.generate(common_pb2.VideoSpec(prompt="a red ball moves right", seed=77), timeout=120))
+    assert events[-1].WhichOneof("event") == "completed", events[-1]
+    REPORT.setdefault("(after) a normal generation", {})["end to end"] = {"OK": 1}
+    _all_serving(fuzz_mesh)
