@@ -71,7 +71,8 @@ class JobRunner:
     def drain(self, grace: float) -> list[str]:
         """Stop claiming jobs and give those in flight up to `grace` seconds to finish; -> the ids still
         running then (close() stops them: handed back to the other replicas, or re-run after a restart)."""
-        self.draining.set()
+        with self.lock:
+            self.draining.set()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             with self.lock:
@@ -200,12 +201,6 @@ class JobRunner:
                 continue
             if entry is None:
                 continue
-            if self.draining.is_set():  # claimed as the drain began: not started, so handed straight back
-                try:
-                    self.queue.done(entry.job_id, entry.tenant)
-                except VideomeshError as err:
-                    log.warning("job %s: could not hand back its claim: %s", entry.job_id, err.message)
-                continue
             METRICS.queue_wait.observe(entry.waited)
             try:
                 METRICS.queue_depth.set(len(self.queue))
@@ -222,8 +217,18 @@ class JobRunner:
         ctl.report = lambda stage, step, total, pct: self._progress(jid, stage, step, total, pct, ctl.fence)
         ctl.stage = lambda stage: self._stage(jid, stage, ctl.fence)
         ctl.warn = lambda reason, message: self._warn(jid, reason, message, ctl.fence)
-        with self.lock:
-            self.controls[jid] = ctl
+        with (
+            self.lock
+        ):  # the same lock drain() sets `draining` under: a claim is either seen by it or not run
+            draining = self.draining.is_set()
+            if not draining:
+                self.controls[jid] = ctl
+        if draining:  # claimed as the drain began: not started, so handed straight back
+            try:
+                self.queue.done(jid, entry.tenant)
+            except VideomeshError as err:
+                log.warning("job %s: could not hand back its claim: %s", jid, err.message)
+            return
         try:
             self._execute(jid, ctl)
         except Exception:  # noqa: BLE001 - a worker must never die

@@ -92,8 +92,14 @@ class VideoServiceServicer(gateway_pb2_grpc.VideoServiceServicer):
             video = self.gw.create(t, request.spec, request.request_id, webhook_url=request.webhook_url)
             finished = False
             # The job belongs to this stream: if the client goes away (cancel, deadline), cancel it.
+            # Not when the server ended it (draining): the job is handed back and runs on; the client
+            # re-attaches with WatchVideo.
             context.add_callback(
-                lambda: finished or self.gw.cancel_quietly(video.id, "the GenerateVideo stream ended")
+                lambda: (
+                    finished
+                    or self.gw.runner.draining.is_set()
+                    or self.gw.cancel_quietly(video.id, "the GenerateVideo stream ended")
+                )
             )
             for ev in self.gw.events(t.name, video.id, 0, context.is_active):
                 if ev.WhichOneof("event") in ("completed", "failed", "cancelled"):

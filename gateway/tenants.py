@@ -48,7 +48,12 @@ class TenantDirectory:
             for t in data.get("tenants", []):
                 self._tenants.setdefault(t["name"], Tenant(**t))
             for h, k in data.get("keys", {}).items():
-                self._keys.setdefault(h, k)
+                mine = self._keys.setdefault(h, k)
+                # a revocation or a rotation's deadline written by another process is never undone here
+                mine["revoked"] = bool(mine.get("revoked")) or bool(k.get("revoked"))
+                ends = [e for e in (mine.get("expires"), k.get("expires")) if e]
+                if ends:
+                    mine["expires"] = min(ends)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(

@@ -144,7 +144,9 @@ def serve(name: str, settings, *, port_file: str | None = None, grace: float | N
     grace = float(os.environ.get(GRACE_ENV, "10")) if grace is None else grace
     server, _ = start(name, settings, port_file=port_file,
                       before_load=lambda srv, close: srv.stop_on_signals(grace, on_stop=close))  # fmt: skip
-    server.wait()
+    server.wait()  # returns once gRPC has stopped: the drain's own work (the gateway's jobs) may go on
+    if not server.finished.wait(grace + 30):
+        log.warning("%s: the drain did not finish within %.0f s; exiting anyway", name, grace + 30)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -322,25 +322,27 @@ class LocalMesh:
                     f"see {self.log_file(name)})")  # fmt: skip
         return 0
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM everything (each drains), then SIGKILL what is left after `grace`."""
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the gateways and wait for their drain (their jobs in flight still need the downstreams),
+        then the downstreams; SIGKILL what is left of either after `grace` (more than a service's own drain,
+        VIDEOMESH_GRACE_SECONDS, default 10)."""
         self.stopping.set()
         self._unpublish()
-        order = [*self.gateways, *DOWNSTREAMS]
-        for n in order:
-            p = self.procs.get(n)
-            if p and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for n in order:
-            p = self.procs.get(n)
-            if not p:
-                continue
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for group in (self.gateways, DOWNSTREAMS):
+            for n in group:
+                p = self.procs.get(n)
+                if p and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for n in group:
+                p = self.procs.get(n)
+                if not p:
+                    continue
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None

@@ -204,6 +204,8 @@ class Server:
     health_server: grpc.Server | None = None  # serve_health(): the health service alone, in plaintext
     health_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: threading.Event = field(default_factory=threading.Event)  # a signal's stop and close are done
 
     @property
     def address(self) -> str:
@@ -222,17 +224,21 @@ class Server:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        if serving:
-            self.loaded.set()
-        for name in self.service_names:
-            self.health.set(name, status)
-        self.health.set("", status)
+        with self._stop_lock:
+            if serving and self._stopped.is_set():
+                return  # stopping: NOT_SERVING for good (a late load() or health mirror must not undo it)
+            if serving:
+                self.loaded.set()
+            for name in self.service_names:
+                self.health.set(name, status)
+            self.health.set("", status)
 
     def stop(self, grace: float = 5.0) -> None:
         """Health NOT_SERVING first (load balancers stop sending), then drain for `grace` seconds."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
         self.set_serving(False)
         stopped = self.grpc_server.stop(grace)  # new calls refused now; those in flight get `grace`
         if self.drain is not None:
@@ -263,18 +269,28 @@ class Server:
     def stop_on_signals(self, grace: float = 5.0, on_stop: Callable[[], None] | None = None) -> None:
         """SIGTERM/SIGINT -> graceful stop (call from the main thread)."""
 
+        started = threading.Event()
+
         def _handler(signum, _frame):
+            if started.is_set():  # a second signal does not cut the drain short
+                log.info("signal %s: already draining (up to %.0f s)", signum, grace)
+                return
+            started.set()
             log.info("signal %s: draining", signum)
 
             def _stop():
                 # drain first (NOT_SERVING, calls in flight finish within `grace`), then release what
                 # serves them (an engine's inference thread, the gateway's workers): closing first
                 # failed in-flight work that the grace period is there to let finish
-                self.stop(grace)
-                if on_stop:
-                    on_stop()
+                try:
+                    self.stop(grace)
+                    if on_stop:
+                        on_stop()
+                finally:
+                    self.finished.set()
 
-            threading.Thread(target=_stop, daemon=True).start()
+            # not a daemon, and serve() waits for `finished`: the process outlives the drain
+            threading.Thread(target=_stop, name="drain").start()
 
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)

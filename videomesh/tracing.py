@@ -1,8 +1,9 @@
 """OpenTelemetry traces across every hop (opentelemetry-sdk + opentelemetry-instrumentation-grpc).
 
 Every server gets the instrumentation's server interceptor (a span per RPC, its parent taken from the
-caller's `traceparent` metadata); the gateway's channels to the internal services get its client
-interceptor, so a job's Encode, Denoise, Upscale and Inspect calls are spans of one trace. A job runs
+caller's `traceparent` metadata); the gateway's channels to the internal services get a client
+interceptor of ours (`traced`: a client span per call, `traceparent` sent), so a job's Encode, Denoise,
+Upscale and Inspect calls are spans of one trace. A job runs
 later than the request that created it, on a worker (maybe of another replica): the request's trace id
 and traceparent are kept in the job's Video (`trace_id`, `trace_parent`), and each attempt is a span
 `job.attempt` whose parent is that request's span.
@@ -14,13 +15,16 @@ turn it on: `OTEL_TRACES_EXPORTER=otlp` (or `console`), `OTEL_EXPORTER_OTLP_ENDP
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
 from contextlib import contextmanager
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("videomesh.tracing")
@@ -29,6 +33,13 @@ _lock = threading.Lock()
 _provider = None
 _PROPAGATOR = TraceContextTextMapPropagator()
 HEALTH = "grpc.health.v1.Health"
+_Details = collections.namedtuple(
+    "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+)
+
+
+class _CallDetails(_Details, grpc.ClientCallDetails):
+    pass
 
 
 def provider():
@@ -83,16 +94,74 @@ def server_interceptor():
     return make(tracer_provider=provider(), filter_=filters.negate(filters.service_name(HEALTH)))
 
 
-def traced(channel):
-    """`channel` with the instrumentation's client interceptor (its own channel-interceptor protocol, so
-    its intercept_channel): each call is a span, and the callee gets `traceparent` metadata."""
-    from opentelemetry.instrumentation.grpc import client_interceptor, filters
-    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+class _ClientSpans:
+    """A client span per call, its context sent as `traceparent` metadata. A plain grpc client interceptor
+    (not the instrumentation's own channel wrapper, which turns a server-streaming call into a bare
+    generator: the job's control could no longer cancel a Denoise in flight). The span ends when the call
+    does (`add_callback`), and is never made current: an attempt's calls are siblings under it."""
 
-    interceptor = client_interceptor(
-        tracer_provider=provider(), filter_=filters.negate(filters.service_name(HEALTH))
-    )
-    return intercept_channel(channel, interceptor)
+    def __init__(self):
+        self.tracer = provider().get_tracer("videomesh.client")
+
+    def _start(self, d: grpc.ClientCallDetails):
+        method = d.method.decode() if isinstance(d.method, bytes) else d.method
+        if method.startswith(f"/{HEALTH}/"):
+            return None, d
+        span = self.tracer.start_span(method, kind=trace.SpanKind.CLIENT,
+                                      attributes={"rpc.system": "grpc", "rpc.method": method})  # fmt: skip
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = [*(d.metadata or ()), *carrier.items()]
+        return span, _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                                  getattr(d, "wait_for_ready", None), getattr(d, "compression", None))  # fmt: skip
+
+    @staticmethod
+    def _end_with(span, call):
+        if span is None:
+            return call
+
+        def done():
+            code = call.code() if hasattr(call, "code") else None
+            if code is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code != grpc.StatusCode.OK:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
+
+        if not call.add_callback(done):  # already over
+            done()
+        return call
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        span, details = self._start(client_call_details)
+        return self._end_with(span, continuation(details, request))
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        span, details = self._start(client_call_details)
+        return self._end_with(span, continuation(details, request))
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        span, details = self._start(client_call_details)
+        return self._end_with(span, continuation(details, request_iterator))
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        span, details = self._start(client_call_details)
+        return self._end_with(span, continuation(details, request_iterator))
+
+
+class _ClientInterceptor(
+    _ClientSpans,
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    pass
+
+
+def traced(channel):
+    """`channel`, each call a client span of the current trace (the callee's span is its child)."""
+    return grpc.intercept_channel(channel, _ClientInterceptor())
 
 
 def current_ids() -> tuple[str, str]:

@@ -52,3 +52,87 @@ def test_stop_drains_the_job_in_flight_and_starts_no_queued_one(tmp_path):
             assert all(c.get(i).attempt == 1 for i in ids)
     finally:
         mesh.stop()
+
+
+def test_sigterm_drains_the_gateway_process_and_a_server_ended_stream_keeps_its_job(tmp_path):
+    """The path a container's SIGTERM takes (launch.serve): the process lives until the job in flight has
+    finished, exits 0, and a job whose GenerateVideo stream the server ended (queued, never started) is
+    left QUEUED for the next start, not cancelled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.sqlite_store import SQLiteJobStore
+    from gateway.tenants import TenantDirectory
+    from tests.helpers import start_service
+
+    stops = []
+    servers = {}
+    for name, kw in (
+        ("encoder", {"model": "tiny"}),
+        ("denoiser", {"model": "tiny"}),
+        ("upscaler", {}),
+        ("qc", {}),
+    ):
+        srv, stop = start_service(name, **kw)
+        servers[name], _ = srv, stops.append(stop)
+    data = tmp_path / "data"
+    key = TenantDirectory(data / "tenants.json").add("drain", "pro")
+    port_file = tmp_path / "port"
+    env = {**os.environ, "VIDEOMESH_GRACE_SECONDS": "8", "VIDEOMESH_GATEWAY_WORKERS": "1",
+           "VIDEOMESH_GATEWAY_SIZES": "64x64", "VIDEOMESH_GATEWAY_DEFAULT_SIZE": "64x64",
+           "VIDEOMESH_GATEWAY_FPS_CHOICES": "8", "VIDEOMESH_GATEWAY_DEFAULT_FPS": "8"}  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "videomesh.launch",
+        "gateway",
+        "--port-file",
+        str(port_file),
+        "--data-dir",
+        str(data),
+    ]
+    for n, srv in servers.items():
+        args += [f"--{n}", srv.address]
+    log = open(tmp_path / "gateway.log", "wb")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with VideoClient(address, api_key=key) as c:
+            c.wait_ready(30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    c.get("vid_none")
+                except Exception as err:  # noqa: BLE001 - NOT_FOUND once it serves; UNAVAILABLE before
+                    if "NOT_FOUND" in str(err):
+                        break
+                time.sleep(0.1)
+            running = c.create(common_pb2.VideoSpec(prompt="a red ball moves right", num_steps=40, seed=1)).id
+            stream = c.generate(common_pb2.VideoSpec(prompt="a blue box moves up", num_steps=2, seed=2))
+            queued = next(stream).queued and None  # the stream's job exists (its first event)
+            deadline = time.monotonic() + 60
+            while c.get(running).status != common_pb2.RUNNING and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(60)
+            with pytest.raises(Exception):  # noqa: B017 - the server ended the stream (UNAVAILABLE/CANCELLED)
+                list(stream)
+        assert rc == 0, (tmp_path / "gateway.log").read_text()[-3000:]
+        store = SQLiteJobStore(data / "jobs.sqlite3")
+        jobs = {j.id: j.video for j in store.tenant_jobs("drain")}
+        store.close()
+        assert jobs[running].status in (common_pb2.SUCCEEDED, common_pb2.NEEDS_REVIEW), jobs[running]
+        (other,) = [v for i, v in jobs.items() if i != running]
+        assert other.status == common_pb2.QUEUED and queued is None, other  # kept for the next start
+        text = (tmp_path / "gateway.log").read_text()
+        assert "draining" in text and "drain: no job in flight" in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for stop in stops:
+            stop()

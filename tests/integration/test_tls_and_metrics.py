@@ -90,7 +90,8 @@ def test_every_service_exports_rpc_metrics_and_the_gateway_its_own(tls_mesh):
     assert grew("videomesh_rpc_requests_total", service="upscaler", method="Upscale", code="OK") >= 1
     assert grew("videomesh_rpc_requests_total", service="qc", method="Inspect", code="OK") >= 1
     assert grew("videomesh_rpc_duration_seconds_count", service="denoiser", method="Denoise") >= 1
-    assert _value(after, "videomesh_rpc_in_flight", service="gateway") >= 0
+    for svc in ("gateway", "encoder", "denoiser", "upscaler", "qc"):  # every call counted in has gone out
+        assert _value(after, "videomesh_rpc_in_flight", service=svc) == 0, svc
     assert grew("videomesh_queue_wait_seconds_count") >= 1
     for stage in ("encode", "denoise", "upscale", "qc", "store"):
         assert grew("videomesh_stage_seconds_count", stage=stage) == 1, stage
@@ -112,8 +113,19 @@ def test_every_service_exports_rpc_metrics_and_the_gateway_its_own(tls_mesh):
 def test_an_internal_service_serves_metrics_on_its_own_port():
     server, stop = start_service("upscaler", metrics_port=0)
     try:
-        text = _scrape(server.metrics_port)
-        assert "videomesh_rpc_requests_total" in text or "videomesh_rpc_requests" in text
+        before = _scrape(server.metrics_port)
+        with grpc.insecure_channel(server.address) as ch:  # an empty Upscale stream: the client's mistake
+            with pytest.raises(grpc.RpcError) as err:
+                list(ch.stream_stream("/videomesh.v1.Upscaler/Upscale")(iter([b""]), timeout=10))
+        code = err.value.code().name
+        after = _scrape(server.metrics_port)
+        labels = dict(service="upscaler", method="Upscale", code=code)
+        assert (
+            _value(after, "videomesh_rpc_requests_total", **labels)
+            - _value(before, "videomesh_rpc_requests_total", **labels)
+            == 1
+        ), code
+        assert _value(after, "videomesh_rpc_in_flight", service="upscaler") == 0
     finally:
         stop()
 

@@ -70,6 +70,7 @@ def guarded(tmp_path_factory):
 
 def test_every_internal_rpc_without_the_mesh_credential_is_unauthenticated(guarded):
     servers, _ = guarded
+    encodes_before = servers["encoder"].servicer.calls
     refused = total = 0
     for name, service in INTERNAL.items():
         with grpc.insecure_channel(servers[name].address) as ch:
@@ -80,6 +81,12 @@ def test_every_internal_rpc_without_the_mesh_credential_is_unauthenticated(guard
                     refused += code == grpc.StatusCode.UNAUTHENTICATED
                     assert code == grpc.StatusCode.UNAUTHENTICATED, (name, method, metadata, code)
     assert refused == total == 3 * sum(len(_methods(s)) for s in INTERNAL.values()) >= 3 * 4
+    assert servers["encoder"].servicer.calls == encodes_before  # refused before the servicer ran
+    with channel(servers["encoder"].address, mesh=MeshSecrets.from_env()) as ch:
+        _call(ch, INTERNAL["encoder"], "Encode", False, False)
+    assert (
+        servers["encoder"].servicer.calls == encodes_before + 1
+    )  # (the counter does count calls that get in)
 
 
 def test_with_the_credential_the_call_reaches_the_servicer_and_either_secret_is_accepted(guarded):
