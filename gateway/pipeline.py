@@ -115,6 +115,23 @@ class Downstreams:
             self._health[name] = (time.monotonic(), st)
         return st
 
+    def starting(self, name: str) -> bool:
+        """Whether some replica of `name` answers its health check but is not SERVING (loading its model,
+        draining): asked of each address the target resolves to, directly (health needs no credential)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        for address in resolve(self.addresses[name])[:8]:
+            try:
+                with grpc.insecure_channel(address) as ch:
+                    st = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=1.0
+                    )
+            except grpc.RpcError:
+                continue  # not there at all: down, not starting
+            if st.status != health_pb2.HealthCheckResponse.SERVING:
+                return True
+        return False
+
     def not_serving(self) -> list[str]:
         """The downstreams whose health is not SERVING right now."""
         from grpc_health.v1 import health_pb2
@@ -125,6 +142,30 @@ class Downstreams:
         self.closed = True  # readers (the health mirror) stop instead of calling on closed channels
         for ch in self.channels.values():
             ch.close()
+
+
+def resolve(target: str) -> list[str]:
+    """The host:port addresses a gRPC target names: `ipv4:a:p,b:p` / `ipv6:[a]:p,…` as listed, `dns:///h:p`
+    and `h:p` through the resolver (a headless Service's name gives every pod)."""
+    import socket
+
+    if target.startswith(("ipv4:", "ipv6:")):
+        return [a for a in target.split(":", 1)[1].split(",") if a]
+    hostport = target.removeprefix("dns:").lstrip("/")
+    if "/" in hostport:  # dns://authority/host:port
+        hostport = hostport.split("/", 1)[1]
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return [hostport]
+    out = []
+    for family, *_, sockaddr in infos:
+        a = f"[{sockaddr[0]}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{sockaddr[1]}"
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def traced_channel(address: str, **kw) -> grpc.Channel:
@@ -318,6 +359,15 @@ class Pipeline:
                 raise DeadlineExceeded(f"deadline exceeded in a downstream call: {err.details()}") from None
             if err.code() == grpc.StatusCode.CANCELLED:  # e.g. a downstream stopping mid-call
                 raise Unavailable(f"a downstream call was cancelled: {err.details()}") from None
+            if (
+                err.code() == grpc.StatusCode.UNAVAILABLE
+                and stage in self.ds.addresses
+                and self.ds.starting(stage)
+            ):
+                # the channel sends nothing to a replica whose health is not SERVING, so a service still
+                # loading its model fails the call at once; that is not the job's failure (as NOT_READY)
+                raise Unavailable(f"the {stage} service is starting or draining (no replica SERVING)",
+                                  retry_after=2.0, reason="NOT_READY") from None  # fmt: skip
             raise from_rpc_error(err) from None
 
     def _run(self, job_id: str, object_key: str, plan: Plan, ctl: JobControl, secs: dict) -> Outcome:

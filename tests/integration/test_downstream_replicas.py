@@ -96,3 +96,25 @@ def test_two_upscalers_and_two_qcs_share_the_work_and_one_can_go(two_of_each):
         assert ends == ["completed"] * 4
         got = [c.get(v) for v in ids]
         assert all(v.status == common_pb2.SUCCEEDED for v in got)
+
+
+def test_a_lone_replica_that_is_not_serving_costs_the_job_no_attempt(tmp_path):
+    """The channels send nothing to a replica whose health is not SERVING, so while the only upscaler
+    loads (or drains) the call fails at once; the job waits for it without spending attempts, as it
+    would on the service's own NOT_READY answer, and completes once the upscaler is SERVING."""
+    from tests.helpers import InProcessMesh
+
+    mesh = InProcessMesh(tmp_path, gateway={"max_attempts": 1, "retry_backoff": 0.2})
+    try:
+        up = mesh.servers["upscaler"]
+        up.set_serving(False)
+        key = mesh.tenants.add("patient", "pro")
+        with VideoClient(mesh.address, api_key=key) as c:
+            vid = c.create(common_pb2.VideoSpec(prompt="a red ball moves right", seed=8)).id
+            time.sleep(4)  # a few tries meet the NOT_SERVING upscaler
+            assert c.get(vid).status in (common_pb2.QUEUED, common_pb2.RUNNING)
+            up.set_serving(True)
+            end = list(c.watch(vid, timeout=120))[-1]
+            assert end.WhichOneof("event") == "completed", end
+    finally:
+        mesh.stop()

@@ -256,8 +256,22 @@ def test_a_silent_stage_is_stopped_and_cancel_is_immediate(tmp_path):
         up.stop(0)
         server = grpc.server(futures.ThreadPoolExecutor(8))
         upscaler_pb2_grpc.add_UpscalerServicer_to_server(_SilentUpscaler(), server)
+        # healthy by its health service, as every videomesh server is (the gateway's channels send calls
+        # only to replicas whose health is SERVING)
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        hs = health.HealthServicer()
+        for name in ("", "videomesh.v1.Upscaler"):
+            hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         assert server.add_insecure_port(f"127.0.0.1:{port}") == port
         server.start()
+        deadline = time.monotonic() + 20  # the gateway's channel has found the new server
+        while (
+            mesh.gateway.downstreams.status("upscaler", max_age=0) != health_pb2.HealthCheckResponse.SERVING
+        ):
+            assert time.monotonic() < deadline, "the gateway never saw the replacement upscaler"
+            time.sleep(0.1)
         key = mesh.tenants.add("hang", "pro")
         with VideoClient(mesh.address, key) as c:
             t0 = time.monotonic()
