@@ -51,7 +51,11 @@ def test_a_client_cancelling_mid_stream_is_not_an_internal_error():
         logging.disable(logging.NOTSET)
         try:
             call = stub.Inspect.future(stream())
-            time.sleep(2.0)  # the server is reading the request stream (a busy machine may take a while)
+            # cancel only once the server's handler runs (a call cancelled before that never reaches it)
+            deadline = time.monotonic() + 30
+            while server.rpc_metrics.calls["Inspect"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # and is reading the request stream
             call.cancel()
             requests.put(None)
             deadline = time.monotonic() + 15
