@@ -307,6 +307,7 @@ def create_server(
     service: str = "",
     mesh=None,
     tls: tuple[bytes, bytes] | None = None,
+    instrument: bool = True,
 ) -> Server:
     """Build a server (not started) for the given (add_XServicer_to_server, servicer, full_name) triples.
 
@@ -315,7 +316,8 @@ def create_server(
     and accepts per message (raised only where a model's text states need it: codec.TEXT_MESSAGE_BYTES).
     `service` labels its RPC metrics (videomesh.metrics; outermost, so every refusal counts too).
     `mesh` (videomesh.meshauth.MeshSecrets): every call but health and reflection must carry the mesh
-    credential. `tls` (certificate chain PEM, private key PEM): the port speaks TLS only.
+    credential. `tls` (certificate chain PEM, private key PEM): the port speaks TLS only. `instrument`:
+    metrics and traces (on; off only to measure their cost).
     """
     from videomesh import tracing
     from videomesh.meshauth import MeshAuthInterceptor
@@ -325,8 +327,11 @@ def create_server(
     loaded = threading.Event()
     names = [name for _, _, name in registrations]
     rpc_metrics = MetricsInterceptor(service or (names[0] if names else "server"))
-    outer: list[grpc.ServerInterceptor] = [rpc_metrics]
-    outer.append(tracing.server_interceptor())  # a span per RPC, child of the caller's (traceparent metadata)
+    outer: list[grpc.ServerInterceptor] = [rpc_metrics] if instrument else []
+    if instrument:  # off only to measure what metrics and traces cost (scripts/bench_interceptors.py)
+        outer.append(
+            tracing.server_interceptor()
+        )  # a span per RPC, child of the caller's (traceparent metadata)
     mesh_auth = MeshAuthInterceptor(mesh, service) if mesh is not None else None
     if mesh_auth is not None:
         outer.append(mesh_auth)
