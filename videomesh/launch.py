@@ -84,7 +84,7 @@ def server_options(name: str, settings, env: dict | None = None) -> dict:
     options: dict = {"service": name}
     if name == "gateway":
         if settings.tls_cert is not None:
-            options["tls"] = (Path(settings.tls_cert).read_bytes(), Path(settings.tls_key).read_bytes())
+            options["tls"] = (Path(settings.tls_cert), Path(settings.tls_key))
         return options
     mesh = MeshSecrets.from_env(env)
     if mesh is None:

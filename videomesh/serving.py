@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -296,6 +297,37 @@ class Server:
         signal.signal(signal.SIGINT, _handler)
 
 
+def tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    """Server credentials from PEM files, re-read when they change: gRPC asks the fetcher at each new
+    handshake, so a renewed certificate (cert-manager, a Kubernetes Secret updated in place) is served
+    without a restart; connections already open keep theirs. A pair that fails to load keeps the last good one."""
+    cert, key = Path(cert), Path(key)
+
+    def stamp():
+        return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (cert, key))
+
+    def load():
+        return grpc.ssl_server_certificate_configuration([(key.read_bytes(), cert.read_bytes())])
+
+    state = {"stamp": stamp()}
+    initial = load()
+
+    def fetch():
+        try:
+            now = stamp()
+            if now == state["stamp"]:
+                return None  # unchanged: gRPC keeps the current one
+            config = load()
+        except (OSError, ValueError) as err:
+            log.warning("TLS: cannot re-read %s / %s (%s); keeping the current certificate", cert, key, err)
+            return None
+        state["stamp"] = now
+        log.info("TLS: certificate re-read from %s", cert)
+        return config
+
+    return grpc.dynamic_ssl_server_credentials(initial, fetch)
+
+
 def create_server(
     registrations: Iterable[tuple[Callable, object, str]],
     *,
@@ -306,7 +338,7 @@ def create_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     service: str = "",
     mesh=None,
-    tls: tuple[bytes, bytes] | None = None,
+    tls: tuple[Path, Path] | None = None,
     instrument: bool = True,
 ) -> Server:
     """Build a server (not started) for the given (add_XServicer_to_server, servicer, full_name) triples.
@@ -316,7 +348,8 @@ def create_server(
     and accepts per message (raised only where a model's text states need it: codec.TEXT_MESSAGE_BYTES).
     `service` labels its RPC metrics (videomesh.metrics; outermost, so every refusal counts too).
     `mesh` (videomesh.meshauth.MeshSecrets): every call but health and reflection must carry the mesh
-    credential. `tls` (certificate chain PEM, private key PEM): the port speaks TLS only. `instrument`:
+    credential. `tls` (certificate chain, private key: PEM files): the port speaks TLS only, and a renewed
+    pair is picked up at the next handshake (tls_credentials). `instrument`:
     metrics and traces (on; off only to measure their cost).
     """
     from videomesh import tracing
@@ -357,8 +390,7 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if tls is not None:
-        cert, key = tls
-        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+        bound = server.add_secure_port(f"{host}:{port}", tls_credentials(*tls))
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

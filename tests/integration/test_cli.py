@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,35 @@ def test_up_with_replicas_on_postgres_serves_any_job_from_any_gateway(tmp_path, 
     bad = subprocess.run(_cli("up", "--replicas", "2", "--data-dir", str(tmp_path / "x")), env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "--database postgresql://" in bad.stderr
+
+
+def test_up_with_tls_self_signed_serves_tls_clients_on_this_machine_and_refuses_plaintext(tmp_path):
+    """`videomesh up --tls-self-signed`: the gateway port speaks TLS only; the CLI finds the address and its
+    CA that `up` saved, `--ca` works from anywhere, plaintext is refused, and stop removes the saved CA."""
+    env = _env(tmp_path)
+    up, address, lines = _start_up(tmp_path, "--tls-self-signed", env=env)
+    cert = tmp_path / "data" / "tls" / "cert.pem"
+    saved_ca = Path(env["VIDEOMESH_HOME"]) / "gateway-ca.pem"
+    try:
+        text = "".join(lines)
+        assert "TLS on the gateway port, self-signed" in text and str(cert) in text
+        assert saved_ca.read_bytes() == cert.read_bytes()
+        h = subprocess.run(
+            _cli("health"), env=env, capture_output=True, text=True, timeout=60
+        )  # saved address + CA
+        assert h.returncode == 0 and h.stdout.count(" SERVING") == 5, h.stdout + h.stderr
+        out = tmp_path / "t.mp4"
+        g = subprocess.run(_cli("generate", "a red ball moves right", "--out", str(out), "--steps", "2", "--size",
+                                "128x128", "--fps", "8", "-q", "--gateway", address, "--ca", str(cert)), env=env,
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert g.returncode == 0 and out.stat().st_size > 0, g.stderr
+        plain = subprocess.run(_cli("health", "--gateway", address, "--timeout", "2"), env=env, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert plain.returncode != 0  # an explicit address without --ca: plaintext, refused at the handshake
+        secret = (tmp_path / "data" / "mesh-secret").stat()
+        assert oct(secret.st_mode & 0o777) == "0o600"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rc = up.wait(timeout=60)
+    assert rc == 0
+    assert not saved_ca.exists()  # stop removed it with the saved address

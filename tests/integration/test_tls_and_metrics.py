@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import grpc
@@ -153,3 +154,36 @@ def test_probes_get_health_in_plaintext_on_the_health_port_and_only_health(tls_m
         assert probe.main([health]) == 1
     finally:
         gw.set_serving(True)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
+    """The files change (a renewal): the next handshake gets the new certificate; a client that trusts
+    only the old one is refused from then on. No restart."""
+    import shutil
+
+    old_dir, new_dir, live = tmp_path / "old", tmp_path / "new", tmp_path / "live"
+    old_cert, _ = self_signed(old_dir)
+    new_cert, _ = self_signed(new_dir)
+    live.mkdir()
+    for f in ("cert.pem", "key.pem"):
+        shutil.copy(old_dir / f, live / f)
+    mesh = InProcessMesh(
+        tmp_path / "data", gateway={"tls_cert": live / "cert.pem", "tls_key": live / "key.pem"}
+    )
+    try:
+        key = mesh.tenants.add("renew", "pro")
+        with VideoClient(mesh.address, api_key=key, ca=str(old_cert)) as c:
+            assert c.list().videos is not None
+        time.sleep(0.01)
+        for f in ("key.pem", "cert.pem"):  # renewed in place
+            shutil.copy(new_dir / f, live / f)
+        with VideoClient(mesh.address, api_key=key, ca=str(new_cert)) as c:
+            assert c.list().videos is not None
+        with (
+            VideoClient(mesh.address, api_key=key, ca=str(old_cert)) as c,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            c.list()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        mesh.stop()
