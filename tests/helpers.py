@@ -22,6 +22,20 @@ def start_service(name: str, **overrides) -> tuple[Server, callable]:
     return server, stop
 
 
+def start_downstreams() -> tuple[dict[str, Server], list]:
+    """The four internal services (the tiny model) in this process: -> ({name: server}, [stop, ...])."""
+    servers, stops = {}, []
+    for name, kw in (
+        ("encoder", {"model": "tiny"}),
+        ("denoiser", {"model": "tiny"}),
+        ("upscaler", {}),
+        ("qc", {}),
+    ):
+        servers[name], stop = start_service(name, **kw)
+        stops.append(stop)
+    return servers, stops
+
+
 def _settings(name: str, **overrides):
     return load_settings(name, env={}, **overrides)  # tests ignore the developer's VIDEOMESH_* variables
 

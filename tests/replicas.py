@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from gateway.tenants import TenantDirectory
-from tests.helpers import start_service
+from tests.helpers import start_downstreams
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 from videomesh.mesh import SERVICE_NAMES, wait_serving
 
@@ -29,17 +29,7 @@ class Replicas:
         self.database = database
         self.procs: list[subprocess.Popen | None] = []
         self.addresses: list[str] = []
-        self._stops = []
-        self.servers = {}
-        for name, kw in (
-            ("encoder", {"model": "tiny"}),
-            ("denoiser", {"model": "tiny"}),
-            ("upscaler", {}),
-            ("qc", {}),
-        ):
-            srv, stop = start_service(name, **kw)
-            self.servers[name] = srv
-            self._stops.append(stop)
+        self.servers, self._stops = start_downstreams()
         self.tenants = TenantDirectory(self.data_dir / "tenants.json")
         self.env = {
             **os.environ,

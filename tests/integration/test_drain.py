@@ -65,18 +65,9 @@ def test_sigterm_drains_the_gateway_process_and_a_server_ended_stream_keeps_its_
 
     from gateway.sqlite_store import SQLiteJobStore
     from gateway.tenants import TenantDirectory
-    from tests.helpers import start_service
+    from tests.helpers import start_downstreams
 
-    stops = []
-    servers = {}
-    for name, kw in (
-        ("encoder", {"model": "tiny"}),
-        ("denoiser", {"model": "tiny"}),
-        ("upscaler", {}),
-        ("qc", {}),
-    ):
-        srv, stop = start_service(name, **kw)
-        servers[name], _ = srv, stops.append(stop)
+    servers, stops = start_downstreams()
     data = tmp_path / "data"
     key = TenantDirectory(data / "tenants.json").add("drain", "pro")
     port_file = tmp_path / "port"
