@@ -23,7 +23,6 @@ certificate authority is at hand: deploy/README.md says how to run both.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import logging
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from videomesh.errors import Unauthenticated, to_status
+from videomesh.interceptors import ClientInterceptor, with_metadata
 
 log = logging.getLogger("videomesh.meshauth")
 
@@ -179,42 +179,15 @@ class MeshAuthInterceptor(grpc.ServerInterceptor):
 
 # ---------------------------------------------------------------------------------------------- client
 
-_Details = collections.namedtuple(
-    "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
-)
 
-
-class _CallDetails(_Details, grpc.ClientCallDetails):
-    pass
-
-
-class MeshCredential(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class MeshCredential(ClientInterceptor):
     """Adds the mesh secret (the first accepted one, read afresh) to every call on a channel."""
 
     def __init__(self, secrets: MeshSecrets):
         self.secrets = secrets
 
-    def _with_secret(self, d: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = [*(d.metadata or ()), (HEADER, self.secrets.current())]
-        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
-                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))  # fmt: skip
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._with_secret(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._with_secret(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_secret(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_secret(client_call_details), request_iterator)
+    def call(self, continuation, details, request):
+        return continuation(with_metadata(details, [(HEADER, self.secrets.current())]), request)
 
 
 def with_credential(channel: grpc.Channel, secrets: MeshSecrets | None) -> grpc.Channel:

@@ -15,7 +15,6 @@ turn it on: `OTEL_TRACES_EXPORTER=otlp` (or `console`), `OTEL_EXPORTER_OTLP_ENDP
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -27,19 +26,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from videomesh.interceptors import ClientInterceptor, with_metadata
+
 log = logging.getLogger("videomesh.tracing")
 
 _lock = threading.Lock()
 _provider = None
 _PROPAGATOR = TraceContextTextMapPropagator()
 HEALTH = "grpc.health.v1.Health"
-_Details = collections.namedtuple(
-    "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
-)
-
-
-class _CallDetails(_Details, grpc.ClientCallDetails):
-    pass
 
 
 def provider():
@@ -94,7 +88,7 @@ def server_interceptor():
     return make(tracer_provider=provider(), filter_=filters.negate(filters.service_name(HEALTH)))
 
 
-class _ClientSpans:
+class _ClientSpans(ClientInterceptor):
     """A client span per call, its context sent as `traceparent` metadata. A plain grpc client interceptor
     (not the instrumentation's own channel wrapper, which turns a server-streaming call into a bare
     generator: the job's control could no longer cancel a Denoise in flight). The span ends when the call
@@ -111,9 +105,7 @@ class _ClientSpans:
                                       attributes={"rpc.system": "grpc", "rpc.method": method})  # fmt: skip
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-        metadata = [*(d.metadata or ()), *carrier.items()]
-        return span, _CallDetails(d.method, d.timeout, metadata, d.credentials,
-                                  getattr(d, "wait_for_ready", None), getattr(d, "compression", None))  # fmt: skip
+        return span, with_metadata(d, carrier.items())
 
     @staticmethod
     def _end_with(span, call):
@@ -132,36 +124,14 @@ class _ClientSpans:
             done()
         return call
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        span, details = self._start(client_call_details)
+    def call(self, continuation, details, request):
+        span, details = self._start(details)
         return self._end_with(span, continuation(details, request))
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        span, details = self._start(client_call_details)
-        return self._end_with(span, continuation(details, request))
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        span, details = self._start(client_call_details)
-        return self._end_with(span, continuation(details, request_iterator))
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        span, details = self._start(client_call_details)
-        return self._end_with(span, continuation(details, request_iterator))
-
-
-class _ClientInterceptor(
-    _ClientSpans,
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    pass
 
 
 def traced(channel):
     """`channel`, each call a client span of the current trace (the callee's span is its child)."""
-    return grpc.intercept_channel(channel, _ClientInterceptor())
+    return grpc.intercept_channel(channel, _ClientSpans())
 
 
 def current_ids() -> tuple[str, str]:
