@@ -118,17 +118,16 @@ class Downstreams:
     def starting(self, name: str) -> bool:
         """Whether some replica of `name` answers its health check but is not SERVING (loading its model,
         draining): asked of each address the target resolves to, directly (health needs no credential)."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2
+
+        from videomesh import probe
 
         for address in resolve(self.addresses[name])[:8]:
             try:
-                with grpc.insecure_channel(address) as ch:
-                    st = health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name]), timeout=1.0
-                    )
+                status = probe.check(address, SERVICE_NAMES[name], timeout=1.0)
             except grpc.RpcError:
                 continue  # not there at all: down, not starting
-            if st.status != health_pb2.HealthCheckResponse.SERVING:
+            if status != health_pb2.HealthCheckResponse.SERVING:
                 return True
         return False
 

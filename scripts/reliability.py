@@ -46,11 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
 
 from gateway.tenants import TenantDirectory  # noqa: E402
 from tests.pg import PgServer  # noqa: E402
 from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
+from videomesh import probe  # noqa: E402
 from videomesh.client import VideoClient  # noqa: E402
 from videomesh.errors import details_of  # noqa: E402
 from videomesh.mesh import SERVICE_NAMES, LocalMesh  # noqa: E402
@@ -262,11 +263,7 @@ def load(stack: Stack, n: int, threads: int = 8) -> dict:
 
 def _serving(address: str, service: str) -> bool:
     try:
-        with grpc.insecure_channel(address) as ch:
-            st = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=0.5
-            )
-        return st.status == health_pb2.HealthCheckResponse.SERVING
+        return probe.check(address, service, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from videomesh import probe
 from videomesh.launch import load_settings, start
 from videomesh.serving import Server
 
@@ -41,12 +39,7 @@ def _settings(name: str, **overrides):
 
 
 def health_status(address: str, service: str) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return (
-            health_pb2_grpc.HealthStub(ch)
-            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            .status
-        )
+    return probe.check(address, service, timeout=5)
 
 
 class InProcessMesh:

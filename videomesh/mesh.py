@@ -31,8 +31,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.tenants import TenantDirectory
+from videomesh import probe
 from videomesh.client import (
     GATEWAY_ADDRESS_FILE,
+    channel,
     dev_key_file,
     gateway_file,
     remove_address_file,
@@ -40,7 +42,7 @@ from videomesh.client import (
 )
 from videomesh.errors import Unauthenticated
 from videomesh.meshauth import ENV as SECRET_ENV
-from videomesh.meshauth import FILE_ENV, MeshSecrets
+from videomesh.meshauth import FILE_ENV
 
 DOWNSTREAMS = ("encoder", "denoiser", "upscaler", "qc")
 SERVICE_NAMES = {
@@ -57,17 +59,10 @@ class Interrupted(RuntimeError):
     """start() was asked to stop (the user's signal) before the mesh was up."""
 
 
-def _probe_channel(address: str, root_certificates: bytes | None = None) -> grpc.Channel:
-    """A channel for health probes only (health needs no credential; TLS where the port speaks it)."""
-    if root_certificates is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates))
-
-
 def wait_serving(address: str, service: str, timeout: float, proc: subprocess.Popen | None = None,
                  cancel: threading.Event | None = None, root_certificates: bytes | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
-    with _probe_channel(address, root_certificates) as ch:
+    with channel(address, root_certificates=root_certificates) as ch:  # health needs no mesh credential
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -126,9 +121,8 @@ class LocalMesh:
         self.replicas = replicas
         self.database = database
         self.tls_self_signed = tls_self_signed
-        self.tls_cert: Path | None = (
-            None  # the gateways' certificate (--tls-self-signed): also the clients' CA
-        )
+        # the gateways' certificate (--tls-self-signed): also the clients' CA
+        self.tls_cert: Path | None = None
         self.root_certificates: bytes | None = None
         # The mesh credential every internal call carries (videomesh.meshauth): the operator's, or one made
         # for this data dir (kept there, 0600, so a restarted service and its gateway still agree)
@@ -140,7 +134,6 @@ class LocalMesh:
                 with os.fdopen(fd, "w") as f:
                     f.write(secrets.token_urlsafe(32) + "\n")
             self.env[FILE_ENV] = str(secret_file)
-        self.mesh_secrets = MeshSecrets.from_env(self.env)
         # the gateways' names: gateway, gateway-2, gateway-3, …
         self.gateways = ["gateway"] + [f"gateway-{i}" for i in range(2, replicas + 1)]
 
@@ -240,14 +233,12 @@ class LocalMesh:
         self._published = [gateway_file(), self.data_dir / GATEWAY_ADDRESS_FILE]
         for f in self._published:
             write_address_file(f, self.addresses["gateway"])
-        if self.tls_cert is not None:  # the saved address comes with the CA to verify it against
-            from videomesh.tls import ca_file
+        from videomesh.tls import ca_file
 
+        if self.tls_cert is not None:  # the saved address comes with the CA to verify it against
             ca_file().write_bytes(self.root_certificates)
             self._published.append(ca_file())
         else:
-            from videomesh.tls import ca_file
-
             ca_file().unlink(missing_ok=True)  # a CA left by an earlier TLS mesh must not apply to this one
         return list(self._published)
 
@@ -272,15 +263,12 @@ class LocalMesh:
 
     def _serving(self, name: str) -> bool:
         service = _service(name)
+        roots = self.root_certificates if service == "gateway" else None
         try:
-            roots = self.root_certificates if service == "gateway" else None
-            with _probe_channel(self.addresses[name], roots) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=0.5
-                )
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
+            status = probe.check(self.addresses[name], SERVICE_NAMES[service], timeout=0.5, ca=roots)
         except grpc.RpcError:
             return False
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     def supervise(self, stop: threading.Event, log: Callable[[str], None] = print, poll: float = 0.5) -> int:
         """Keep every service running until `stop` is set (-> 0). A service that exits is

@@ -16,12 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def check(address: str, service: str = "", *, timeout: float = 3.0, ca: bytes | None = None) -> int:
-    """The status (health_pb2.HealthCheckResponse.ServingStatus); raises grpc.RpcError when none came."""
-    if ca is None:
-        ch = grpc.insecure_channel(address)
-    else:
-        ch = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))
-    with ch:
+    """The status (health_pb2.HealthCheckResponse.ServingStatus); raises grpc.RpcError when none came.
+    `ca`: TLS, verified against these PEM roots. What every health check of one address in the mesh calls."""
+    from videomesh.client import channel
+
+    with channel(address, root_certificates=ca) as ch:
         req = health_pb2.HealthCheckRequest(service=service)
         return health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout).status
 
