@@ -85,11 +85,10 @@ def load(
         if var in env:
             values[f.name] = _convert(env[var], hints[f.name], var)
         elif env.get(var + "_FILE"):  # a secret mounted as a file (Docker/Kubernetes secrets): its content
+            secret = _read_secret(env[var + "_FILE"], var + "_FILE")
             try:
-                values[f.name] = _convert(_read_secret(env[var + "_FILE"], var + "_FILE"), hints[f.name], var)
-            except ConfigError as err:
-                if "cannot read" in str(err) and str(err).startswith(var + "_FILE"):
-                    raise
+                values[f.name] = _convert(secret, hints[f.name], var)
+            except ConfigError:  # its message would quote the secret
                 kind = getattr(hints[f.name], "__name__", hints[f.name])
                 raise ConfigError(f"{var}_FILE: the file's content is not a valid {kind}") from None
     for k, v in overrides.items():

@@ -15,6 +15,8 @@ import os
 import sys
 from contextlib import contextmanager
 
+from videomesh.tracing import trace_id_now
+
 FORMAT_ENV = "VIDEOMESH_LOG_FORMAT"
 _job: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("videomesh_job", default=None)
 
@@ -40,12 +42,7 @@ class ContextFilter(logging.Filter):
         record.service = self.service
         job = _job.get()
         record.job, record.tenant = job if job else ("", "")
-        try:
-            from videomesh.tracing import trace_id_now
-
-            record.trace_id = trace_id_now()
-        except Exception:  # noqa: BLE001 - a log line never fails for want of a trace
-            record.trace_id = ""
+        record.trace_id = trace_id_now()  # "" outside a span
         return True
 
 
