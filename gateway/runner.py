@@ -217,9 +217,8 @@ class JobRunner:
         ctl.report = lambda stage, step, total, pct: self._progress(jid, stage, step, total, pct, ctl.fence)
         ctl.stage = lambda stage: self._stage(jid, stage, ctl.fence)
         ctl.warn = lambda reason, message: self._warn(jid, reason, message, ctl.fence)
-        with (
-            self.lock
-        ):  # the same lock drain() sets `draining` under: a claim is either seen by it or not run
+        # the same lock drain() sets `draining` under: a claim is either seen by it or not run
+        with self.lock:
             draining = self.draining.is_set()
             if not draining:
                 self.controls[jid] = ctl

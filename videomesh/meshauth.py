@@ -84,10 +84,9 @@ class MeshSecrets:
             return
         lines = [ln.strip() for ln in self.file.read_text().splitlines()]
         values = tuple(ln for ln in lines if ln and not ln.startswith("#"))
-        if not values:
-            if self._values:  # a half-written file during a rotation: keep what worked
+        if not values:  # a half-written file during a rotation: keep what worked (the caller refuses none)
+            if self._values:
                 log.warning("%s is empty; keeping the secrets read before", self.file)
-                return
             return
         if self._values and values != self._values:
             log.info("mesh secrets re-read from %s: %d accepted", self.file, len(values))
