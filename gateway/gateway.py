@@ -426,9 +426,8 @@ class VideoGateway:
             )  # fmt: skip
             video.watermark = payload_for(video.id)
             video.template_id = template_id
-            video.trace_id, video.trace_parent = (
-                tracing.current_ids()
-            )  # the request's trace (CreateVideo's span)
+            # the request's trace (CreateVideo's span): the job's attempts join it
+            video.trace_id, video.trace_parent = tracing.current_ids()
             job = Job(id=video.id, tenant=tenant.name, video=video, request_id=request_id, tier=policy.name,
                       webhook=webhook_url)  # fmt: skip
             video.queue_position = len(self.queue) + 1

@@ -156,6 +156,14 @@ def wait_ready(ch: grpc.Channel, address: str, source: str = "", timeout: float 
         raise GatewayUnreachable(f"no videomesh gateway answers at {address}{where}; {START_HINT}")
 
 
+def _balancing(health_service: str = "") -> dict:
+    """The service config's balancing part: round_robin over every address the target resolves to; with
+    `health_service`, each address is watched over grpc.health.v1 and one that is not SERVING gets no calls
+    (a replica loading its model or draining), while the others keep serving."""
+    health = {"healthCheckConfig": {"serviceName": health_service}} if health_service else {}
+    return {"loadBalancingConfig": [{"round_robin": {}}], **health}
+
+
 def retry_service_config(
     services: list[str] | None = None,
     *,
@@ -170,13 +178,9 @@ def retry_service_config(
     several records, e.g. a headless Kubernetes Service): calls spread over gateway replicas instead of
     pinning one HTTP/2 connection to the first."""
     names = [{"service": s} for s in services or ()] + [{"service": s, "method": m} for s, m in methods or ()]
-    # with `health_service`, each address is watched over grpc.health.v1 and one that is not SERVING gets
-    # no calls (a replica loading its model or draining), while the others keep serving
-    health = {"healthCheckConfig": {"serviceName": health_service}} if health_service else {}
     return json.dumps(
         {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            **health,
+            **_balancing(health_service),
             "methodConfig": [
                 {
                     "name": names,
@@ -236,11 +240,7 @@ def channel(
         )
         options.append(("grpc.service_config", config))
     elif health_service:
-        config = {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "healthCheckConfig": {"serviceName": health_service},
-        }
-        options.append(("grpc.service_config", json.dumps(config)))
+        options.append(("grpc.service_config", json.dumps(_balancing(health_service))))
     if root_certificates is not None:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates or None)
         ch = grpc.secure_channel(address, creds, options=options)
