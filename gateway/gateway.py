@@ -107,6 +107,10 @@ class GatewaySettings:
     s3_secret_key: str = ""  # prefer VIDEOMESH_GATEWAY_S3_SECRET_KEY over a file
     s3_bucket: str = "videomesh"
     s3_secure: bool = False
+    # where users download from, when that is not s3_endpoint (an ingress or proxy in front of the store that
+    # keeps the Host header): links are signed for this http(s)://host[:port]; empty = s3_endpoint
+    s3_public_url: str = ""
+    s3_region: str = ""  # empty: asked of the store (links for s3_public_url: us-east-1); set it for AWS
     url_expiry_seconds: float = 3600.0  # presigned links expire after this
     templates_file: Path | None = None  # default gateway/templates.toml
     pregenerate_templates: bool = (
@@ -179,6 +183,10 @@ class GatewaySettings:
             raise ValueError(f"storage must be local or s3; got {self.storage!r}")
         if self.storage == "s3" and not self.s3_endpoint:
             raise ValueError("storage=s3 needs s3_endpoint (VIDEOMESH_GATEWAY_S3_ENDPOINT)")
+        if self.s3_public_url:
+            from gateway.s3_storage import public_endpoint
+
+            public_endpoint(self.s3_public_url)  # ValueError naming the field
         if self.qc_policy not in ("review", "off"):
             raise ValueError(f"qc_policy must be review or off; got {self.qc_policy!r}")
         if self.workers < 0 or self.queue_size < 1 or self.max_attempts < 1:
@@ -650,7 +658,7 @@ def _storage(s: GatewaySettings) -> Storage:
         from gateway.s3_storage import S3Storage
 
         return S3Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, secure=s.s3_secure,
-                         url_expiry=s.url_expiry_seconds)  # fmt: skip
+                         url_expiry=s.url_expiry_seconds, public_url=s.s3_public_url, region=s.s3_region)  # fmt: skip
     return LocalStorage(Path(s.data_dir) / "videos")
 
 

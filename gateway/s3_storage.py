@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gateway.storage import Storage, StoredObject, digests
 from videomesh.errors import NotFound, Unavailable
@@ -21,10 +22,21 @@ log = logging.getLogger("videomesh.storage.s3")
 
 class S3Storage(Storage):
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, *, secure: bool = False,
-                 url_expiry: float = 3600.0, attempts: int = 3, backoff: float = 0.5, part_size: int = 8 * 1024 * 1024):  # fmt: skip
+                 url_expiry: float = 3600.0, attempts: int = 3, backoff: float = 0.5, part_size: int = 8 * 1024 * 1024,
+                 public_url: str = "", region: str = ""):  # fmt: skip
+        """`public_url` (scheme://host[:port]): where users download from when that is not `endpoint` (an
+        ingress or proxy in front of the store that passes the Host header through). A presigned link
+        signs its host, so links are signed for that address, offline, for `region` (default us-east-1,
+        what MinIO and SeaweedFS use; set it for AWS)."""
         from minio import Minio
 
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure)
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                            region=region or None)  # fmt: skip
+        self.signer = self.client
+        if public_url:
+            host, https = public_endpoint(public_url)
+            self.signer = Minio(host, access_key=access_key, secret_key=secret_key, secure=https,
+                                region=region or "us-east-1")  # fmt: skip
         self.bucket = bucket
         self.url_expiry = url_expiry
         self.attempts = attempts
@@ -61,7 +73,7 @@ class S3Storage(Storage):
         )
 
     def url(self, key: str) -> str:
-        return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=self.url_expiry))
+        return self.signer.presigned_get_object(self.bucket, key, expires=timedelta(seconds=self.url_expiry))
 
     def copy(self, src_key: str, dst_key: str) -> StoredObject:
         from minio.commonconfig import CopySource
@@ -89,6 +101,20 @@ class S3Storage(Storage):
         finally:
             resp.close()
             resp.release_conn()
+
+
+def public_endpoint(url: str) -> tuple[str, bool]:
+    """'https://videos.example.com[:port]' -> ('videos.example.com[:port]', True); ValueError otherwise."""
+    u = urlsplit(url)
+    if (
+        u.scheme not in ("http", "https")
+        or not u.hostname
+        or u.path not in ("", "/")
+        or u.query
+        or u.username
+    ):
+        raise ValueError(f"s3_public_url must be http(s)://host[:port] with nothing after it; got {url!r}")
+    return u.netloc, u.scheme == "https"
 
 
 def _is_not_found(err: Exception) -> bool:

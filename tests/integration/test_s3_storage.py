@@ -47,6 +47,22 @@ def test_upload_metadata_presigned_expiry_copy_delete(s3, tmp_path):
         st.stat("tenant/v1.mp4")
 
 
+def test_links_are_signed_for_the_public_url(s3, tmp_path):
+    # the same server under another name: what users reach through an ingress that keeps the Host header
+    public = "http://localhost:" + s3.endpoint.rpartition(":")[2]
+    st = S3Storage(s3.endpoint, ACCESS_KEY, SECRET_KEY, "videos", public_url=public)
+    f = tmp_path / "v.mp4"
+    f.write_bytes(b"video bytes" * 1000)
+    obj = st.put_file("tenant/pub.mp4", f)
+    assert obj.url.startswith(public + "/videos/tenant/pub.mp4?")
+    assert _get(obj.url) == f.read_bytes()  # the signature holds for the public host
+    assert _get(st.url("tenant/pub.mp4")) == f.read_bytes()
+    internal = obj.url.replace(public, "http://" + s3.endpoint)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(internal)  # signed for the public host, not usable under another
+    assert e.value.code == 403
+
+
 def test_unreachable_store_retries_then_fails_clearly(tmp_path):
     with pytest.raises(Unavailable, match="after 2 attempts"):
         S3Storage("127.0.0.1:9", ACCESS_KEY, SECRET_KEY, "videos", attempts=2, backoff=0.05)

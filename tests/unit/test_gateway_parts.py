@@ -128,3 +128,27 @@ def test_postgres_with_local_storage_needs_it_declared_shared():
     GatewaySettings().validate()  # SQLite: local storage is the default
     with pytest.raises(ValueError, match="lease_seconds"):
         GatewaySettings(database=url, shared_storage=True, lease_seconds=0.1).validate()
+
+
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("https://videos.example.com", ("videos.example.com", True)),
+        ("http://localhost:8333/", ("localhost:8333", False)),
+        ("videos.example.com", None),  # no scheme
+        ("ftp://videos.example.com", None),
+        ("https://videos.example.com/bucket", None),  # the bucket is ours to add
+        ("https://user:pw@videos.example.com", None),
+        ("https://", None),
+    ],
+)
+def test_s3_public_url_is_a_bare_http_origin(url, ok):
+    from gateway.gateway import GatewaySettings
+    from gateway.s3_storage import public_endpoint
+
+    if ok:
+        assert public_endpoint(url) == ok
+        GatewaySettings(storage="s3", s3_endpoint="s3:9000", s3_public_url=url).validate()
+    else:
+        with pytest.raises(ValueError, match="s3_public_url"):
+            GatewaySettings(storage="s3", s3_endpoint="s3:9000", s3_public_url=url).validate()
