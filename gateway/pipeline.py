@@ -25,7 +25,7 @@ from gateway.media import Mp4Writer
 from gateway.metrics import METRICS
 from gateway.storage import Storage
 from gateway.watermark import InvisibleWatermark, VisibleMark
-from videomesh import codec
+from videomesh import codec, probe
 from videomesh.client import channel, unary_methods
 from videomesh.errors import Cancelled, DeadlineExceeded, Unavailable, VideomeshError, from_rpc_error
 from videomesh.meshauth import MeshSecrets
@@ -120,8 +120,6 @@ class Downstreams:
         draining): asked of each address the target resolves to, directly (health needs no credential)."""
         from grpc_health.v1 import health_pb2
 
-        from videomesh import probe
-
         for address in resolve(self.addresses[name])[:8]:
             try:
                 status = probe.check(address, SERVICE_NAMES[name], timeout=1.0)
@@ -175,11 +173,7 @@ def traced_channel(address: str, **kw) -> grpc.Channel:
 
 
 # the downstreams' full service names, from the generated descriptors (as each servicer's SERVICE_NAME)
-SERVICE_NAMES = {
-    name: module.DESCRIPTOR.services_by_name[service].full_name
-    for name, module, service in (("encoder", encoder_pb2, "TextEncoder"), ("denoiser", denoiser_pb2, "Denoiser"),
-                                  ("upscaler", upscaler_pb2, "Upscaler"), ("qc", qc_pb2, "QualityCheck"))
-}  # fmt: skip
+SERVICE_NAMES = {name: full for name, full in probe.SERVICE_NAMES.items() if name != "gateway"}  # downstreams
 
 
 @dataclass

@@ -49,12 +49,14 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
 
 from gateway.tenants import TenantDirectory  # noqa: E402
+from tests.helpers import raw_call  # noqa: E402
 from tests.pg import PgServer  # noqa: E402
 from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 from videomesh import probe  # noqa: E402
 from videomesh.client import VideoClient  # noqa: E402
 from videomesh.errors import details_of  # noqa: E402
-from videomesh.mesh import SERVICE_NAMES, LocalMesh  # noqa: E402
+from videomesh.mesh import LocalMesh  # noqa: E402
+from videomesh.probe import SERVICE_NAMES  # noqa: E402
 from videomesh.v1 import common_pb2, denoiser_pb2, encoder_pb2, gateway_pb2, qc_pb2, upscaler_pb2  # noqa: E402, F401
 
 ENDS = ("completed", "failed", "cancelled")
@@ -335,20 +337,6 @@ def faults(stack: Stack) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- security
 
 
-def _raw_call(ch: grpc.Channel, path: str, cs: bool, ss: bool, body: bytes, metadata) -> grpc.StatusCode:
-    ident = lambda b: b  # noqa: E731
-    kind = ("stream" if cs else "unary") + "_" + ("stream" if ss else "unary")
-    rpc = getattr(ch, kind)(path, request_serializer=ident, response_deserializer=ident)
-    request = iter([body]) if cs else body
-    try:
-        r = rpc(request, timeout=10, metadata=metadata)
-        if ss:
-            list(r)
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def security(stack: Stack) -> list[dict]:
     from google.protobuf import descriptor_pool
     from google.protobuf.message_factory import GetMessageClass
@@ -379,8 +367,7 @@ def security(stack: Stack) -> list[dict]:
                 req = GetMessageClass(m.input_type)()
                 if "id" in m.input_type.fields_by_name:
                     req.id = victim
-                codes[_raw_call(ch, f"/{public.full_name}/{m.name}", m.client_streaming, m.server_streaming,
-                                req.SerializeToString(), metadata).name] += 1  # fmt: skip
+                codes[raw_call(ch, m, req.SerializeToString(), metadata).name] += 1
             rows.append({"check": f"{label}, every public RPC", "calls": sum(codes.values()),
                          "refused": codes["UNAUTHENTICATED"], "codes": dict(codes)})  # fmt: skip
         # another tenant's video: every RPC that names one
@@ -390,8 +377,7 @@ def security(stack: Stack) -> list[dict]:
             if "id" not in m.input_type.fields_by_name:
                 continue
             req = GetMessageClass(m.input_type)(id=victim)
-            code = _raw_call(ch, f"/{public.full_name}/{m.name}", m.client_streaming, m.server_streaming,
-                             req.SerializeToString(), (("authorization", f"Bearer {bob}"),))  # fmt: skip
+            code = raw_call(ch, m, req.SerializeToString(), (("authorization", f"Bearer {bob}"),))
             codes[code.name] += 1
         with stack.client("globex") as b:  # and their listing does not show it
             listed = {v.id for v in b.stub.ListVideos(gateway_pb2.ListVideosRequest(page_size=100),
@@ -408,8 +394,7 @@ def security(stack: Stack) -> list[dict]:
             desc = pool.FindServiceByName(SERVICE_NAMES[svc])
             with grpc.insecure_channel(stack.mesh.addresses[svc]) as ch:
                 for m in desc.methods:
-                    codes[_raw_call(ch, f"/{desc.full_name}/{m.name}", m.client_streaming, m.server_streaming,
-                                    b"", metadata).name] += 1  # fmt: skip
+                    codes[raw_call(ch, m, b"", metadata).name] += 1
         rows.append({"check": label, "calls": sum(codes.values()), "refused": codes["UNAUTHENTICATED"],
                      "codes": dict(codes)})  # fmt: skip
     return rows

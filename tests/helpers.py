@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+from google.protobuf import descriptor_pool
+
 from videomesh import probe
 from videomesh.launch import load_settings, start
 from videomesh.serving import Server
@@ -164,3 +167,29 @@ def run_concurrently(executor, jobs, timeout: float = 120.0) -> list:
         t.join(timeout)
     assert not errors, errors
     return [out[i] for i in range(len(jobs))]
+
+
+def methods(service: str) -> list:
+    """The MethodDescriptors of a gRPC service by full name ('videomesh.v1.TextEncoder')."""
+    return list(descriptor_pool.Default().FindServiceByName(service).methods)
+
+
+def raw_call(
+    ch: grpc.Channel, method, body: bytes = b"", metadata=(), timeout: float = 10
+) -> grpc.StatusCode:
+    """One call of `method` (a MethodDescriptor) with raw request bytes (one message on a request stream),
+    the replies read to the end: -> the status code."""
+    ident = lambda b: b  # noqa: E731 - raw bytes both ways
+    kind = (
+        ("stream" if method.client_streaming else "unary")
+        + "_"
+        + ("stream" if method.server_streaming else "unary")
+    )
+    rpc = getattr(ch, kind)(f"/{method.containing_service.full_name}/{method.name}", ident, ident)
+    try:
+        reply = rpc(iter([body]) if method.client_streaming else body, timeout=timeout, metadata=metadata)
+        if method.server_streaming:
+            list(reply)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK

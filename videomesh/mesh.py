@@ -43,15 +43,9 @@ from videomesh.client import (
 from videomesh.errors import Unauthenticated
 from videomesh.meshauth import ENV as SECRET_ENV
 from videomesh.meshauth import FILE_ENV
+from videomesh.probe import SERVICE_NAMES
 
 DOWNSTREAMS = ("encoder", "denoiser", "upscaler", "qc")
-SERVICE_NAMES = {
-    "encoder": "videomesh.v1.TextEncoder",
-    "denoiser": "videomesh.v1.Denoiser",
-    "upscaler": "videomesh.v1.Upscaler",
-    "qc": "videomesh.v1.QualityCheck",
-    "gateway": "videomesh.v1.VideoService",
-}
 DEV_TENANT = "dev"
 
 

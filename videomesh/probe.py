@@ -14,6 +14,16 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from videomesh.v1 import denoiser_pb2, encoder_pb2, gateway_pb2, qc_pb2, upscaler_pb2
+
+# each service of the mesh -> the gRPC service its health reports on (and its servicer registers)
+SERVICE_NAMES = {
+    name: module.DESCRIPTOR.services_by_name[service].full_name
+    for name, module, service in (("encoder", encoder_pb2, "TextEncoder"), ("denoiser", denoiser_pb2, "Denoiser"),
+                                  ("upscaler", upscaler_pb2, "Upscaler"), ("qc", qc_pb2, "QualityCheck"),
+                                  ("gateway", gateway_pb2, "VideoService"))
+}  # fmt: skip
+
 
 def check(address: str, service: str = "", *, timeout: float = 3.0, ca: bytes | None = None) -> int:
     """The status (health_pb2.HealthCheckResponse.ServingStatus); raises grpc.RpcError when none came.

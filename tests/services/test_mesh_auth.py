@@ -9,44 +9,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.helpers import InProcessMesh, start_service
+from tests.helpers import InProcessMesh, methods, raw_call, start_service
 from videomesh import config
 from videomesh.client import VideoClient, channel
 from videomesh.launch import load_settings, server_options
 from videomesh.meshauth import FILE_ENV, HEADER, MeshSecrets
+from videomesh.probe import SERVICE_NAMES
 from videomesh.v1 import common_pb2
 
-INTERNAL = {
-    "encoder": "videomesh.v1.TextEncoder",
-    "denoiser": "videomesh.v1.Denoiser",
-    "upscaler": "videomesh.v1.Upscaler",
-    "qc": "videomesh.v1.QualityCheck",
-}
+INTERNAL = {name: full for name, full in SERVICE_NAMES.items() if name != "gateway"}
 
 
-def _methods(service: str):
-    from google.protobuf import descriptor_pool
-
-    desc = descriptor_pool.Default().FindServiceByName(service)
-    return [(m.name, m.client_streaming, m.server_streaming) for m in desc.methods]
-
-
-def _call(ch: grpc.Channel, service: str, method: str, cs: bool, ss: bool, metadata=()):
-    """Call with an empty request (raw bytes): -> the status code."""
-    path = f"/{service}/{method}"
-    ident = lambda b: b  # noqa: E731 - raw bytes both ways
-    try:
-        if cs and ss:
-            list(ch.stream_stream(path, ident, ident)(iter([b""]), timeout=10, metadata=metadata))
-        elif cs:
-            ch.stream_unary(path, ident, ident)(iter([b""]), timeout=10, metadata=metadata)
-        elif ss:
-            list(ch.unary_stream(path, ident, ident)(b"", timeout=10, metadata=metadata))
-        else:
-            ch.unary_unary(path, ident, ident)(b"", timeout=10, metadata=metadata)
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
+def _method(service: str, name: str):
+    return next(m for m in methods(service) if m.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +49,16 @@ def test_every_internal_rpc_without_the_mesh_credential_is_unauthenticated(guard
     refused = total = 0
     for name, service in INTERNAL.items():
         with grpc.insecure_channel(servers[name].address) as ch:
-            for method, cs, ss in _methods(service):
+            for method in methods(service):
                 for metadata in ((), ((HEADER, "wrong"),), (("authorization", "Bearer vm_x"),)):
-                    code = _call(ch, service, method, cs, ss, metadata)
+                    code = raw_call(ch, method, metadata=metadata)
                     total += 1
                     refused += code == grpc.StatusCode.UNAUTHENTICATED
-                    assert code == grpc.StatusCode.UNAUTHENTICATED, (name, method, metadata, code)
-    assert refused == total == 3 * sum(len(_methods(s)) for s in INTERNAL.values()) >= 3 * 4
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, (name, method.name, metadata, code)
+    assert refused == total == 3 * sum(len(methods(s)) for s in INTERNAL.values()) >= 3 * 4
     assert servers["encoder"].servicer.calls == encodes_before  # refused before the servicer ran
     with channel(servers["encoder"].address, mesh=MeshSecrets.from_env()) as ch:
-        _call(ch, INTERNAL["encoder"], "Encode", False, False)
+        raw_call(ch, _method(INTERNAL["encoder"], "Encode"))
     assert (
         servers["encoder"].servicer.calls == encodes_before + 1
     )  # (the counter does count calls that get in)
@@ -95,11 +70,11 @@ def test_with_the_credential_the_call_reaches_the_servicer_and_either_secret_is_
     with grpc.insecure_channel(servers["encoder"].address) as ch:
         for secret in ("s3cr3t-current", "s3cr3t-previous"):
             # an empty EncodeRequest is the client's mistake: INVALID_ARGUMENT from the servicer, not a refusal
-            code = _call(ch, service, "Encode", False, False, ((HEADER, secret),))
+            code = raw_call(ch, _method(service, "Encode"), metadata=((HEADER, secret),))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (secret, code)
     # the SDK's channel adds it from the same secrets
     with channel(servers["denoiser"].address, mesh=MeshSecrets.from_env()) as ch:
-        assert _call(ch, INTERNAL["denoiser"], "GetModelInfo", False, False) == grpc.StatusCode.OK
+        assert raw_call(ch, _method(INTERNAL["denoiser"], "GetModelInfo")) == grpc.StatusCode.OK
 
 
 def test_health_and_reflection_answer_without_the_credential(guarded):
