@@ -131,6 +131,9 @@ class GatewaySettings:
     watermark_opacity: float = 0.45
     watermark_key: str = "videomesh"  # keys the invisible mark's layout; keep it secret per deployment
     stage_slots: tuple[int, ...] = ()  # encode, denoise, upscale, qc; empty = from the denoiser's capacity
+    # re-count the SERVING denoiser replicas this often: workers and stage slots (where they come from the
+    # denoiser's capacity) follow them; 0 = count once, at start-up
+    capacity_refresh_seconds: float = 10.0
     tiers: dict = field(default_factory=dict)  # per-tier overrides of gateway.tiers.DEFAULT_TIERS
     webhook_attempts: int = 5
     webhook_backoff: float = 0.5
@@ -239,6 +242,7 @@ class VideoGateway:
                                       allow_private=settings.webhook_allow_private)  # fmt: skip
         self._stopping = threading.Event()
         self.workers = settings.workers  # resolved from the denoiser's capacity at load() when 0
+        self.replicas = 1  # denoiser replicas SERVING, counted at load() and every capacity_refresh_seconds
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
@@ -292,9 +296,9 @@ class VideoGateway:
                         f"denoiser at {self.settings.denoiser} not reachable: {err.details()}"
                     ) from err
                 time.sleep(0.5)
-        cap = max(1, self.model.capacity or 1)
-        slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
         s = self.settings
+        self.replicas = max(1, self.downstreams.serving_replicas("denoiser"))
+        cap, slots, self.workers = self._sizes(self.replicas)
         self.pipeline = Pipeline(self.downstreams, self.storage, Path(s.data_dir) / "work", slots=slots,
                                  invisible=InvisibleWatermark(s.watermark_key),
                                  visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity),
@@ -304,10 +308,42 @@ class VideoGateway:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:
             self._pregenerate()
-        self.workers = self.settings.workers or cap + 1
-        log.info("denoiser capacity %d: %d job workers, stage slots %s; job store %s", cap, self.workers, slots,
+        log.info("denoiser capacity %d (%d replica(s) SERVING): %d job workers, stage slots %s; job store %s",
+                 cap, self.replicas, self.workers, slots,
                  "PostgreSQL (shared queue, leases)" if self.queue.leased else "SQLite")  # fmt: skip
         self.runner.start(self.workers)
+        METRICS.denoiser_replicas.set(self.replicas)
+        METRICS.job_workers.set(self.workers)
+        if s.capacity_refresh_seconds > 0 and not (s.workers and s.stage_slots):
+            threading.Thread(target=self._follow_replicas, name="capacity", daemon=True).start()
+
+    def _sizes(self, replicas: int) -> tuple[int, tuple[int, ...], int]:
+        """-> (the denoisers' capacity, stage slots, job workers) for `replicas` SERVING denoiser replicas,
+        each taking `capacity` requests at once (its ModelInfo): round_robin spreads the calls over them."""
+        cap = max(1, self.model.capacity or 1) * replicas
+        slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
+        return cap, slots, self.settings.workers or cap + 1
+
+    def _follow_replicas(self) -> None:
+        """Workers and stage slots follow the number of SERVING denoiser replicas (an HPA or KubeRay adding
+        pods behind a headless Service). None SERVING keeps the last sizes: that is an outage, which the
+        breakers and retries handle, not a reason to stop taking work."""
+        while not self._stopping.wait(self.settings.capacity_refresh_seconds):
+            try:
+                n = self.downstreams.serving_replicas("denoiser")
+            except Exception as err:  # noqa: BLE001 - a resolver hiccup: try again next period
+                log.warning("counting denoiser replicas: %s", err)
+                continue
+            if n < 1 or n == self.replicas or self._stopping.is_set():
+                continue
+            cap, slots, workers = self._sizes(n)
+            log.info("denoiser replicas SERVING: %d -> %d; capacity %d: %d job workers, stage slots %s",
+                     self.replicas, n, cap, workers, slots)  # fmt: skip
+            self.replicas, self.workers = n, workers
+            self.pipeline.resize(slots)
+            self.runner.resize(workers)
+            METRICS.denoiser_replicas.set(n)
+            METRICS.job_workers.set(workers)
 
     def wedged(self) -> bool:
         return self.runner.wedged()

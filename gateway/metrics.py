@@ -21,6 +21,8 @@ class _Metrics:
     queue_wait: Histogram
     cache_lookups: Counter
     review_backlog: Gauge
+    denoiser_replicas: Gauge
+    job_workers: Gauge
 
 
 def _build() -> _Metrics:
@@ -57,6 +59,14 @@ def _build() -> _Metrics:
         review_backlog=Gauge(
             "videomesh_review_backlog", "Videos waiting for a human's QC review (NEEDS_REVIEW)", registry=r
         ),
+        denoiser_replicas=Gauge(
+            "videomesh_denoiser_replicas",
+            "Denoiser replicas SERVING, as this gateway last counted",
+            registry=r,
+        ),
+        job_workers=Gauge(
+            "videomesh_job_workers", "This gateway's job workers (sized from the denoisers)", registry=r
+        ),  # fmt: skip
     )
 
 

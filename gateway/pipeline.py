@@ -115,19 +115,31 @@ class Downstreams:
             self._health[name] = (time.monotonic(), st)
         return st
 
+    def replicas(self, name: str, limit: int = 8) -> dict[str, int | None]:
+        """Each address the target of `name` resolves to (at most `limit`) -> its health status, None where
+        nothing answered: asked of each directly (health needs no credential)."""
+        out: dict[str, int | None] = {}
+        for address in resolve(self.addresses[name])[:limit]:
+            try:
+                out[address] = probe.check(address, SERVICE_NAMES[name], timeout=1.0)
+            except grpc.RpcError:
+                out[address] = None
+        return out
+
     def starting(self, name: str) -> bool:
         """Whether some replica of `name` answers its health check but is not SERVING (loading its model,
-        draining): asked of each address the target resolves to, directly (health needs no credential)."""
+        draining); a replica that does not answer at all is down, not starting."""
         from grpc_health.v1 import health_pb2
 
-        for address in resolve(self.addresses[name])[:8]:
-            try:
-                status = probe.check(address, SERVICE_NAMES[name], timeout=1.0)
-            except grpc.RpcError:
-                continue  # not there at all: down, not starting
-            if status != health_pb2.HealthCheckResponse.SERVING:
-                return True
-        return False
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return any(st is not None and st != serving for st in self.replicas(name).values())
+
+    def serving_replicas(self, name: str, limit: int = 64) -> int:
+        """How many replicas of `name` are SERVING now."""
+        from grpc_health.v1 import health_pb2
+
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return sum(st == serving for st in self.replicas(name, limit).values())
 
     def not_serving(self) -> list[str]:
         """The downstreams whose health is not SERVING right now."""
@@ -286,6 +298,36 @@ class Outcome:
 STAGES = ("encoder", "denoiser", "upscaler", "qc")
 
 
+class Slots:
+    """A counting semaphore whose limit can change while it is held, which threading.Semaphore's cannot:
+    the stage slots follow the denoiser replicas as they come and go. A lower limit takes effect as the
+    holders release."""
+
+    def __init__(self, limit: int):
+        self._cond = threading.Condition()
+        self.limit = limit
+        self.held = 0
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.held < self.limit, timeout):
+                return False
+            self.held += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self.held <= 0:
+                raise ValueError("Slots released more often than acquired")
+            self.held -= 1
+            self._cond.notify()
+
+    def resize(self, limit: int) -> None:
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+
 class Pipeline:
     def __init__(self, downstreams: Downstreams, storage: Storage, work_dir: Path, slots: tuple[int, ...] = (4, 1, 2, 4),
                  invisible: InvisibleWatermark | None = None, visible: VisibleMark | None = None,
@@ -298,7 +340,11 @@ class Pipeline:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.encode_timeout = encode_timeout
         # bounded concurrency per stage: a job waits for a slot instead of overloading a downstream
-        self.slots = {name: threading.BoundedSemaphore(n) for name, n in zip(STAGES, slots, strict=True)}
+        self.slots = {name: Slots(n) for name, n in zip(STAGES, slots, strict=True)}
+
+    def resize(self, slots: tuple[int, ...]) -> None:
+        for name, n in zip(STAGES, slots, strict=True):
+            self.slots[name].resize(n)
 
     @contextmanager
     def _using(self, name: str, ctl: JobControl):

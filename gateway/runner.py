@@ -47,7 +47,7 @@ class JobRunner:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.draining = threading.Event()  # SIGTERM: claim nothing more; jobs in flight may finish
-        self.threads: list[threading.Thread] = []
+        self.threads: list[threading.Thread | None] = []  # by worker index; None: stopped by resize
         self.workers = 0
         self._not_ready_since: dict[str, float] = {}  # job -> when a downstream first answered NOT_READY
 
@@ -63,10 +63,21 @@ class JobRunner:
                 target=self._recover_when_ready, args=(leftover,), name="recover", daemon=True
             ).start()
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
-        for i in range(workers):
-            t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
-            t.start()
-            self.threads.append(t)
+        self.resize(workers)
+
+    def resize(self, workers: int) -> None:
+        """Run `workers` job workers: more start now; a worker beyond the number stops once its job is done."""
+        with self.lock:
+            self.workers = workers
+            for i in range(workers):
+                if i < len(self.threads) and self.threads[i] is not None and self.threads[i].is_alive():
+                    continue
+                t = threading.Thread(target=self._worker, args=(i,), name=f"job-worker-{i}", daemon=True)
+                if i < len(self.threads):
+                    self.threads[i] = t
+                else:
+                    self.threads.append(t)
+                t.start()
 
     def drain(self, grace: float) -> list[str]:
         """Stop claiming jobs and give those in flight up to `grace` seconds to finish; -> the ids still
@@ -90,8 +101,9 @@ class JobRunner:
             controls = list(self.controls.values())
         for ctl in controls:  # stop work in flight: handed back (leased queue) or re-run on restart
             ctl.shutdown()
-        for t in self.threads:
-            t.join(timeout=10)
+        for t in list(self.threads):
+            if t is not None:
+                t.join(timeout=10)
 
     def _recover_when_ready(self, job_ids: list[str]) -> None:
         # a service still loading its model would otherwise fail their first attempt
@@ -188,8 +200,12 @@ class JobRunner:
             ctl.cancel(why)
 
     # --- the worker loop ----------------------------------------------------------------------------------
-    def _worker(self) -> None:
+    def _worker(self, index: int) -> None:
         while not self.stopping.is_set():
+            with self.lock:
+                if index >= self.workers:  # resized down: this one is no longer wanted
+                    self.threads[index] = None
+                    return
             if self.draining.is_set():
                 self.stopping.wait(0.2)
                 continue

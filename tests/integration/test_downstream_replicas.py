@@ -118,3 +118,57 @@ def test_a_lone_replica_that_is_not_serving_costs_the_job_no_attempt(tmp_path):
             assert end.WhichOneof("event") == "completed", end
     finally:
         mesh.stop()
+
+
+def test_workers_and_denoise_slots_follow_the_serving_denoiser_replicas(tmp_path):
+    """One denoiser replica takes `capacity` requests at once; the gateway sizes its job workers and stage
+    slots from the replicas SERVING behind the target, and re-counts them (capacity_refresh_seconds), so a
+    second denoiser pod gets work instead of waiting behind the first one's slots."""
+    servers, stops = {}, []
+
+    def up(key, name, **kw):
+        servers[key], stop = start_service(name, **kw)
+        stops.insert(0, stop)
+
+    up("encoder", "encoder", model="tiny")
+    up("d1", "denoiser", model="tiny")
+    up("d2", "denoiser", model="tiny")
+    up("upscaler", "upscaler")
+    up("qc", "qc")
+    try:
+        denoisers = "ipv4:" + ",".join(servers[k].address for k in ("d1", "d2"))
+        up("gw", "gateway", data_dir=tmp_path, encoder=servers["encoder"].address, denoiser=denoisers,
+           upscaler=servers["upscaler"].address, qc=servers["qc"].address, sizes=("64x64",),
+           default_size="64x64", fps_choices=(8.0,), default_fps=8.0, capacity_refresh_seconds=0.3)  # fmt: skip
+        gw = servers["gw"].gateway
+        cap = max(1, gw.model.capacity)
+
+        def sizes():
+            live = sum(t is not None and t.is_alive() for t in gw.runner.threads)
+            return gw.replicas, gw.workers, gw.pipeline.slots["denoiser"].limit, live
+
+        def settle(want, limit=15.0):
+            deadline = time.monotonic() + limit
+            while sizes() != want and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return sizes()
+
+        assert settle((2, 2 * cap + 1, 2 * cap, 2 * cap + 1)) == (2, 2 * cap + 1, 2 * cap, 2 * cap + 1)
+        key = servers["gw"].tenants.add("acme", "pro")
+        with VideoClient(servers["gw"].address, api_key=key) as c:
+            assert _run(c, 4, 500) == ["completed"] * 4
+            assert (
+                servers["d1"].rpc_metrics.calls["Denoise"] > 0
+                and servers["d2"].rpc_metrics.calls["Denoise"] > 0
+            )
+
+            servers["d1"].set_serving(False)  # draining, or its pod went away: one replica's worth of work
+            assert settle((1, cap + 1, cap, cap + 1)) == (1, cap + 1, cap, cap + 1)
+            assert _run(c, 2, 600) == ["completed"] * 2
+
+            servers["d1"].set_serving(True)  # scaled back up
+            assert settle((2, 2 * cap + 1, 2 * cap, 2 * cap + 1)) == (2, 2 * cap + 1, 2 * cap, 2 * cap + 1)
+            assert _run(c, 2, 700) == ["completed"] * 2
+    finally:
+        for stop in stops:
+            stop()

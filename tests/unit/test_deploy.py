@@ -295,6 +295,7 @@ def test_dashboard_is_schema_39_on_a_datasource_variable_with_every_panel():
         "videomesh_rejected_total", "videomesh_stage_seconds_bucket", "videomesh_breaker_open",
         "videomesh_cache_lookups_total", "videomesh_denoiser_step_seconds_bucket",
         "videomesh_denoiser_batch_size", "videomesh_review_backlog", "videomesh_gpu_memory_bytes",
+        "videomesh_denoiser_replicas", "videomesh_job_workers",
     ):  # fmt: skip
         assert metric in text, metric
 

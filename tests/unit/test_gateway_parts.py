@@ -152,3 +152,26 @@ def test_s3_public_url_is_a_bare_http_origin(url, ok):
     else:
         with pytest.raises(ValueError, match="s3_public_url"):
             GatewaySettings(storage="s3", s3_endpoint="s3:9000", s3_public_url=url).validate()
+
+
+def test_stage_slots_resize_while_held():
+    import threading
+
+    from gateway.pipeline import Slots
+
+    s = Slots(1)
+    assert s.acquire(timeout=0) and not s.acquire(timeout=0.05)
+    got = threading.Event()
+    t = threading.Thread(target=lambda: s.acquire(timeout=5) and got.set())
+    t.start()
+    s.resize(2)  # a second replica came: the waiter gets in without anyone releasing
+    assert got.wait(5)
+    s.resize(1)  # and went: two are held, the limit is one; nobody new gets in until both release
+    s.release()
+    assert not s.acquire(timeout=0.05)
+    s.release()
+    assert s.acquire(timeout=0) and s.held == 1
+    s.release()
+    with pytest.raises(ValueError):
+        s.release()
+    t.join()
