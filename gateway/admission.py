@@ -8,6 +8,7 @@ The gateway runs `admit` and the job's insert under one lock (gateway.py `create
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from videomesh.v1 import common_pb2
 
 if TYPE_CHECKING:
     from gateway.gateway import GatewaySettings
+
+audit = logging.getLogger("videomesh.audit")
 
 
 class Admission:
@@ -50,8 +53,12 @@ class Admission:
         # match a complaint about a given prompt, without keeping the user's text
         record = {"time": time.time(), "tenant": tenant.name, "category": verdict.category, "term": verdict.term,
                   "prompt_sha256": hashlib.sha256(spec.prompt.encode()).hexdigest(), "prompt_chars": len(spec.prompt)}  # fmt: skip
+        line = json.dumps(record, ensure_ascii=False)
         with self._audit_lock, open(Path(self.settings.data_dir) / "audit.log", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(line + "\n")
+        audit.warning(
+            "content policy refused a prompt: %s", line
+        )  # the copy a cluster's log pipeline collects
         raise InvalidArgument(
             f"the prompt was refused by the content policy ({verdict.category.replace('_', ' ')})",
             reason="CONTENT_POLICY",

@@ -102,6 +102,14 @@ MIGRATIONS: list[str] = [
     CREATE TABLE rate_buckets (tenant TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL,
                                stamp DOUBLE PRECISION NOT NULL);
     """,
+    # 4: tenants and API keys (SHA-256 hashes), shared by every replica (gateway/pg_tenants.py)
+    """
+    CREATE TABLE tenants (name TEXT PRIMARY KEY, tier TEXT NOT NULL, webhook_url TEXT NOT NULL DEFAULT '',
+                          webhook_secret TEXT NOT NULL);
+    CREATE TABLE api_keys (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name), id TEXT NOT NULL,
+                           revoked BOOLEAN NOT NULL DEFAULT false, expires DOUBLE PRECISION);
+    CREATE INDEX api_keys_tenant ON api_keys(tenant);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 
 from gateway.gateway import GatewaySettings, VideoGateway
 from gateway.servicer import VideoServiceServicer, registration
-from gateway.tenants import TenantDirectory
+from gateway.tenants import open_tenants
 from videomesh.serving import Server, create_server
 
 log = logging.getLogger("videomesh.launch")
@@ -23,7 +23,7 @@ SETTINGS = GatewaySettings
 
 
 def build(settings: GatewaySettings, **options):
-    tenants = TenantDirectory(Path(settings.data_dir) / "tenants.json")
+    tenants = open_tenants(Path(settings.data_dir), settings.database)
     gw = VideoGateway(settings, tenants=tenants)
     server = create_server([registration(VideoServiceServicer(gw, tenants))], host=settings.host,
                            port=settings.port, **options)  # fmt: skip
@@ -39,6 +39,7 @@ def build(settings: GatewaySettings, **options):
     def close():
         monitor.stop()
         gw.close()
+        tenants.close()
 
     return server, load, close
 

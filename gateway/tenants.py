@@ -1,4 +1,5 @@
-"""Tenants and API keys. Keys are random, shown once, and stored only as SHA-256 hashes."""
+"""Tenants and API keys. Keys are random, shown once, and stored only as SHA-256 hashes: in a JSON file
+(one gateway) or in the gateway's PostgreSQL database (gateway/pg_tenants.py, shared by the replicas)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Tenant:
     webhook_secret: str = ""  # signs webhook bodies (HMAC-SHA256); shown by `tenants add`
 
 
-def _hash(key: str) -> str:
+def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -63,6 +64,9 @@ class TenantDirectory:
         tmp.replace(self.path)
         self._mtime = self.path.stat().st_mtime
 
+    def close(self) -> None:
+        """Nothing held open (the database directory closes its pool)."""
+
     def reload(self) -> None:
         """Re-read the file if another process changed it (keys added or revoked by the CLI)."""
         if not self.path or not self.path.exists():
@@ -80,18 +84,13 @@ class TenantDirectory:
             tiers: Collection[str] | None = None) -> str:  # fmt: skip
         """Create (or update the tier of) a tenant and issue a new key; returns the key.
         With `tiers`, a tier not among them is refused (InvalidArgument naming them)."""
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise InvalidArgument(
-                f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name"
-            )
-        if tiers is not None and tier not in tiers:
-            raise InvalidArgument(f"unknown tier {tier!r}; choose one of {', '.join(tiers)}", field="tier")
+        check_new(name, tier, tiers)
         with self._lock:
             old = self._tenants.get(name)
-            secret = old.webhook_secret if old else "whsec_" + secrets.token_urlsafe(24)
+            secret = old.webhook_secret if old else new_webhook_secret()
             self._tenants[name] = Tenant(name, tier, webhook_url or (old.webhook_url if old else ""), secret)
-            key = KEY_PREFIX + secrets.token_urlsafe(24)
-            self._keys[_hash(key)] = {"tenant": name, "revoked": False, "id": _hash(key)[:8]}
+            key = new_key()
+            self._keys[key_hash(key)] = {"tenant": name, "revoked": False, "id": key_hash(key)[:8]}
             self._save()
             return key
 
@@ -119,8 +118,7 @@ class TenantDirectory:
         its services can move to the new key without an outage."""
         if name not in self._tenants:
             raise NotFound(f"tenant {name!r} not found")
-        if grace < 0 or grace != grace:
-            raise InvalidArgument(f"grace must be 0 or more seconds; got {grace}", field="grace")
+        check_grace(grace)
         if grace == 0:
             self.revoke(name)
             return self.add(name, self._tenants[name].tier)
@@ -152,10 +150,43 @@ class TenantDirectory:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
         self.reload()
         with self._lock:
-            rec = self._keys.get(_hash(key))
+            rec = self._keys.get(key_hash(key))
             if rec is None or rec["revoked"] or (rec.get("expires") and rec["expires"] <= time.time()):
                 raise Unauthenticated("invalid or revoked API key")
             return self._tenants[rec["tenant"]]
+
+
+def check_new(name: str, tier: str, tiers: Collection[str] | None) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise InvalidArgument(
+            f"tenant name must be letters, digits, '-', '_' or '.'; got {name!r}", field="name"
+        )
+    if tiers is not None and tier not in tiers:
+        raise InvalidArgument(f"unknown tier {tier!r}; choose one of {', '.join(tiers)}", field="tier")
+
+
+def check_grace(grace: float) -> None:
+    if grace < 0 or grace != grace:
+        raise InvalidArgument(f"grace must be 0 or more seconds; got {grace}", field="grace")
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(24)
+
+
+def open_tenants(data_dir: Path, database: str = ""):
+    """The tenant directory of a gateway: in its PostgreSQL database when it has one (every replica
+    sees every key at once; `data_dir/tenants.json`, if any, is imported once into an empty table),
+    else the JSON file `data_dir/tenants.json`."""
+    if database.startswith(("postgresql://", "postgres://")):
+        from gateway.pg_tenants import PostgresTenantDirectory
+
+        return PostgresTenantDirectory(database, import_from=Path(data_dir) / "tenants.json")
+    return TenantDirectory(Path(data_dir) / "tenants.json")
 
 
 def key_active(k: dict) -> bool:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
 
-from gateway.tenants import TenantDirectory  # noqa: E402
+from gateway.tenants import open_tenants  # noqa: E402
 from tests.helpers import raw_call  # noqa: E402
 from tests.pg import PgServer  # noqa: E402
 from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
@@ -120,7 +120,7 @@ class Stack:
                                             daemon=True)  # fmt: skip
         self._supervisor.start()
         self.target = "ipv4:" + ",".join(self.mesh.addresses[g] for g in self.mesh.gateways)
-        self.tenants = TenantDirectory(self.mesh.data_dir / "tenants.json")
+        self.tenants = open_tenants(self.mesh.data_dir, self.mesh.database)
         self.keys = {name: self.tenants.add(name, tier) for name, tier in
                      (("acme", "pro"), ("globex", "pro"), ("initech", "enterprise"), ("hooli", "trial"))}  # fmt: skip
 
@@ -137,6 +137,7 @@ class Stack:
         self._stop.set()
         self._supervisor.join(5)
         self.mesh.stop()
+        self.tenants.close()
         self.s3.stop()
         self.pg.close()
 

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.tenants import TenantDirectory
+from gateway.tenants import open_tenants
 from tests.helpers import start_downstreams
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 from videomesh.mesh import SERVICE_NAMES, wait_serving
@@ -30,7 +30,7 @@ class Replicas:
         self.procs: list[subprocess.Popen | None] = []
         self.addresses: list[str] = []
         self.servers, self._stops = start_downstreams()
-        self.tenants = TenantDirectory(self.data_dir / "tenants.json")
+        self.tenants = open_tenants(self.data_dir, database)
         self.env = {
             **os.environ,
             "VIDEOMESH_GATEWAY_DATABASE": database,
@@ -100,3 +100,4 @@ class Replicas:
                 p.wait()
         for s in self._stops:
             s()
+        self.tenants.close()

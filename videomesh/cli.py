@@ -694,16 +694,41 @@ def tier_names() -> list[str]:
     return names
 
 
+def _gateway_database() -> str:
+    """The database the gateway's own settings name ($VIDEOMESH_GATEWAY_DATABASE or its _FILE, or
+    VIDEOMESH_CONFIG): so `videomesh tenants` run beside a gateway (kubectl exec) edits the keys it reads."""
+    from gateway.gateway import GatewaySettings
+    from videomesh import config
+
+    try:
+        return config.load(GatewaySettings, "VIDEOMESH_GATEWAY_", validate=False).database
+    except (ValueError, OSError) as err:
+        raise UsageError(
+            f"the gateway's settings (to find its database; or pass --database): {err}"
+        ) from None
+
+
 def cmd_tenants(args) -> int:
-    from gateway.tenants import TenantDirectory, key_active
+    from gateway.tenants import key_active, open_tenants
     from videomesh.errors import VideomeshError
 
+    database = args.database if args.database is not None else _gateway_database()
+    postgres = database.startswith(("postgresql://", "postgres://"))
     path = Path(args.data_dir) / "tenants.json"
-    if args.action != "add" and not path.exists():
+    if args.action != "add" and not postgres and not path.exists():
         _err(f"no tenants file at {path.resolve()}; `videomesh up --data-dir DIR` or `videomesh tenants add NAME "
-             f"--data-dir DIR` creates one (give the same --data-dir here)")  # fmt: skip
+             f"--data-dir DIR` creates one (give the same --data-dir here; or --database URL for the gateways' "
+             f"PostgreSQL)")  # fmt: skip
         return EXIT_FAILED
-    d = TenantDirectory(path)
+    try:
+        d = open_tenants(Path(args.data_dir), database if postgres else "")
+    except VideomeshError as e:
+        _err(e.message)
+        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - psycopg's connection errors: say which database, not a traceback
+        first = (str(e).strip().splitlines() or [repr(e)])[0]
+        _err(f"cannot open the tenants in {_redact(database)}: {first}")
+        return EXIT_FAILED
     try:
         if args.action == "add":
             tiers = tier_names()
@@ -749,7 +774,19 @@ def cmd_tenants(args) -> int:
     except VideomeshError as e:
         _err(e.message)
         return EXIT_FAILED
+    finally:
+        d.close()
     return EXIT_OK
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    return u._replace(netloc=u.netloc.replace(":" + u.password + "@", ":***@", 1)).geturl()
 
 
 EXIT_CODES_HELP = (
@@ -934,6 +971,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DATA_DIR,
         help=f"where `videomesh up` keeps tenants.json (default {DEFAULT_DATA_DIR})",
     )
+    t.add_argument("--database", default=None, metavar="URL",
+                   help="the gateways' PostgreSQL (postgresql://…), where replicas keep tenants and keys; default: "
+                        "the gateway's own setting ($VIDEOMESH_GATEWAY_DATABASE or _FILE), else tenants.json "
+                        "in --data-dir")  # fmt: skip
     return p
 
 

@@ -66,9 +66,16 @@ def _read_secret(path: str, var: str) -> str:
 
 
 def load(
-    cls: type[T], prefix: str, *, file: str | Path | None = None, env: dict | None = None, **overrides
+    cls: type[T],
+    prefix: str,
+    *,
+    file: str | Path | None = None,
+    env: dict | None = None,
+    validate: bool = True,
+    **overrides,
 ) -> T:
-    """Build `cls` from defaults < TOML table < environment < keyword overrides."""
+    """Build `cls` from defaults < TOML table < environment < keyword overrides; then its validate()
+    unless `validate` is False (a tool that reads one setting of a service)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
@@ -96,6 +103,6 @@ def load(
             values[k] = v
     obj = cls(**values)
     check = getattr(obj, "validate", None)
-    if check:
+    if check and validate:
         check()
     return obj

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.tenants import TenantDirectory
+from gateway.tenants import open_tenants
 from videomesh import probe
 from videomesh.client import (
     GATEWAY_ADDRESS_FILE,
@@ -174,13 +174,15 @@ class LocalMesh:
     def start(self, timeout: float = 180.0) -> str:
         """Start everything; return the gateway address once every service is SERVING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tenants = TenantDirectory(self.data_dir / "tenants.json")
+        tenants = open_tenants(self.data_dir, self.database)
         key_file = self.data_dir / "dev-api-key"
         key = key_file.read_text().strip() if key_file.exists() else ""
         try:
             tenants.authenticate(key)
         except Unauthenticated:
             key = tenants.add(DEV_TENANT, "pro")
+        finally:
+            tenants.close()
         self.api_key = key
         key_file.write_text(key)
         key_file.chmod(0o600)

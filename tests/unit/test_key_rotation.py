@@ -1,27 +1,45 @@
-"""API keys (issue #22): hashed at rest; a rotation keeps the old key valid for a grace period."""
+"""API keys (issue #22): hashed at rest; a rotation keeps the old key valid for a grace period. The same
+rules hold for the JSON file (one gateway) and the PostgreSQL tables every replica reads."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import psycopg
 import pytest
 
-from gateway.tenants import TenantDirectory
+from gateway.tenants import TenantDirectory, open_tenants
 from videomesh.cli import main as cli_main
-from videomesh.errors import InvalidArgument, Unauthenticated
+from videomesh.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 
 
-def test_rotation_with_a_grace_keeps_the_old_key_until_it_ends(tmp_path, monkeypatch):
-    d = TenantDirectory(tmp_path / "tenants.json")
+@pytest.fixture(params=["json", "postgres"])
+def directories(request, tmp_path):
+    """-> open(): another directory over the same keys (another process: the gateway, a replica, the CLI)."""
+    database = request.getfixturevalue("pg").database() if request.param == "postgres" else ""
+    opened = []
+
+    def open_():
+        d = open_tenants(tmp_path, database)
+        opened.append(d)
+        return d
+
+    open_.database = database
+    yield open_
+    for d in opened:
+        d.close()
+
+
+def test_rotation_with_a_grace_keeps_the_old_key_until_it_ends(directories, monkeypatch):
+    d = directories()
     old = d.add("acme", "pro")
     clock = [time.time()]
     monkeypatch.setattr("gateway.tenants.time.time", lambda: clock[0])
     new = d.rotate("acme", grace=60)
     assert d.authenticate(old).name == d.authenticate(new).name == "acme"
     assert d.active_keys("acme") == 2
-    # another process (the gateway) reads the same file: same answer
-    other = TenantDirectory(tmp_path / "tenants.json")
+    other = directories()  # another process reads the same keys: same answer
     assert other.authenticate(old).name == "acme"
     clock[0] += 61
     with pytest.raises(Unauthenticated):
@@ -36,18 +54,83 @@ def test_rotation_with_a_grace_keeps_the_old_key_until_it_ends(tmp_path, monkeyp
         d.authenticate(old)
 
 
-def test_rotation_without_a_grace_revokes_now_and_keys_stay_hashed(tmp_path):
-    d = TenantDirectory(tmp_path / "tenants.json")
+def test_rotation_without_a_grace_revokes_now(directories):
+    d = directories()
     old = d.add("acme")
     new = d.rotate("acme")
     with pytest.raises(Unauthenticated):
         d.authenticate(old)
     assert d.authenticate(new).name == "acme"
-    raw = (tmp_path / "tenants.json").read_text()
-    assert old not in raw and new not in raw  # only SHA-256 hashes at rest
-    assert all(len(h) == 64 for h in json.loads(raw)["keys"])
     with pytest.raises(InvalidArgument, match="grace"):
         d.rotate("acme", grace=-1)
+    with pytest.raises(NotFound):
+        d.rotate("nobody")
+
+
+def test_a_revocation_holds_on_every_reader_at_once(directories):
+    a, b = directories(), directories()
+    key = a.add("acme", "pro", "https://hooks.example.com/vm")
+    assert b.authenticate(key).tier == "pro"
+    assert b.get("acme").webhook_secret == a.get("acme").webhook_secret.strip() != ""
+    assert a.revoke("acme") == 1
+    with pytest.raises(Unauthenticated):
+        b.authenticate(key)
+    # adding a key again (--force) keeps the webhook secret and URL unless a new URL is given
+    key2 = b.add("acme", "enterprise")
+    t = a.authenticate(key2)
+    assert (t.tier, t.webhook_url) == ("enterprise", "https://hooks.example.com/vm")
+    assert [(x.name, len(keys)) for x, keys in a.list()] == [("acme", 2)]
+    with pytest.raises(InvalidArgument, match="tenant name"):
+        a.add("no spaces")
+    with pytest.raises(Unauthenticated, match="missing"):
+        a.authenticate("")
+
+
+def test_keys_stay_hashed_at_rest(directories, tmp_path):
+    d = directories()
+    keys = [d.add("acme"), d.add("acme", "pro")]
+    if directories.database:
+        with psycopg.connect(directories.database) as conn:
+            raw = json.dumps(
+                [conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("tenants", "api_keys")], default=str
+            )
+            hashes = [h for (h,) in conn.execute("SELECT hash FROM api_keys")]
+    else:
+        raw = (tmp_path / "tenants.json").read_text()
+        hashes = list(json.loads(raw)["keys"])
+    assert not any(k in raw for k in keys)  # only SHA-256 hashes
+    assert len(hashes) == 2 and all(len(h) == 64 for h in hashes)
+
+
+def test_the_json_file_is_imported_once_into_an_empty_database(pg, tmp_path):
+    f = TenantDirectory(tmp_path / "tenants.json")
+    kept = f.add("acme", "pro", "https://hooks.example.com/vm")
+    revoked = f.add("gone")
+    f.revoke("gone")
+    ending = f.add("bob")
+    f.rotate("bob", grace=3600)
+    url = pg.database()
+    db = open_tenants(tmp_path, url)
+    try:
+        assert db.authenticate(kept).webhook_secret == f.get("acme").webhook_secret
+        with pytest.raises(Unauthenticated):
+            db.authenticate(revoked)
+        assert db.authenticate(ending).name == "bob" and db.active_keys("bob") == 2
+        later = f.add("late")  # written to the file after the import: the database is the directory now
+        again = open_tenants(tmp_path, url)
+        with pytest.raises(Unauthenticated):
+            again.authenticate(later)
+        again.close()
+    finally:
+        db.close()
+
+
+def test_a_database_that_cannot_answer_is_unavailable_not_a_refusal(pg, tmp_path):
+    d = open_tenants(tmp_path, pg.database())
+    key = d.add("acme")
+    d.pool.close()
+    with pytest.raises(Unavailable):
+        d.authenticate(key)
 
 
 def test_the_cli_rotates_with_a_grace(tmp_path, capsys):
@@ -59,3 +142,28 @@ def test_the_cli_rotates_with_a_grace(tmp_path, capsys):
     assert "300 s" in err
     d = TenantDirectory(tmp_path / "tenants.json")
     assert d.authenticate(old).name == d.authenticate(new).name == "bob"
+
+
+def test_the_cli_edits_the_gateways_database(pg, tmp_path, capsys, monkeypatch):
+    url = pg.database()
+    secret = tmp_path / "database-url"
+    secret.write_text(url + "\n")
+    monkeypatch.delenv("VIDEOMESH_GATEWAY_DATABASE", raising=False)
+    monkeypatch.delenv("VIDEOMESH_CONFIG", raising=False)
+    monkeypatch.setenv("VIDEOMESH_GATEWAY_DATABASE_FILE", str(secret))  # as in the gateway's container
+    assert cli_main(["tenants", "add", "carol", "--tier", "pro", "--data-dir", str(tmp_path / "none")]) == 0
+    key = capsys.readouterr().out.strip()
+    assert not (tmp_path / "none" / "tenants.json").exists()
+    d = open_tenants(tmp_path / "none", url)
+    try:
+        assert d.authenticate(key).tier == "pro"
+        assert cli_main(["tenants", "list", "--data-dir", str(tmp_path / "none")]) == 0
+        assert "carol" in capsys.readouterr().out
+        assert cli_main(["tenants", "revoke", "carol", "--database", url]) == 0
+        with pytest.raises(Unauthenticated):
+            d.authenticate(key)
+    finally:
+        d.close()
+    bad = url.rsplit("/", 1)[0] + "/no_such_db"
+    assert cli_main(["tenants", "list", "--database", bad]) == 1
+    assert "cannot open the tenants" in capsys.readouterr().err

@@ -122,16 +122,22 @@ def test_ambiguous_entries_and_their_validation():
         SafetyFilter({"x": ["マスクCEO"]})
 
 
-def test_refusal_names_the_category_but_not_the_word(safety, tmp_path):
+def test_refusal_names_the_category_but_not_the_word(safety, tmp_path, monkeypatch):
+    from gateway import admission as admission_module
     from gateway.admission import Admission
 
+    logged = []
+    monkeypatch.setattr(admission_module.audit, "warning", lambda msg, *args: logged.append(msg % args))
     store = SimpleNamespace(add_blocked=lambda tenant, category: None)
     admission = Admission(SimpleNamespace(data_dir=tmp_path), store, None, safety)
     with pytest.raises(InvalidArgument) as e:
         admission.screen(Tenant("studio"), common_pb2.VideoSpec(prompt="make tr0mp dance"))
     assert "public figures" in e.value.message and "trump" not in e.value.message.lower()
     assert e.value.metadata == {"category": "public_figures"}
-    assert '"term": "trump"' in (tmp_path / "audit.log").read_text()  # the word goes to the audit log only
+    assert '"term": "trump"' in (tmp_path / "audit.log").read_text()  # the word goes to the audit only
+    # the same line in the process's log (logger videomesh.audit: what a cluster's pipeline collects),
+    # with a hash of the prompt, never its text
+    assert len(logged) == 1 and '"term": "trump"' in logged[0] and "tr0mp dance" not in logged[0]
 
 
 def test_check_is_fast(safety):
