@@ -30,19 +30,23 @@ from videomesh.errors import NotFound, Unauthenticated
 log = logging.getLogger("videomesh.gateway.tenants")
 
 _ACTIVE = "NOT k.revoked AND (k.expires IS NULL OR k.expires > %s)"
+SCHEMA = 4  # the migration that made the tables: what this module needs, and all it applies
 
 
 class PostgresTenantDirectory:
     def __init__(
         self, url: str, *, import_from: Path | None = None, timeout: float = 5.0, pool_size: int = 4
     ):
+        """`import_from`: a gateway's tenants.json, imported if the tables are empty (the gateway passes its
+        own; the CLI none). Migrates the schema up to the tenants' tables only: a CLI newer than the running
+        gateways never moves their database past what they know."""
         with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
-            migrate(conn)
+            migrate(conn, upto=SCHEMA)
         self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout, open=True,
                                    kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
                                    check=ConnectionPool.check_connection, name="videomesh-tenants")  # fmt: skip
         if import_from is not None and Path(import_from).exists():
-            self._import(Path(import_from))
+            self.import_file(Path(import_from), only_if_empty=True)
 
     def close(self) -> None:
         self.pool.close()
@@ -50,45 +54,65 @@ class PostgresTenantDirectory:
     def reload(self) -> None:
         """Nothing to re-read: every call asks the database."""
 
-    def _import(self, path: Path) -> None:
-        """Bring a JSON keys file (one gateway's, or the replicas' shared one before this) into empty tables,
-        once; the file is not read again."""
-        data = json.loads(path.read_text())
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute("LOCK TABLE tenants IN EXCLUSIVE MODE")  # two replicas starting at once import once
-            if conn.execute("SELECT 1 FROM tenants LIMIT 1").fetchone():
-                return
-            tenants = data.get("tenants", [])
-            for t in tenants:
-                conn.execute("INSERT INTO tenants (name, tier, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s)",
-                             (t["name"], t.get("tier", "free"), t.get("webhook_url", ""),
-                              t.get("webhook_secret") or new_webhook_secret()))  # fmt: skip
-            names = {t["name"] for t in tenants}
-            keys = [(h, k) for h, k in data.get("keys", {}).items() if k.get("tenant") in names]
-            for h, k in keys:
-                conn.execute("INSERT INTO api_keys (hash, tenant, id, revoked, expires) VALUES (%s, %s, %s, %s, %s)",
-                             (h, k["tenant"], k.get("id", h[:8]), bool(k.get("revoked")), k.get("expires")))  # fmt: skip
-        if tenants:
-            log.warning("imported %d tenant(s) and %d key(s) from %s into the database; the database is the "
-                        "directory from now on and the file is not read again", len(tenants), len(keys), path)  # fmt: skip
+    @_unavailable
+    def import_file(self, path: Path, *, only_if_empty: bool = False) -> tuple[int, int]:
+        """Bring a JSON keys file (a single gateway's, or the replicas' shared one from before) into the
+        tables: the tenants not there yet are added with their key hashes; a tenant already there is left
+        exactly as it is (no key of the file's revives one revoked or rotated in the database). `only_if_empty`: only into empty tables (a gateway's first start on
+        PostgreSQL; after that the file is not read). -> (tenants, keys) added."""
+        data = json.loads(Path(path).read_text())
+        added_tenants = added_keys = 0
+        with self.pool.connection() as conn:
+            if only_if_empty and conn.execute("SELECT 1 FROM tenants LIMIT 1").fetchone():
+                log.debug("the database has tenants: %s is not imported", path)
+                return 0, 0
+            with conn.transaction():
+                conn.execute("LOCK TABLE tenants IN EXCLUSIVE MODE")  # replicas starting at once: one imports
+                if only_if_empty and conn.execute("SELECT 1 FROM tenants LIMIT 1").fetchone():
+                    return 0, 0
+                added: set[str] = set()  # keys come only with a tenant the import adds: one the database
+                for t in data.get("tenants", []):  # has (perhaps revoked there) keeps exactly its keys
+                    if conn.execute(
+                        "INSERT INTO tenants (name, tier, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT (name) DO NOTHING",
+                        (t["name"], t.get("tier", "free"), t.get("webhook_url", ""),
+                         t.get("webhook_secret") or new_webhook_secret()),
+                    ).rowcount:  # fmt: skip
+                        added.add(t["name"])
+                for h, k in data.get("keys", {}).items():
+                    if k.get("tenant") in added:
+                        added_keys += conn.execute(
+                            "INSERT INTO api_keys (hash, tenant, id, revoked, expires) VALUES (%s, %s, %s, %s, %s) "
+                            "ON CONFLICT (hash) DO NOTHING",
+                            (h, k["tenant"], k.get("id", h[:8]), bool(k.get("revoked")), k.get("expires")),
+                        ).rowcount  # fmt: skip
+                added_tenants = len(added)
+        if added_tenants or added_keys:
+            log.warning("imported %d tenant(s) and %d key(s) from %s into the database%s", added_tenants, added_keys,
+                        path, "; the file is not read again" if only_if_empty else "")  # fmt: skip
+        return added_tenants, added_keys
 
     @_unavailable
     def add(self, name: str, tier: str = "free", webhook_url: str = "", *,
             tiers: Collection[str] | None = None) -> str:  # fmt: skip
         """Create (or update the tier of) a tenant and issue a new key; returns the key."""
         check_new(name, tier, tiers)
-        key = new_key()
         with self.pool.connection() as conn, conn.transaction():
-            # the webhook secret of an existing tenant is kept; its URL is kept unless a new one is given
-            conn.execute(
-                """INSERT INTO tenants (name, tier, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s)
-                   ON CONFLICT (name) DO UPDATE SET tier = EXCLUDED.tier,
-                     webhook_url = CASE WHEN EXCLUDED.webhook_url <> '' THEN EXCLUDED.webhook_url
-                                        ELSE tenants.webhook_url END""",
-                (name, tier, webhook_url, new_webhook_secret()),
-            )
-            conn.execute("INSERT INTO api_keys (hash, tenant, id) VALUES (%s, %s, %s)",
-                         (key_hash(key), name, key_hash(key)[:8]))  # fmt: skip
+            return self._add(conn, name, tier, webhook_url)
+
+    @staticmethod
+    def _add(conn, name: str, tier: str, webhook_url: str = "") -> str:
+        key = new_key()
+        # the webhook secret of an existing tenant is kept; its URL is kept unless a new one is given
+        conn.execute(
+            """INSERT INTO tenants (name, tier, webhook_url, webhook_secret) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (name) DO UPDATE SET tier = EXCLUDED.tier,
+                 webhook_url = CASE WHEN EXCLUDED.webhook_url <> '' THEN EXCLUDED.webhook_url
+                                    ELSE tenants.webhook_url END""",
+            (name, tier, webhook_url, new_webhook_secret()),
+        )
+        conn.execute("INSERT INTO api_keys (hash, tenant, id) VALUES (%s, %s, %s)",
+                     (key_hash(key), name, key_hash(key)[:8]))  # fmt: skip
         return key
 
     @_unavailable
@@ -119,7 +143,8 @@ class PostgresTenantDirectory:
 
     @_unavailable
     def rotate(self, name: str, grace: float = 0.0) -> str:
-        """Issue a fresh key; the tenant's other keys stop working after `grace` seconds (0: now)."""
+        """Issue a fresh key; the tenant's other keys stop working after `grace` seconds (0: now). One
+        transaction: the old keys never end without the new one in place."""
         check_grace(grace)
         with self.pool.connection() as conn, conn.transaction():
             tier = self._existing(conn, name).tier
@@ -129,7 +154,7 @@ class PostgresTenantDirectory:
                 until = time.time() + grace
                 conn.execute("UPDATE api_keys SET expires = LEAST(COALESCE(expires, %s), %s) "
                              "WHERE tenant = %s AND NOT revoked", (until, until, name))  # fmt: skip
-        return self.add(name, tier)
+            return self._add(conn, name, tier)
 
     @staticmethod
     def _existing(conn, name: str) -> Tenant:

@@ -135,11 +135,14 @@ class Downstreams:
         return any(st is not None and st != serving for st in self.replicas(name).values())
 
     def serving_replicas(self, name: str, limit: int = 64) -> int:
-        """How many replicas of `name` are SERVING now."""
+        """How many replicas of `name` are SERVING now. A dual-stack name gives each pod an IPv4 and an IPv6
+        address: the larger of the two families' counts, not their sum."""
         from grpc_health.v1 import health_pb2
 
         serving = health_pb2.HealthCheckResponse.SERVING
-        return sum(st == serving for st in self.replicas(name, limit).values())
+        up = [a for a, st in self.replicas(name, limit).items() if st == serving]
+        v6 = sum(a.startswith("[") for a in up)
+        return max(v6, len(up) - v6)
 
     def not_serving(self) -> list[str]:
         """The downstreams whose health is not SERVING right now."""

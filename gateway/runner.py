@@ -24,7 +24,7 @@ from gateway.jobs import Fence, Fenced, Job, JobStore, requeued
 from gateway.metrics import METRICS
 from gateway.pipeline import PROGRESS, JobControl
 from videomesh import tracing
-from videomesh.errors import Cancelled, VideomeshError
+from videomesh.errors import Cancelled, NotFound, Unavailable, VideomeshError
 from videomesh.logs import job_context
 from videomesh.v1 import common_pb2, gateway_pb2
 
@@ -485,12 +485,20 @@ class JobRunner:
         secret = ""
         tenants = self.gw.tenants
         if tenants is not None:
-            try:
-                t = tenants.get(job.tenant)
-                url = url or t.webhook_url
-                secret = t.webhook_secret
-            except VideomeshError:
-                pass
+            for attempt in range(4):  # the tenants' database may blip: never sign with an empty key for it
+                try:
+                    t = tenants.get(job.tenant)
+                    url = url or t.webhook_url
+                    secret = t.webhook_secret
+                    break
+                except NotFound:
+                    break  # the tenant is gone: a job-level URL still hears of its job, unsigned
+                except Unavailable as err:
+                    if attempt == 3:
+                        log.error("job %s: webhook not sent: the tenant directory is unavailable (%s)", job.id,
+                                  err.message)  # fmt: skip
+                        return
+                    self.stopping.wait(0.5 * 2**attempt)
         if url:
             from google.protobuf import json_format
 

@@ -26,17 +26,15 @@ class S3Storage(Storage):
                  public_url: str = "", region: str = ""):  # fmt: skip
         """`public_url` (scheme://host[:port]): where users download from when that is not `endpoint` (an
         ingress or proxy in front of the store that passes the Host header through). A presigned link
-        signs its host, so links are signed for that address, offline, for `region` (default us-east-1,
-        what MinIO and SeaweedFS use; set it for AWS)."""
+        signs its host, so links are signed for that address, offline, for `region` (default: the bucket's
+        region as the store reports it at start-up)."""
         from minio import Minio
 
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
                             region=region or None)  # fmt: skip
         self.signer = self.client
-        if public_url:
-            host, https = public_endpoint(public_url)
-            self.signer = Minio(host, access_key=access_key, secret_key=secret_key, secure=https,
-                                region=region or "us-east-1")  # fmt: skip
+        self._public = public_endpoint(public_url) if public_url else None
+        self._keys = (access_key, secret_key)
         self.bucket = bucket
         self.url_expiry = url_expiry
         self.attempts = attempts
@@ -45,6 +43,13 @@ class S3Storage(Storage):
         self._retry(
             lambda: self.client.bucket_exists(bucket) or self.client.make_bucket(bucket), "create bucket"
         )
+        if self._public:
+            host, https = self._public
+            # minio asks the store for a bucket's region (GetBucketLocation) unless it is given one; the public
+            # host may not be reachable from here, so the signer gets the region the internal client found
+            found = region or self._retry(lambda: self.client._get_region(bucket), "bucket region lookup")
+            self.signer = Minio(host, access_key=self._keys[0], secret_key=self._keys[1], secure=https,
+                                region=found)  # fmt: skip
 
     def _retry(self, fn, what: str):
         for attempt in range(1, self.attempts + 1):
@@ -106,12 +111,18 @@ class S3Storage(Storage):
 def public_endpoint(url: str) -> tuple[str, bool]:
     """'https://videos.example.com[:port]' -> ('videos.example.com[:port]', True); ValueError otherwise."""
     u = urlsplit(url)
+    try:
+        u.port  # noqa: B018 - ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        u = None
     if (
-        u.scheme not in ("http", "https")
+        u is None
+        or u.scheme not in ("http", "https")
         or not u.hostname
+        or "@" in u.netloc
         or u.path not in ("", "/")
         or u.query
-        or u.username
+        or u.fragment
     ):
         raise ValueError(f"s3_public_url must be http(s)://host[:port] with nothing after it; got {url!r}")
     return u.netloc, u.scheme == "https"

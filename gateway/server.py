@@ -23,7 +23,7 @@ SETTINGS = GatewaySettings
 
 
 def build(settings: GatewaySettings, **options):
-    tenants = open_tenants(Path(settings.data_dir), settings.database)
+    tenants = open_tenants(Path(settings.data_dir), settings.database, timeout=settings.database_timeout)
     gw = VideoGateway(settings, tenants=tenants)
     server = create_server([registration(VideoServiceServicer(gw, tenants))], host=settings.host,
                            port=settings.port, **options)  # fmt: skip

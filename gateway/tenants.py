@@ -178,14 +178,15 @@ def new_webhook_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(24)
 
 
-def open_tenants(data_dir: Path, database: str = ""):
+def open_tenants(data_dir: Path, database: str = "", *, import_file: bool = True, timeout: float = 5.0):
     """The tenant directory of a gateway: in its PostgreSQL database when it has one (every replica
-    sees every key at once; `data_dir/tenants.json`, if any, is imported once into an empty table),
-    else the JSON file `data_dir/tenants.json`."""
+    sees every key at once; `data_dir/tenants.json`, if any and `import_file`, is imported once into
+    empty tables), else the JSON file `data_dir/tenants.json`."""
     if database.startswith(("postgresql://", "postgres://")):
         from gateway.pg_tenants import PostgresTenantDirectory
 
-        return PostgresTenantDirectory(database, import_from=Path(data_dir) / "tenants.json")
+        source = Path(data_dir) / "tenants.json" if import_file else None
+        return PostgresTenantDirectory(database, import_from=source, timeout=timeout)
     return TenantDirectory(Path(data_dir) / "tenants.json")
 
 

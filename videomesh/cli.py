@@ -715,19 +715,22 @@ def cmd_tenants(args) -> int:
     database = args.database if args.database is not None else _gateway_database()
     postgres = database.startswith(("postgresql://", "postgres://"))
     path = Path(args.data_dir) / "tenants.json"
-    if args.action != "add" and not postgres and not path.exists():
+    if args.action == "import" and not postgres:
+        raise UsageError("tenants import FILE copies a tenants.json into the gateways' PostgreSQL: give --database "
+                         "URL (or run it where VIDEOMESH_GATEWAY_DATABASE is set)")  # fmt: skip
+    if args.action not in ("add", "import") and not postgres and not path.exists():
         _err(f"no tenants file at {path.resolve()}; `videomesh up --data-dir DIR` or `videomesh tenants add NAME "
              f"--data-dir DIR` creates one (give the same --data-dir here; or --database URL for the gateways' "
              f"PostgreSQL)")  # fmt: skip
         return EXIT_FAILED
-    try:
-        d = open_tenants(Path(args.data_dir), database if postgres else "")
+    try:  # never an import by the way: `tenants import` says which file, and only into the database named
+        d = open_tenants(Path(args.data_dir), database if postgres else "", import_file=False)
     except VideomeshError as e:
         _err(e.message)
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - psycopg's connection errors: say which database, not a traceback
         first = (str(e).strip().splitlines() or [repr(e)])[0]
-        _err(f"cannot open the tenants in {_redact(database)}: {first}")
+        _err(f"cannot open the tenants in {_redact(database)}: {_redact_text(first, database)}")
         return EXIT_FAILED
     try:
         if args.action == "add":
@@ -771,6 +774,15 @@ def cmd_tenants(args) -> int:
             print(d.rotate(args.name, grace=args.grace))
             if args.grace:
                 print(f"the tenant's earlier keys keep working for {args.grace:g} s more", file=sys.stderr)
+        elif args.action == "import":
+            try:
+                tenants, keys = d.import_file(Path(args.name))
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(
+                    f"tenants import: {args.name} is not a readable tenants.json ({e})"
+                ) from None
+            print(f"imported {tenants} tenant(s) and {keys} key(s) from {args.name} (a tenant the database "
+                  f"had already is left as it is)")  # fmt: skip
     except VideomeshError as e:
         _err(e.message)
         return EXIT_FAILED
@@ -779,14 +791,25 @@ def cmd_tenants(args) -> int:
     return EXIT_OK
 
 
-def _redact(url: str) -> str:
-    """A database URL without its password."""
-    from urllib.parse import urlsplit
+def _passwords(url: str) -> list[str]:
+    """The password a database URL carries (user:PASSWORD@ or ?password=), as written and decoded."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     u = urlsplit(url)
-    if u.password is None:
-        return url
-    return u._replace(netloc=u.netloc.replace(":" + u.password + "@", ":***@", 1)).geturl()
+    found = [u.password] if u.password else []
+    found += [v for k, v in parse_qsl(u.query) if k == "password" and v]
+    return [p for w in found for p in {w, unquote(w)} if p]
+
+
+def _redact_text(text: str, url: str) -> str:
+    for p in _passwords(url):
+        text = text.replace(p, "***")
+    return text
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    return _redact_text(url, url)
 
 
 EXIT_CODES_HELP = (
@@ -955,7 +978,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tenants", help="manage tenants and API keys",
                        epilog="exit codes: 0 done; 1 refused (the tenant exists without --force, no such tenant, "
                               "no tenants file); 2 an unknown tier")  # fmt: skip
-    t.add_argument("action", choices=["add", "list", "revoke", "rotate"])
+    t.add_argument("action", choices=["add", "list", "revoke", "rotate", "import"],
+                   help="import FILE: copy a tenants.json's tenants (those the database lacks) and their key hashes "
+                        "into --database")  # fmt: skip
     t.add_argument("name", nargs="?")
     t.add_argument(
         "--tier", default=None, help="free, pro or enterprise (add; default free, or unchanged with --force)"
@@ -1003,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "tenants" and args.action != "list" and not args.name:
-        parser.error("tenants add|revoke|rotate need a tenant name")
+        parser.error("tenants add|revoke|rotate need a tenant name; tenants import a file")
     command = {
         "up": cmd_up,
         "generate": cmd_generate,

@@ -139,6 +139,9 @@ def test_postgres_with_local_storage_needs_it_declared_shared():
         ("ftp://videos.example.com", None),
         ("https://videos.example.com/bucket", None),  # the bucket is ours to add
         ("https://user:pw@videos.example.com", None),
+        ("https://:pw@videos.example.com", None),
+        ("https://videos.example.com:http", None),
+        ("https://videos.example.com#x", None),
         ("https://", None),
     ],
 )

@@ -167,3 +167,42 @@ def test_the_cli_edits_the_gateways_database(pg, tmp_path, capsys, monkeypatch):
     bad = url.rsplit("/", 1)[0] + "/no_such_db"
     assert cli_main(["tenants", "list", "--database", bad]) == 1
     assert "cannot open the tenants" in capsys.readouterr().err
+
+
+def test_the_cli_never_imports_by_the_way_and_imports_when_asked(pg, tmp_path, capsys):
+    url = pg.database()
+    local = TenantDirectory(tmp_path / "tenants.json")  # a laptop's own `videomesh up` tenants (the dev key)
+    dev = local.add("dev", "pro")
+    assert cli_main(["tenants", "add", "prod-co", "--database", url, "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    db = open_tenants(tmp_path / "elsewhere", url)
+    try:
+        assert [t.name for t, _ in db.list()] == ["prod-co"]  # the local dev tenant did not travel
+        with pytest.raises(Unauthenticated):
+            db.authenticate(dev)
+        gone = local.add("gone")
+        db_gone_key = db.add("gone")  # already in the database, then revoked there
+        db.revoke("gone")
+        local_file = str(tmp_path / "tenants.json")
+        assert cli_main(["tenants", "import", local_file, "--database", url]) == 0
+        # dev and its key; not "gone", which the database has: its file key does not revive the tenant
+        assert "imported 1 tenant(s) and 1 key(s)" in capsys.readouterr().out
+        assert db.authenticate(dev).name == "dev"
+        for key in (gone, db_gone_key):  # nothing already there is changed: revoked stays revoked
+            with pytest.raises(Unauthenticated):
+                db.authenticate(key)
+    finally:
+        db.close()
+    assert cli_main(["tenants", "import", local_file]) == 2  # no database: a usage error
+    assert cli_main(["tenants", "import", str(tmp_path / "nope.json"), "--database", url]) == 2
+
+
+def test_database_passwords_stay_out_of_what_the_cli_prints():
+    from videomesh.cli import _redact, _redact_text
+
+    url = "postgresql://vm:s%40cret@db.internal/videomesh?sslmode=require"
+    assert _redact(url) == "postgresql://vm:***@db.internal/videomesh?sslmode=require"
+    assert "s@cret" not in _redact_text('invalid percent-encoded token: "s@cret"', url)
+    assert _redact("postgresql://db.internal/videomesh?password=hunter22") == (
+        "postgresql://db.internal/videomesh?password=***"
+    )

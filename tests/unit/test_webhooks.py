@@ -327,3 +327,41 @@ def test_dns_rebinding_between_check_and_connect(monkeypatch):
     finally:
         sender.close()
         server.shutdown()
+
+
+def test_a_tenant_directory_blip_never_signs_a_webhook_with_an_empty_key(monkeypatch):
+    """With the tenants in PostgreSQL, the lookup of the webhook's secret may meet the database down:
+    it is retried, and never replaced by an empty signing key."""
+    import threading
+    from types import SimpleNamespace
+
+    from gateway.runner import JobRunner
+    from gateway.tenants import Tenant
+    from videomesh.errors import Unavailable
+    from videomesh.v1 import common_pb2, gateway_pb2
+
+    sent = []
+    answers = []
+
+    def get(name):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    tenant = Tenant("acme", "pro", "https://hooks.example.com/vm", "whsec_real")
+    gw = SimpleNamespace(tenants=SimpleNamespace(get=get),
+                         webhooks=SimpleNamespace(send=lambda url, secret, payload: sent.append((url, secret))))  # fmt: skip
+    runner = SimpleNamespace(gw=gw, stopping=threading.Event())
+    runner.stopping.wait = lambda t: None  # no real back-off in a unit test
+    job = SimpleNamespace(id="v1", tenant="acme", webhook="", tier="pro")
+    video = gateway_pb2.Video(id="v1", status=common_pb2.SUCCEEDED)
+
+    answers[:] = [Unavailable("db down"), Unavailable("db down"), tenant]
+    JobRunner.terminal(runner, job, video)
+    assert sent == [("https://hooks.example.com/vm", "whsec_real")]
+
+    sent.clear()
+    answers[:] = [Unavailable("db down")] * 4
+    JobRunner.terminal(runner, job, video)
+    assert sent == []  # not sent (and logged), rather than signed with ""
