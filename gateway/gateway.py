@@ -131,8 +131,9 @@ class GatewaySettings:
     watermark_opacity: float = 0.45
     watermark_key: str = "videomesh"  # keys the invisible mark's layout; keep it secret per deployment
     stage_slots: tuple[int, ...] = ()  # encode, denoise, upscale, qc; empty = from the denoiser's capacity
-    # re-count the SERVING denoiser replicas this often: workers and stage slots (where they come from the
-    # denoiser's capacity) follow them; 0 = count once, at start-up
+    # re-count the SERVING denoiser replicas and the gateway replicas sharing them (PostgreSQL) this often:
+    # workers and stage slots (where they come from the denoiser's capacity) follow this gateway's share;
+    # 0 = count once, at start-up (and the other gateways stop counting this one after 3 periods of theirs)
     capacity_refresh_seconds: float = 10.0
     tiers: dict = field(default_factory=dict)  # per-tier overrides of gateway.tiers.DEFAULT_TIERS
     webhook_attempts: int = 5
@@ -243,6 +244,7 @@ class VideoGateway:
         self._stopping = threading.Event()
         self.workers = settings.workers  # resolved from the denoiser's capacity at load() when 0
         self.replicas = 1  # denoiser replicas SERVING, counted at load() and every capacity_refresh_seconds
+        self.gateways = 1  # gateway replicas sharing them (PostgreSQL), counted alongside
         self.recovered = threading.Event()  # set once the jobs of a previous run are queued again
         self.safety = SafetyFilter.load(settings.safety_lists)
         self.templates = TemplateLibrary.load(settings.templates_file)
@@ -298,7 +300,8 @@ class VideoGateway:
                 time.sleep(0.5)
         s = self.settings
         self.replicas = max(1, self.downstreams.serving_replicas("denoiser"))
-        cap, slots, self.workers = self._sizes(self.replicas)
+        self.gateways = self._peers()
+        cap, slots, self.workers = self._sizes(self.replicas, self.gateways)
         self.pipeline = Pipeline(self.downstreams, self.storage, Path(s.data_dir) / "work", slots=slots,
                                  invisible=InvisibleWatermark(s.watermark_key),
                                  visible=VisibleMark(s.watermark_text, s.watermark_position, s.watermark_opacity),
@@ -308,38 +311,49 @@ class VideoGateway:
             threading.Thread(target=self._janitor, name="retention", daemon=True).start()
         if self.settings.pregenerate_templates:
             self._pregenerate()
-        log.info("denoiser capacity %d (%d replica(s) SERVING): %d job workers, stage slots %s; job store %s",
-                 cap, self.replicas, self.workers, slots,
+        log.info("denoiser capacity %d (%d replica(s) SERVING), this gateway's share of %d: %d job workers, "
+                 "stage slots %s; job store %s", cap, self.replicas, self.gateways, self.workers, slots,
                  "PostgreSQL (shared queue, leases)" if self.queue.leased else "SQLite")  # fmt: skip
         self.runner.start(self.workers)
         METRICS.denoiser_replicas.set(self.replicas)
         METRICS.job_workers.set(self.workers)
-        if s.capacity_refresh_seconds > 0 and not (s.workers and s.stage_slots):
+        if s.capacity_refresh_seconds > 0:  # also with fixed sizes: the other gateways count this one
             threading.Thread(target=self._follow_replicas, name="capacity", daemon=True).start()
 
-    def _sizes(self, replicas: int) -> tuple[int, tuple[int, ...], int]:
-        """-> (the denoisers' capacity, stage slots, job workers) for `replicas` SERVING denoiser replicas,
-        each taking `capacity` requests at once (its ModelInfo): round_robin spreads the calls over them."""
-        cap = max(1, self.model.capacity or 1) * replicas
+    def _peers(self) -> int:
+        """The gateway replicas sharing the queue (PostgreSQL: those alive lately, this one included)."""
+        try:
+            return max(1, self.queue.peers(max(1.0, self.settings.capacity_refresh_seconds)))
+        except VideomeshError as err:  # the database blipped: keep the last count
+            log.warning("counting gateway replicas: %s", err.message)
+            return getattr(self, "gateways", 1)
+
+    def _sizes(self, replicas: int, gateways: int = 1) -> tuple[int, tuple[int, ...], int]:
+        """-> (this gateway's share of the denoisers' capacity, stage slots, job workers) for `replicas`
+        SERVING denoiser replicas, each taking `capacity` requests at once (its ModelInfo; round_robin
+        spreads the calls over them), shared by `gateways` replicas of the gateway (rounded up: at least 1)."""
+        cap = -(-max(1, self.model.capacity or 1) * replicas // max(1, gateways))
         slots = self.settings.stage_slots or (4 * cap, cap, 2 * cap, 4 * cap)
         return cap, slots, self.settings.workers or cap + 1
 
     def _follow_replicas(self) -> None:
         """Workers and stage slots follow the number of SERVING denoiser replicas (an HPA or KubeRay adding
-        pods behind a headless Service). None SERVING keeps the last sizes: that is an outage, which the
-        breakers and retries handle, not a reason to stop taking work."""
+        pods behind a headless Service) and of gateway replicas sharing them. None SERVING keeps the last
+        sizes: that is an outage, which the breakers and retries handle, not a reason to stop taking work."""
         while not self._stopping.wait(self.settings.capacity_refresh_seconds):
             try:
                 n = self.downstreams.serving_replicas("denoiser")
             except Exception as err:  # noqa: BLE001 - a resolver hiccup: try again next period
                 log.warning("counting denoiser replicas: %s", err)
                 continue
-            if n < 1 or n == self.replicas or self._stopping.is_set():
+            n = n if n >= 1 else self.replicas
+            g = self._peers()
+            if (n, g) == (self.replicas, self.gateways) or self._stopping.is_set():
                 continue
-            cap, slots, workers = self._sizes(n)
-            log.info("denoiser replicas SERVING: %d -> %d; capacity %d: %d job workers, stage slots %s",
-                     self.replicas, n, cap, workers, slots)  # fmt: skip
-            self.replicas, self.workers = n, workers
+            cap, slots, workers = self._sizes(n, g)
+            log.info("denoiser replicas SERVING: %d -> %d, gateways: %d -> %d; this gateway's share %d: "
+                     "%d job workers, stage slots %s", self.replicas, n, self.gateways, g, cap, workers, slots)  # fmt: skip
+            self.replicas, self.gateways, self.workers = n, g, workers
             self.pipeline.resize(slots)
             self.runner.resize(workers)
             METRICS.denoiser_replicas.set(n)

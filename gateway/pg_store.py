@@ -110,6 +110,10 @@ MIGRATIONS: list[str] = [
                            revoked BOOLEAN NOT NULL DEFAULT false, expires DOUBLE PRECISION);
     CREATE INDEX api_keys_tenant ON api_keys(tenant);
     """,
+    # 5: the gateway replicas alive (each stamps its row): they share the denoisers' capacity between them
+    """
+    CREATE TABLE gateways (owner TEXT PRIMARY KEY, seen DOUBLE PRECISION NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -555,6 +559,20 @@ class PgJobQueue:
     def close(self) -> None:
         self._closed.set()
         self.store._wake(self.store._queue)
+        try:  # leaving: the others need not wait for this row to go stale to take its share
+            self.store._exec("DELETE FROM gateways WHERE owner = %s", (self.owner,))
+        except _DB_ERRORS:
+            pass
+
+    @_unavailable
+    def peers(self, period: float) -> int:
+        """Stamp this replica alive; -> the replicas stamped within the last 3 periods (this one included)."""
+        with self.store.pool.connection() as conn:
+            conn.execute(f"INSERT INTO gateways (owner, seen) VALUES (%s, {_NOW}) "
+                         f"ON CONFLICT (owner) DO UPDATE SET seen = EXCLUDED.seen", (self.owner,))  # fmt: skip
+            conn.execute(f"DELETE FROM gateways WHERE seen < {_NOW} - %s", (max(60.0, 30 * period),))
+            return conn.execute(f"SELECT count(*) FROM gateways WHERE seen >= {_NOW} - %s",
+                                (3 * period,)).fetchone()[0]  # fmt: skip
 
     @_unavailable
     def push(self, job_id: str, tenant: str, priority: int, max_running: int, *, delay: float = 0.0,

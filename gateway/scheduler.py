@@ -88,6 +88,10 @@ class JobQueue:
             self._closed = True
             self._cv.notify_all()
 
+    def peers(self, period: float) -> int:
+        """The gateway replicas sharing this queue: one, this gateway (see PgJobQueue.peers)."""
+        return 1
+
     def _score(self, e: Entry, now: float) -> tuple[float, int]:
         return (e.priority - (now - e.enqueued) / self.aging, e.seq)
 

@@ -265,3 +265,33 @@ def test_a_database_outage_is_unavailable_with_a_retry_delay(pg):
     finally:
         store.close()
         own.close()
+
+
+def test_gateway_replicas_count_each_other_and_share_the_denoisers(replicas):
+    """Each replica stamps itself alive in the database; they split the denoisers' capacity between them
+    (rounded up), so N gateways do not each claim the whole pool's worth of jobs."""
+    from types import SimpleNamespace
+
+    from gateway.gateway import VideoGateway
+    from gateway.scheduler import JobQueue
+
+    a, b = (s.queue(10, 30.0, 5.0, owner=f"gw-{i}") for i, s in enumerate(replicas))
+    assert a.peers(1.0) == 1  # b has not stamped yet
+    assert b.peers(1.0) == 2 and a.peers(1.0) == 2
+    b.close()  # leaving: gone from the count at once
+    assert a.peers(1.0) == 1
+    c = replicas[1].queue(10, 30.0, 5.0, owner="gw-stale")
+    c.peers(0.2)
+    time.sleep(0.7)  # c stops stamping: after 3 periods it is no longer counted
+    assert a.peers(0.2) == 1
+    assert JobQueue(10).peers(1.0) == 1  # SQLite: one gateway
+
+    def sizes(capacity, replicas, gateways, **settings):
+        gw = SimpleNamespace(model=SimpleNamespace(capacity=capacity),
+                             settings=SimpleNamespace(**{"stage_slots": (), "workers": 0, **settings}))  # fmt: skip
+        return VideoGateway._sizes(gw, replicas, gateways)
+
+    assert sizes(2, 3, 1) == (6, (24, 6, 12, 24), 7)  # one gateway: the whole pool
+    assert sizes(2, 3, 2) == (3, (12, 3, 6, 12), 4)  # two: half each
+    assert sizes(1, 1, 3) == (1, (4, 1, 2, 4), 2)  # more gateways than slots: at least one each
+    assert sizes(1, 2, 2, workers=5, stage_slots=(1, 1, 1, 1)) == (1, (1, 1, 1, 1), 5)  # fixed: kept
