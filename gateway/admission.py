@@ -56,9 +56,8 @@ class Admission:
         line = json.dumps(record, ensure_ascii=False)
         with self._audit_lock, open(Path(self.settings.data_dir) / "audit.log", "a", encoding="utf-8") as f:
             f.write(line + "\n")
-        audit.warning(
-            "content policy refused a prompt: %s", line
-        )  # the copy a cluster's log pipeline collects
+        # the copy a cluster's log pipeline collects (audit.log is each pod's own)
+        audit.warning("content policy refused a prompt: %s", line)
         raise InvalidArgument(
             f"the prompt was refused by the content policy ({verdict.category.replace('_', ' ')})",
             reason="CONTENT_POLICY",

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from gateway.admission import Admission
-from gateway.jobs import ENDED, TERMINAL, Job, JobStore, new_id, now_ts
+from gateway.jobs import ENDED, TERMINAL, Job, JobStore, is_postgres, new_id, now_ts
 from gateway.metrics import METRICS
 from gateway.pipeline import Downstreams, Pipeline, Plan
 from gateway.policy import MOTION_WORDS, STILL_WORDS, ModelRules, SpecPolicy, _size, expects_motion  # noqa: F401
@@ -157,7 +157,7 @@ class GatewaySettings:
 
     @property
     def postgres(self) -> bool:
-        return self.database.startswith(("postgresql://", "postgres://"))
+        return is_postgres(self.database)
 
     def validate(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -326,7 +326,7 @@ class VideoGateway:
             return max(1, self.queue.peers(max(1.0, self.settings.capacity_refresh_seconds)))
         except VideomeshError as err:  # the database blipped: keep the last count
             log.warning("counting gateway replicas: %s", err.message)
-            return getattr(self, "gateways", 1)
+            return self.gateways
 
     def _sizes(self, replicas: int, gateways: int = 1) -> tuple[int, tuple[int, ...], int]:
         """-> (this gateway's share of the denoisers' capacity, stage slots, job workers) for `replicas`

@@ -23,6 +23,11 @@ TERMINAL = frozenset({common_pb2.SUCCEEDED, common_pb2.FAILED, common_pb2.CANCEL
 ENDED = TERMINAL | {common_pb2.NEEDS_REVIEW}  # no event comes after these
 
 
+def is_postgres(database: str) -> bool:
+    """Whether the gateway's `database` setting names PostgreSQL (else it is SQLite: a path, or empty)."""
+    return database.startswith(("postgresql://", "postgres://"))
+
+
 def now_ts(t: float | None = None) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int((time.time() if t is None else t) * 1e9))

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gateway.jobs import is_postgres
 from videomesh.errors import InvalidArgument, NotFound, Unauthenticated
 
 KEY_PREFIX = "vm_"
@@ -182,7 +183,7 @@ def open_tenants(data_dir: Path, database: str = "", *, import_file: bool = True
     """The tenant directory of a gateway: in its PostgreSQL database when it has one (every replica
     sees every key at once; `data_dir/tenants.json`, if any and `import_file`, is imported once into
     empty tables), else the JSON file `data_dir/tenants.json`."""
-    if database.startswith(("postgresql://", "postgres://")):
+    if is_postgres(database):
         from gateway.pg_tenants import PostgresTenantDirectory
 
         source = Path(data_dir) / "tenants.json" if import_file else None

@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2  # noqa: E402
 
 from gateway.tenants import open_tenants  # noqa: E402
 from tests.helpers import raw_call  # noqa: E402
@@ -264,17 +263,10 @@ def load(stack: Stack, n: int, threads: int = 8) -> dict:
 # ----------------------------------------------------------------------------------------------- faults
 
 
-def _serving(address: str, service: str) -> bool:
-    try:
-        return probe.check(address, service, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-
-
 def _wait_healthy(address: str, service: str, since: float, limit: float = 120) -> float | None:
     time.sleep(0.2)  # the process is gone (or going) first
     while time.monotonic() - since < limit:
-        if _serving(address, service):
+        if probe.serving(address, service, timeout=0.5):
             return time.monotonic() - since
         time.sleep(0.1)
     return None

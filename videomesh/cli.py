@@ -478,13 +478,14 @@ def model_args(model: str, model_dir: str | None) -> dict[str, list[str]]:
 
 
 def cmd_up(args) -> int:
+    from gateway.jobs import is_postgres
     from videomesh.mesh import LocalMesh
 
     extra = model_args(args.model, args.model_dir)
     database = args.database or os.environ.get("VIDEOMESH_GATEWAY_DATABASE", "")
     if args.replicas < 1:
         raise UsageError("--replicas must be at least 1")
-    if args.replicas > 1 and not database.startswith(("postgresql://", "postgres://")):
+    if args.replicas > 1 and not is_postgres(database):
         raise UsageError("--replicas N (N > 1) needs --database postgresql://…: the replicas share their jobs, queue "
                          "and limits there (SQLite belongs to one process)")  # fmt: skip
     mesh = LocalMesh(Path(args.data_dir), port=args.port or 0, max_restarts=args.max_restarts,
@@ -709,11 +710,12 @@ def _gateway_database() -> str:
 
 
 def cmd_tenants(args) -> int:
+    from gateway.jobs import is_postgres
     from gateway.tenants import key_active, open_tenants
     from videomesh.errors import VideomeshError
 
     database = args.database if args.database is not None else _gateway_database()
-    postgres = database.startswith(("postgresql://", "postgres://"))
+    postgres = is_postgres(database)
     path = Path(args.data_dir) / "tenants.json"
     if args.action == "import" and not postgres:
         raise UsageError("tenants import FILE copies a tenants.json into the gateways' PostgreSQL: give --database "

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.jobs import is_postgres
 from gateway.tenants import open_tenants
 from videomesh import probe
 from videomesh.client import (
@@ -110,7 +111,7 @@ class LocalMesh:
         self._published: list[Path] = []
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
-        if replicas > 1 and not database.startswith(("postgresql://", "postgres://")):
+        if replicas > 1 and not is_postgres(database):
             raise ValueError("several gateway replicas need a shared PostgreSQL database (postgresql://…)")
         self.replicas = replicas
         self.database = database
@@ -141,7 +142,7 @@ class LocalMesh:
             service == "gateway" and self.database
         ):  # in the environment, not argv: the URL may hold a password
             env = {**env, "VIDEOMESH_GATEWAY_DATABASE": self.database}
-            if self.database.startswith(("postgresql://", "postgres://")):
+            if is_postgres(self.database):
                 env.setdefault("VIDEOMESH_GATEWAY_SHARED_STORAGE", "true")  # every replica reads data_dir
         if service == "gateway" and self.tls_cert is not None:
             env = {**env, "VIDEOMESH_GATEWAY_TLS_CERT": str(self.tls_cert),
@@ -260,11 +261,7 @@ class LocalMesh:
     def _serving(self, name: str) -> bool:
         service = _service(name)
         roots = self.root_certificates if service == "gateway" else None
-        try:
-            status = probe.check(self.addresses[name], SERVICE_NAMES[service], timeout=0.5, ca=roots)
-        except grpc.RpcError:
-            return False
-        return status == health_pb2.HealthCheckResponse.SERVING
+        return probe.serving(self.addresses[name], SERVICE_NAMES[service], timeout=0.5, ca=roots)
 
     def supervise(self, stop: threading.Event, log: Callable[[str], None] = print, poll: float = 0.5) -> int:
         """Keep every service running until `stop` is set (-> 0). A service that exits is

@@ -35,6 +35,14 @@ def check(address: str, service: str = "", *, timeout: float = 3.0, ca: bytes | 
         return health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout).status
 
 
+def serving(address: str, service: str = "", *, timeout: float = 3.0, ca: bytes | None = None) -> bool:
+    """Whether `address` answers SERVING for `service` (no answer at all: False)."""
+    try:
+        return check(address, service, timeout=timeout, ca=ca) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m videomesh.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("address", nargs="?", default="localhost:50051")

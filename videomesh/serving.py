@@ -360,11 +360,9 @@ def create_server(
     loaded = threading.Event()
     names = [name for _, _, name in registrations]
     rpc_metrics = MetricsInterceptor(service or (names[0] if names else "server"))
-    outer: list[grpc.ServerInterceptor] = [rpc_metrics] if instrument else []
-    if instrument:  # off only to measure what metrics and traces cost (scripts/bench_interceptors.py)
-        outer.append(
-            tracing.server_interceptor()
-        )  # a span per RPC, child of the caller's (traceparent metadata)
+    # metrics, then a span per RPC (child of the caller's, from traceparent metadata); off only to measure
+    # what they cost (scripts/bench_interceptors.py)
+    outer: list[grpc.ServerInterceptor] = [rpc_metrics, tracing.server_interceptor()] if instrument else []
     mesh_auth = MeshAuthInterceptor(mesh, service) if mesh is not None else None
     if mesh_auth is not None:
         outer.append(mesh_auth)

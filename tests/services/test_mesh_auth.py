@@ -9,15 +9,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gateway.pipeline import SERVICE_NAMES as INTERNAL  # the four internal services
 from tests.helpers import InProcessMesh, methods, raw_call, start_service
 from videomesh import config
 from videomesh.client import VideoClient, channel
 from videomesh.launch import load_settings, server_options
 from videomesh.meshauth import FILE_ENV, HEADER, MeshSecrets
-from videomesh.probe import SERVICE_NAMES
 from videomesh.v1 import common_pb2
-
-INTERNAL = {name: full for name, full in SERVICE_NAMES.items() if name != "gateway"}
 
 
 def _method(service: str, name: str):
