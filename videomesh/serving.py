@@ -36,13 +36,14 @@ CHANNEL_OPTIONS = [
 
 
 def _abort(context: grpc.ServicerContext, err: BaseException, method: str):
-    if isinstance(err, VideomeshError):
-        context.abort_with_status(to_status(err))
-    if isinstance(err, grpc.RpcError) and not context.is_active():
-        # the client went away (cancelled, deadline, its process died) while we read its stream: the
-        # call is over and nobody is there to answer; not a server error
+    if not context.is_active() and isinstance(err, (grpc.RpcError, VideomeshError)):
+        # the client went away (cancelled, deadline, its process died) while we read its stream: the call is
+        # over and nobody is there to answer; not a server error. (A servicer's own error counts too: grpc
+        # may hand it the cancelled stream as a clean end first, "no frames", before it marks the call.)
         log.info("%s: the client ended the call", method)
         return
+    if isinstance(err, VideomeshError):
+        context.abort_with_status(to_status(err))
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error in %s (ref %s)", method, ref)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); see the server log")
